@@ -1,0 +1,305 @@
+// SPDX-License-Identifier: MIT
+// folio_cache.cpp - FolioCache insert/remove/split and the PFN-range walk.
+#include "folio_cache.hpp"
+
+#include <algorithm>
+#include <sstream>
+
+#include "errors.hpp"
+
+namespace gmem {
+
+static std::string folio_str(uint64_t index, unsigned order, uint64_t pfn)
+{
+    return "folio(index=" + std::to_string(index) + ", order=" + std::to_string(order) +
+           ", pfn=" + std::to_string(pfn) + ")";
+}
+
+FolioCache::Tree::Pos FolioCache::first_overlapping(uint64_t start) const
+{
+    auto p = tree_.floor(start);
+    if (p == tree_.end())
+        return tree_.lower_bound(start);
+    Folio f = unpack(tree_.key(p), tree_.val(p));
+    return f.end() > start ? p : tree_.next(p);
+}
+
+void FolioCache::check_new(uint64_t index, unsigned order, uint64_t pfn) const
+{
+    if (order > MAX_ORDER)
+        throw invalid("order", "must be in 0..18, got " + std::to_string(order));
+    uint64_t nr = uint64_t(1) << order;
+    if (index & (nr - 1))
+        throw invalid("index", "must be a multiple of 2**order = " + std::to_string(nr) +
+                                   " (folios are naturally aligned), got " +
+                                   std::to_string(index));
+    if (index > ~uint64_t(0) - nr)
+        throw invalid("index", "folio would end past 2**64 - 1, got " + std::to_string(index));
+    if (pfn & (nr - 1))
+        throw invalid("pfn", "must be a multiple of 2**order = " + std::to_string(nr) +
+                                 " (folios are naturally aligned), got " +
+                                 std::to_string(pfn));
+    if (pfn >= PFN_LIMIT || nr > PFN_LIMIT - pfn)
+        throw invalid("pfn", "must be below 2**52, got " + std::to_string(pfn));
+    auto p = first_overlapping(index);
+    if (p != tree_.end() && tree_.key(p) < index + nr) {
+        Folio f = unpack(tree_.key(p), tree_.val(p));
+        throw invalid("index", "pages [" + std::to_string(index) + ", " +
+                                   std::to_string(index + nr) + ") overlap " +
+                                   folio_str(f.index, f.order, f.pfn));
+    }
+}
+
+void FolioCache::add(uint64_t index, unsigned order, uint64_t pfn, bool uptodate)
+{
+    check_new(index, order, pfn);
+    tree_.insert(index, pack(pfn, order, uptodate));
+    nr_pages_ += uint64_t(1) << order;
+}
+
+bool FolioCache::lookup(uint64_t index, Folio *out) const
+{
+    auto p = tree_.floor(index);
+    if (p == tree_.end())
+        return false;
+    Folio f = unpack(tree_.key(p), tree_.val(p));
+    if (f.end() <= index)
+        return false;
+    *out = f;
+    return true;
+}
+
+Folio FolioCache::remove(uint64_t index)
+{
+    Folio f;
+    if (!lookup(index, &f) || f.index != index)
+        throw invalid("index", "no folio starts at index " + std::to_string(index));
+    tree_.erase(index);
+    nr_pages_ -= f.nr_pages();
+    return f;
+}
+
+void FolioCache::set_uptodate(uint64_t index, bool uptodate)
+{
+    auto p = tree_.floor(index);
+    Folio f;
+    if (!lookup(index, &f))
+        throw invalid("index", "no folio covers index " + std::to_string(index));
+    tree_.set_val(p, pack(f.pfn, f.order, uptodate));
+}
+
+void FolioCache::split(uint64_t index, unsigned new_order)
+{
+    Folio f;
+    if (!lookup(index, &f))
+        throw invalid("index", "no folio covers index " + std::to_string(index));
+    if (new_order >= f.order)
+        throw invalid("new_order", "must be below the folio's order " +
+                                       std::to_string(f.order) + ", got " +
+                                       std::to_string(new_order));
+    tree_.erase(f.index);
+    uint64_t step = uint64_t(1) << new_order;
+    for (uint64_t off = 0; off < f.nr_pages(); off += step)
+        tree_.insert(f.index + off, pack(f.pfn + off, new_order, f.uptodate));
+}
+
+/* Replace @f by the largest aligned pieces that cross neither @cut1 nor @cut2. */
+void FolioCache::split_at(const Folio &f, uint64_t cut1, uint64_t cut2)
+{
+    tree_.erase(f.index);
+    uint64_t from = f.index;
+    const uint64_t bounds[] = {cut1, cut2, f.end()};
+    for (uint64_t to : bounds) {
+        if (to <= from || to > f.end())
+            continue;
+        while (from < to) {
+            unsigned o = 0;
+            while (o < f.order && (from & (uint64_t(1) << o)) == 0 &&
+                   from + (uint64_t(2) << o) <= to)
+                o++;
+            tree_.insert(from, pack(f.file_pfn(from), o, f.uptodate));
+            from += uint64_t(1) << o;
+        }
+    }
+}
+
+size_t FolioCache::split_range(uint64_t start, uint64_t end)
+{
+    if (start >= end)
+        return 0;
+    size_t split = 0;
+    Folio f;
+    if (lookup(start, &f) && f.index < start) {
+        split_at(f, start, end);
+        split++;
+    }
+    if (lookup(end - 1, &f) && f.end() > end) {
+        split_at(f, start, end);
+        split++;
+    }
+    return split;
+}
+
+size_t FolioCache::count(uint64_t start, uint64_t end) const
+{
+    if (start >= end)
+        return 0;
+    size_t n = 0;
+    auto p = first_overlapping(start);
+    if (p == tree_.end())
+        return 0;
+    // Whole leaves in between count without looking at their folios.
+    auto last = tree_.lower_bound(end);
+    if (p.leaf == last.leaf)
+        return last.slot - p.slot;
+    n = tree_.leaf_size(p.leaf) - p.slot;
+    for (size_t li = p.leaf + 1; li < last.leaf; li++)
+        n += tree_.leaf_size(li);
+    if (last.leaf < tree_.nr_leaves())
+        n += last.slot;
+    return n;
+}
+
+size_t FolioCache::folios(uint64_t start, uint64_t end, Folio *out, size_t cap) const
+{
+    size_t n = 0;
+    if (start >= end)
+        return 0;
+    for (auto p = first_overlapping(start); p != tree_.end() && n < cap; p = tree_.next(p)) {
+        if (tree_.key(p) >= end)
+            break;
+        out[n++] = unpack(tree_.key(p), tree_.val(p));
+    }
+    return n;
+}
+
+std::vector<Folio> FolioCache::folios(uint64_t start, uint64_t end) const
+{
+    std::vector<Folio> v(count(start, end));
+    v.resize(folios(start, end, v.data(), v.size()));
+    return v;
+}
+
+size_t FolioCache::pfn_ranges(uint64_t start, uint64_t end, PfnRange *out) const
+{
+    if (start >= end)
+        return 0;
+    auto p = first_overlapping(start);
+    size_t n = 0;
+    // Straight over the leaf arrays: this loop is the engine's hot path.
+    for (size_t li = p.leaf; li < tree_.nr_leaves(); li++) {
+        const uint64_t *keys = tree_.leaf_keys(li), *vals = tree_.leaf_vals(li);
+        uint32_t cnt = tree_.leaf_size(li);
+        for (uint32_t s = li == p.leaf ? p.slot : 0; s < cnt; s++) {
+            uint64_t idx = keys[s];
+            if (idx >= end)
+                return n;
+            uint64_t v = vals[s];
+            uint64_t nr = uint64_t(1) << ((v >> ORDER_SHIFT) & 31);
+            uint64_t si = idx > start ? idx : start;
+            uint64_t ei = idx + nr < end ? idx + nr : end;
+            uint64_t sp = (v & PFN_MASK) + (si - idx);
+            out[n].start_pfn = sp;
+            out[n].end_pfn = sp + (ei - si);
+            n++;
+        }
+    }
+    return n;
+}
+
+void FolioCache::page_pfns(uint64_t start, uint64_t end, uint64_t *out) const
+{
+    if (start >= end)
+        return;
+    std::fill(out, out + (end - start), NO_PFN);
+    walk_batches(start, end, [&](const Folio *fs, const PfnRange *rs, unsigned n) {
+        for (unsigned i = 0; i < n; i++) {
+            uint64_t first = fs[i].index > start ? fs[i].index : start;
+            for (uint64_t pfn = rs[i].start_pfn; pfn < rs[i].end_pfn; pfn++)
+                out[first - start + (pfn - rs[i].start_pfn)] = pfn;
+        }
+    });
+}
+
+std::string FolioCache::dump() const
+{
+    std::ostringstream os;
+    os << "FolioCache(folios=" << nr_folios() << ", pages=" << nr_pages_ << ")";
+    size_t shown = 0;
+    for (auto p = tree_.begin(); !tree_.empty() && p != tree_.end(); p = tree_.next(p)) {
+        if (shown++ == 64) {
+            os << "\n  ...";
+            break;
+        }
+        Folio f = unpack(tree_.key(p), tree_.val(p));
+        os << "\n  [" << f.index << ", " << f.end() << ") order " << f.order << " pfn "
+           << f.pfn << (f.uptodate ? " uptodate" : "");
+    }
+    return os.str();
+}
+
+void check_folio_layout(const uint64_t *index, const uint64_t *order, const uint64_t *pfn,
+                        size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        auto bad = [&](const char *arg, const std::string &why) {
+            return invalid(arg, "folio " + std::to_string(i) + " " +
+                                    folio_str(index[i], unsigned(order[i] > 99 ? 99 : order[i]),
+                                              pfn[i]) +
+                                    ": " + why);
+        };
+        if (order[i] > MAX_ORDER)
+            throw bad("order", "order must be in 0..18");
+        uint64_t nr = uint64_t(1) << order[i];
+        if (index[i] & (nr - 1))
+            throw bad("index", "index is not a multiple of 2**order");
+        if (index[i] > ~uint64_t(0) - nr)
+            throw bad("index", "folio ends past 2**64 - 1");
+        if (pfn[i] & (nr - 1))
+            throw bad("pfn", "pfn is not a multiple of 2**order");
+        if (pfn[i] > ~uint64_t(0) - nr)
+            throw bad("pfn", "PFN range ends past 2**64 - 1");
+        if (i > 0) {
+            uint64_t prev_end = index[i - 1] + (uint64_t(1) << order[i - 1]);
+            if (index[i] < index[i - 1])
+                throw bad("index", "not sorted: index below the previous folio's " +
+                                       std::to_string(index[i - 1]));
+            if (index[i] < prev_end)
+                throw bad("index", "overlaps the previous folio, which ends at " +
+                                       std::to_string(prev_end));
+        }
+    }
+}
+
+size_t count_clamped(const uint64_t *index, const uint64_t *order, size_t n, uint64_t start,
+                     uint64_t end, size_t *first)
+{
+    // Sorted and disjoint, so folio ends increase too: binary search both edges.
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (index[mid] + (uint64_t(1) << order[mid]) <= start)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    *first = lo;
+    size_t last = size_t(std::lower_bound(index + lo, index + n, end) - index);
+    return start < end ? last - lo : 0;
+}
+
+void clamp_folio_ranges(const uint64_t *index, const uint64_t *order, const uint64_t *pfn,
+                        size_t first, size_t count, uint64_t start, uint64_t end,
+                        PfnRange *out)
+{
+    for (size_t i = 0; i < count; i++) {
+        size_t j = first + i;
+        uint64_t nr = uint64_t(1) << order[j];
+        uint64_t si = index[j] > start ? index[j] : start;
+        uint64_t ei = index[j] + nr < end ? index[j] + nr : end;
+        uint64_t sp = pfn[j] + (si & (nr - 1));
+        out[i] = PfnRange{sp, sp + (ei - si)};
+    }
+}
+
+} // namespace gmem

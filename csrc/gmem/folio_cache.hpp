@@ -1,0 +1,164 @@
+// SPDX-License-Identifier: MIT
+// folio_cache.hpp - FolioCache: the page cache of one guest_memfd, and the PFN-range walk.
+//
+// DOC: FolioCache
+//
+// Folios keyed by their first index.  A folio of order o covers 2**o pages, starts at an
+// index that is a multiple of 2**o and is backed by 2**o contiguous PFNs starting at a
+// multiple of 2**o, so the PFN of any index inside it is
+//
+//     folio_file_pfn(folio, i) = folio.pfn + (i & (2**o - 1))
+//
+// Each folio is 16 bytes: its index as the tree key, and one packed word
+//
+//     bit 63..58  57        56..52   51..0
+//         unused  uptodate  order    pfn
+//
+// Pins and host mappings are rare, so the guest_memfd keeps them beside the cache rather
+// than in every folio.
+//
+// The walk (pfn_ranges, walk_batches) is the hot loop of every conversion and teardown:
+// it visits the folios that overlap [start, end) in index order, clamps each to the range
+// and emits one [start_pfn, end_pfn) per folio, exactly as __kvm_gmem_set_attributes does.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "physmem.hpp"
+#include "lockable.hpp"
+#include "u64tree.hpp"
+
+namespace gmem {
+
+constexpr uint64_t NO_PFN = ~uint64_t(0);
+constexpr unsigned FOLIO_BATCH_SIZE = 31; // PAGEVEC_SIZE - 1, as struct folio_batch
+
+struct Folio {
+    uint64_t index;
+    uint64_t pfn;
+    unsigned order;
+    bool uptodate;
+
+    uint64_t nr_pages() const { return uint64_t(1) << order; }
+    uint64_t end() const { return index + nr_pages(); }
+    uint64_t file_pfn(uint64_t i) const { return pfn + (i & (nr_pages() - 1)); }
+};
+
+/// One folio clamped to a range: pages [start, end) of the file, PFNs [start_pfn, end_pfn).
+struct PfnRange {
+    uint64_t start_pfn, end_pfn;
+};
+
+class FolioCache : public Lockable {
+    using Tree = U64Tree<256>;
+
+public:
+    size_t nr_folios() const { return tree_.size(); }
+    uint64_t nr_pages() const { return nr_pages_; }
+
+    /// Validate a new folio: order 0..18, index and pfn aligned, pfn < 2**52, no overlap.
+    void check_new(uint64_t index, unsigned order, uint64_t pfn) const;
+    void add(uint64_t index, unsigned order, uint64_t pfn, bool uptodate = false);
+    /// The folio that covers @index, if any.
+    bool lookup(uint64_t index, Folio *out) const;
+    /// Remove the folio that starts at @index (which must exist) and return it.
+    Folio remove(uint64_t index);
+    void set_uptodate(uint64_t index, bool uptodate);
+
+    /// Split the folio covering @index into 2**(order - new_order) folios of @new_order.
+    void split(uint64_t index, unsigned new_order);
+    /// Split the folios that cross @start or @end into the largest aligned pieces that do
+    /// not, so that [start, end) is made of whole folios.  Returns how many were split.
+    size_t split_range(uint64_t start, uint64_t end);
+
+    /// Number of folios overlapping [start, end).
+    size_t count(uint64_t start, uint64_t end) const;
+    /// Folios overlapping [start, end), unclamped, in index order.
+    size_t folios(uint64_t start, uint64_t end, Folio *out, size_t cap) const;
+    std::vector<Folio> folios(uint64_t start, uint64_t end) const;
+    /// The hot loop: one clamped PFN range per folio overlapping [start, end) into @out,
+    /// which has room for count(start, end) ranges; returns how many were written.
+    size_t pfn_ranges(uint64_t start, uint64_t end, PfnRange *out) const;
+    /// One PFN per page of [start, end), NO_PFN for holes: the ground truth for the walk.
+    void page_pfns(uint64_t start, uint64_t end, uint64_t *out) const;
+
+    /*
+     * walk_batches - the kernel's filemap_get_folios() loop over [start, end): gathers up
+     * to FOLIO_BATCH_SIZE folios at a time and calls fn(folios, ranges, n) with each folio
+     * and its clamped PFN range.
+     */
+    template <class Fn>
+    void walk_batches(uint64_t start, uint64_t end, Fn &&fn) const
+    {
+        Folio folios[FOLIO_BATCH_SIZE];
+        PfnRange ranges[FOLIO_BATCH_SIZE];
+        unsigned n = 0;
+        for (auto p = first_overlapping(start); p != tree_.end(); p = tree_.next(p)) {
+            Folio f = unpack(tree_.key(p), tree_.val(p));
+            if (f.index >= end)
+                break;
+            folios[n] = f;
+            ranges[n] = clamp(f, start, end);
+            if (++n == FOLIO_BATCH_SIZE) {
+                fn(folios, ranges, n);
+                n = 0;
+            }
+        }
+        if (n)
+            fn(folios, ranges, n);
+    }
+
+    size_t memory_bytes() const { return tree_.memory_bytes(); }
+    std::string dump() const;
+    void clear()
+    {
+        tree_.clear();
+        nr_pages_ = 0;
+    }
+
+    static PfnRange clamp(const Folio &f, uint64_t start, uint64_t end)
+    {
+        uint64_t s = f.index > start ? f.index : start;
+        uint64_t e = f.end() < end ? f.end() : end;
+        uint64_t sp = f.file_pfn(s);
+        return PfnRange{sp, sp + (e - s)};
+    }
+
+private:
+    static constexpr uint64_t PFN_MASK = PFN_LIMIT - 1;
+    static constexpr unsigned ORDER_SHIFT = 52;
+    static constexpr uint64_t UPTODATE = uint64_t(1) << 57;
+
+    Tree tree_;
+    uint64_t nr_pages_ = 0;
+
+    static uint64_t pack(uint64_t pfn, unsigned order, bool uptodate)
+    {
+        return pfn | (uint64_t(order) << ORDER_SHIFT) | (uptodate ? UPTODATE : 0);
+    }
+    static Folio unpack(uint64_t index, uint64_t v)
+    {
+        return Folio{index, v & PFN_MASK, unsigned((v >> ORDER_SHIFT) & 31),
+                     (v & UPTODATE) != 0};
+    }
+    Tree::Pos first_overlapping(uint64_t start) const;
+    void split_at(const Folio &f, uint64_t cut1, uint64_t cut2);
+};
+
+/*
+ * clamp_folio_ranges - the walk as a pure function over a caller's folio layout, given as
+ * parallel arrays sorted by index.  Validates the layout first (orders 0..18, index and
+ * pfn aligned, sorted, non-overlapping) and throws InvalidArgument naming the first bad
+ * folio.  count_clamped() sizes the output for clamp_folio_ranges().
+ */
+void check_folio_layout(const uint64_t *index, const uint64_t *order, const uint64_t *pfn,
+                        size_t n);
+size_t count_clamped(const uint64_t *index, const uint64_t *order, size_t n, uint64_t start,
+                     uint64_t end, size_t *first);
+void clamp_folio_ranges(const uint64_t *index, const uint64_t *order, const uint64_t *pfn,
+                        size_t first, size_t count, uint64_t start, uint64_t end,
+                        PfnRange *out);
+
+} // namespace gmem

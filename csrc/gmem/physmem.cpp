@@ -1,0 +1,268 @@
+// SPDX-License-Identifier: MIT
+// physmem.cpp - the buddy allocator and the sparse content store of PhysMem.
+#include "physmem.hpp"
+
+#include <algorithm>
+#include <sstream>
+
+#include "errors.hpp"
+
+namespace gmem {
+
+static inline uint64_t pages(unsigned order) { return uint64_t(1) << order; }
+
+PhysMem::PhysMem(uint64_t nr_pages, uint64_t base_pfn, uint64_t seed)
+    : base_(base_pfn), nr_pages_(nr_pages), seed_(seed), rng_{seed}
+{
+    if (nr_pages == 0)
+        throw invalid("nr_pages", "must be at least 1");
+    if (base_pfn >= PFN_LIMIT || nr_pages > PFN_LIMIT - base_pfn)
+        throw invalid("nr_pages", "base_pfn + nr_pages must be <= 2**52 (52-bit PFNs), got " +
+                                      std::to_string(base_pfn) + " + " +
+                                      std::to_string(nr_pages));
+    add_free_range(base_, base_ + nr_pages_);
+}
+
+/* Tile [start, end) with the largest naturally aligned blocks, lowest address first. */
+void PhysMem::add_free_range(uint64_t start, uint64_t end)
+{
+    while (start < end) {
+        unsigned order = 0;
+        while (order < MAX_ORDER && (start & pages(order)) == 0 &&
+               start + pages(order + 1) <= end)
+            order++;
+        free_[order].insert(start);
+        nr_free_ += pages(order);
+        start += pages(order);
+    }
+}
+
+void PhysMem::check_order(unsigned order, const char *arg) const
+{
+    if (order > MAX_ORDER)
+        throw invalid(arg, "must be in 0..18, got " + std::to_string(order));
+}
+
+void PhysMem::check_pfn(uint64_t pfn, const char *arg) const
+{
+    if (pfn < base_ || pfn >= end_pfn())
+        throw invalid(arg, "must be in [" + std::to_string(base_) + ", " +
+                               std::to_string(end_pfn()) + "), got " + std::to_string(pfn));
+}
+
+void PhysMem::check_block(uint64_t pfn, unsigned order) const
+{
+    check_order(order);
+    if (pfn & (pages(order) - 1))
+        throw invalid("pfn", "must be aligned to 2**order = " + std::to_string(pages(order)) +
+                                 " pages, got " + std::to_string(pfn));
+    check_pfn(pfn);
+    if (pages(order) > end_pfn() - pfn)
+        throw invalid("order", "block [" + std::to_string(pfn) + ", " +
+                                   std::to_string(pfn + pages(order)) +
+                                   ") runs past the end of physical memory (" +
+                                   std::to_string(end_pfn()) + ")");
+}
+
+bool PhysMem::try_alloc(unsigned order, uint64_t *pfn)
+{
+    check_order(order);
+    unsigned best = MAX_ORDER + 1;
+    uint64_t best_pfn = 0;
+    for (unsigned o = order; o <= MAX_ORDER; o++) {
+        if (!free_[o].empty() && (best > MAX_ORDER || *free_[o].begin() < best_pfn)) {
+            best = o;
+            best_pfn = *free_[o].begin();
+        }
+    }
+    if (best > MAX_ORDER)
+        return false;
+    free_[best].erase(free_[best].begin());
+    // Hand out the lowest 2**order pages; the upper halves go back one order at a time.
+    for (unsigned o = best; o > order; o--)
+        free_[o - 1].insert(best_pfn + pages(o - 1));
+    nr_free_ -= pages(order);
+    *pfn = best_pfn;
+    return true;
+}
+
+uint64_t PhysMem::alloc(unsigned order)
+{
+    uint64_t pfn;
+    if (!try_alloc(order, &pfn))
+        throw OutOfMemory("PhysMem: no free block of order " + std::to_string(order) + " (" +
+                          std::to_string(nr_free_) + " pages free in " +
+                          std::to_string(nr_free_blocks()) + " blocks)");
+    return pfn;
+}
+
+/* The free block that contains all of [pfn, pfn + 2**order), if there is one. */
+bool PhysMem::find_free_container(uint64_t pfn, unsigned order, uint64_t *block,
+                                  unsigned *block_order) const
+{
+    for (unsigned o = order; o <= MAX_ORDER; o++) {
+        uint64_t b = pfn & ~(pages(o) - 1);
+        if (free_[o].count(b)) {
+            *block = b;
+            *block_order = o;
+            return true;
+        }
+    }
+    return false;
+}
+
+bool PhysMem::is_free(uint64_t pfn, unsigned order) const
+{
+    uint64_t b;
+    unsigned bo;
+    return find_free_container(pfn, order, &b, &bo);
+}
+
+void PhysMem::take(uint64_t pfn, unsigned order)
+{
+    check_block(pfn, order);
+    uint64_t b;
+    unsigned bo;
+    if (!find_free_container(pfn, order, &b, &bo))
+        throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " +
+                                 std::to_string(pfn + pages(order)) + ") are not all free");
+    free_[bo].erase(b);
+    // Split down towards pfn, freeing the half that does not hold it at each level.
+    for (unsigned o = bo; o > order; o--) {
+        uint64_t half = pages(o - 1);
+        if (pfn >= b + half) {
+            free_[o - 1].insert(b);
+            b += half;
+        } else {
+            free_[o - 1].insert(b + half);
+        }
+    }
+    nr_free_ -= pages(order);
+}
+
+void PhysMem::free(uint64_t pfn, unsigned order)
+{
+    check_block(pfn, order);
+    uint64_t end = pfn + pages(order);
+    // No part of the block may be free: a larger free block around it, or a smaller one in it.
+    uint64_t b;
+    unsigned bo;
+    bool overlap = find_free_container(pfn, order, &b, &bo);
+    for (unsigned o = 0; o < order && !overlap; o++) {
+        auto it = free_[o].lower_bound(pfn);
+        overlap = it != free_[o].end() && *it < end;
+    }
+    if (overlap)
+        throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " + std::to_string(end) +
+                                 ") are already free (double free)");
+    nr_free_ += pages(order);
+    while (order < MAX_ORDER) {
+        uint64_t buddy = pfn ^ pages(order);
+        auto it = free_[order].find(buddy);
+        if (it == free_[order].end())
+            break;
+        free_[order].erase(it);
+        pfn &= ~pages(order);
+        order++;
+    }
+    free_[order].insert(pfn);
+}
+
+std::vector<FreeBlock> PhysMem::free_blocks() const
+{
+    std::vector<FreeBlock> v;
+    v.reserve(nr_free_blocks());
+    for (unsigned o = 0; o <= MAX_ORDER; o++)
+        for (uint64_t p : free_[o])
+            v.push_back(FreeBlock{p, o});
+    std::sort(v.begin(), v.end(),
+              [](const FreeBlock &a, const FreeBlock &b) { return a.pfn < b.pfn; });
+    return v;
+}
+
+size_t PhysMem::nr_free_blocks() const
+{
+    size_t n = 0;
+    for (const auto &s : free_)
+        n += s.size();
+    return n;
+}
+
+/*
+ * fragment - keep a random @fraction of the free pages as order-0 blocks.
+ *
+ * Free blocks are visited in PFN order and each page is kept with probability @fraction
+ * (one splitmix64 draw per page, compared in 53-bit fixed point so that the Python
+ * reference draws the same pages).  What stays free of a block is re-tiled with the
+ * largest aligned blocks.  O(free pages): meant for set-up, not for hot paths.
+ */
+void PhysMem::fragment(double fraction)
+{
+    if (!(fraction >= 0.0 && fraction <= 1.0))
+        throw invalid("fraction", "must be in [0, 1], got " + std::to_string(fraction));
+    const uint64_t threshold = uint64_t(fraction * 9007199254740992.0); // * 2**53
+    std::vector<uint64_t> taken;
+    for (const FreeBlock &fb : free_blocks()) {
+        taken.clear();
+        for (uint64_t p = fb.pfn; p < fb.pfn + pages(fb.order); p++)
+            if ((rng_.next() >> 11) < threshold)
+                taken.push_back(p);
+        if (taken.empty())
+            continue;
+        free_[fb.order].erase(fb.pfn);
+        nr_free_ -= pages(fb.order);
+        uint64_t from = fb.pfn;
+        for (uint64_t p : taken) {
+            add_free_range(from, p);
+            from = p + 1;
+        }
+        add_free_range(from, fb.pfn + pages(fb.order));
+        kept_.insert(kept_.end(), taken.begin(), taken.end());
+    }
+}
+
+uint64_t PhysMem::read(uint64_t pfn) const
+{
+    check_pfn(pfn);
+    auto it = tokens_.find(pfn);
+    return it == tokens_.end() ? 0 : it->second;
+}
+
+void PhysMem::write(uint64_t pfn, uint64_t token)
+{
+    check_pfn(pfn);
+    if (token)
+        tokens_[pfn] = token;
+    else
+        tokens_.erase(pfn);
+}
+
+void PhysMem::zero(uint64_t pfn, uint64_t nr)
+{
+    tokens_.erase(tokens_.lower_bound(pfn), tokens_.lower_bound(pfn + nr));
+}
+
+std::vector<std::pair<uint64_t, uint64_t>> PhysMem::written(uint64_t pfn, uint64_t nr) const
+{
+    return {tokens_.lower_bound(pfn), tokens_.lower_bound(pfn + nr)};
+}
+
+std::string PhysMem::dump() const
+{
+    std::ostringstream os;
+    os << "PhysMem(pfns=[" << base_ << ", " << end_pfn() << "), free=" << nr_free_
+       << " pages in " << nr_free_blocks() << " blocks, kept=" << kept_.size()
+       << ", written=" << tokens_.size() << ")";
+    size_t shown = 0;
+    for (const FreeBlock &fb : free_blocks()) {
+        if (shown++ == 32) {
+            os << "\n  ...";
+            break;
+        }
+        os << "\n  free [" << fb.pfn << ", " << fb.pfn + pages(fb.order) << ") order "
+           << fb.order;
+    }
+    return os.str();
+}
+
+} // namespace gmem

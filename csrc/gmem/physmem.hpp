@@ -1,0 +1,108 @@
+// SPDX-License-Identifier: MIT
+// physmem.hpp - PhysMem: modelled physical memory, a buddy allocator plus page contents.
+//
+// DOC: PhysMem
+//
+// PFNs [base_pfn, base_pfn + nr_pages) start out free as the largest naturally aligned
+// blocks (order <= MAX_ORDER) that tile the range.  Free blocks sit in one ordered set per
+// order.  alloc(order) is lowest-address first fit: of all free blocks of that order or
+// larger, the one at the lowest address; it is split and its lowest part handed out, so a
+// run is reproducible from the seed and the call sequence alone.  free() coalesces with
+// the buddy while the buddy is free.
+//
+//     order 2: [ 8 .. 12 )            alloc(0) from an empty range of 16:
+//     order 1: [ 2 .. 4 )               hands out 0, leaves 1@0, 2@1, 4@2, 8@3 free
+//     order 0: [ 1 ]
+//
+// Each PFN also holds a 64-bit content token (0 = zeroed), kept sparsely: a page that was
+// never written costs nothing.  A freed page keeps its token until it is overwritten or
+// scrubbed, which is what makes a missing scrub visible.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "lockable.hpp"
+
+namespace gmem {
+
+constexpr unsigned MAX_ORDER = 18;
+/// PFNs fit in 52 bits: 64-bit physical addresses over 4 KiB pages.  The folio cache packs
+/// a PFN, its order and flags into one word thanks to it.
+constexpr uint64_t PFN_LIMIT = uint64_t(1) << 52;
+
+/// The splitmix64 generator: tiny, and the same bits in C++ and in the Python reference.
+struct SplitMix64 {
+    uint64_t state;
+    uint64_t next()
+    {
+        uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+        return z ^ (z >> 31);
+    }
+};
+
+struct FreeBlock {
+    uint64_t pfn;
+    unsigned order;
+};
+
+class PhysMem : public Lockable {
+public:
+    PhysMem(uint64_t nr_pages, uint64_t base_pfn = 0, uint64_t seed = 0);
+
+    uint64_t nr_pages() const { return nr_pages_; }
+    uint64_t base_pfn() const { return base_; }
+    uint64_t end_pfn() const { return base_ + nr_pages_; }
+    uint64_t seed() const { return seed_; }
+    uint64_t nr_free() const { return nr_free_; }
+    uint64_t nr_kept() const { return kept_.size(); }
+
+    /// Lowest-address first fit; throws OutOfMemory when no block of @order is free.
+    uint64_t alloc(unsigned order);
+    /// Like alloc() but returns false instead of throwing.
+    bool try_alloc(unsigned order, uint64_t *pfn);
+    /// Give back [pfn, pfn + 2**order); none of it may be free already.
+    void free(uint64_t pfn, unsigned order);
+    /// Is all of [pfn, pfn + 2**order) free?  (the block must be valid: see check_block)
+    bool is_free(uint64_t pfn, unsigned order) const;
+    /// Take the specific block [pfn, pfn + 2**order), which must be free.
+    void take(uint64_t pfn, unsigned order);
+    /// Keep a seeded random @fraction (0..1) of the free pages as order-0 blocks.
+    void fragment(double fraction);
+
+    uint64_t read(uint64_t pfn) const;
+    void write(uint64_t pfn, uint64_t token);
+    /// Zero [pfn, pfn + nr); costs O(written pages in the range), not O(nr).
+    void zero(uint64_t pfn, uint64_t nr);
+    /// Tokens of written pages in [pfn, pfn + nr), in PFN order.
+    std::vector<std::pair<uint64_t, uint64_t>> written(uint64_t pfn, uint64_t nr) const;
+
+    /// Free blocks sorted by PFN.
+    std::vector<FreeBlock> free_blocks() const;
+    size_t nr_free_blocks() const;
+    std::string dump() const;
+
+    void check_order(unsigned order, const char *arg = "order") const;
+    void check_pfn(uint64_t pfn, const char *arg = "pfn") const;
+    /// @pfn aligned to 2**@order, the whole block inside this memory.
+    void check_block(uint64_t pfn, unsigned order) const;
+
+private:
+    uint64_t base_, nr_pages_, seed_, nr_free_ = 0;
+    SplitMix64 rng_;
+    std::array<std::set<uint64_t>, MAX_ORDER + 1> free_;
+    std::map<uint64_t, uint64_t> tokens_;
+    std::vector<uint64_t> kept_;
+
+    void add_free_range(uint64_t start, uint64_t end);
+    bool find_free_container(uint64_t pfn, unsigned order, uint64_t *block,
+                             unsigned *block_order) const;
+};
+
+} // namespace gmem

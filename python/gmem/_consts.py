@@ -1,0 +1,22 @@
+"""Constants shared by the C++ engine's wrapper and the pure-Python reference."""
+
+from __future__ import annotations
+
+import numpy as np
+
+PAGE_SIZE = 4096
+MAX_ORDER = 18
+FOLIO_BATCH_SIZE = 31  # PAGEVEC_SIZE - 1: folios per filemap_get_folios() batch
+NO_PFN = 2**64 - 1  # page_pfns() value for a hole
+PFN_LIMIT = 2**52  # PFNs fit in 52 bits (64-bit physical addresses, 4 KiB pages)
+U64_MAX = 2**64 - 1
+
+# One row of FolioCache.folios() / GuestMemfd.folios(), laid out like the C++ struct.
+FOLIO_DTYPE = np.dtype(
+    {
+        "names": ["index", "order", "pfn", "pins", "mapped", "uptodate"],
+        "formats": ["<u8", "u1", "<u8", "<u4", "<u4", "?"],
+        "offsets": [0, 8, 16, 24, 28, 32],
+        "itemsize": 40,
+    }
+)

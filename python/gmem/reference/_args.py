@@ -1,0 +1,53 @@
+"""Argument conversion with the engine's rules: integers via ``__index__``, 0 <= v < 2**64."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gmem._consts import MAX_ORDER, U64_MAX
+
+
+def u64(value: Any, name: str) -> int:
+    """``value`` as an unsigned 64-bit int; TypeError or ValueError naming ``name``."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: must be an integer, got {type(value).__name__}") from None
+    if v < 0:
+        raise ValueError(f"{name}: must be >= 0, got {v}")
+    if v > U64_MAX:
+        raise ValueError(f"{name}: must be < 2**64, got {v}")
+    return v
+
+
+def order_arg(value: Any, name: str = "order") -> int:
+    v = u64(value, name)
+    if v > MAX_ORDER:
+        raise ValueError(f"{name}: must be in 0..18, got {v}")
+    return v
+
+
+def end_arg(value: Any, none_value: int) -> int:
+    return none_value if value is None else u64(value, "end")
+
+
+def check_start_end(start: int, end: int) -> None:
+    if start > end:
+        raise ValueError(f"start: must be <= end, got start={start} end={end}")
+
+
+def u64_array(obj: Any, name: str) -> npt.NDArray[np.uint64]:
+    """A 1-D array of non-negative integers as a contiguous uint64 array."""
+    a = np.asarray(obj)
+    if a.ndim != 1:
+        raise ValueError(f"{name}: must be a 1-D array, got {a.ndim} dims")
+    if a.size and a.dtype.kind not in "iu":
+        raise TypeError(f"{name}: must hold integers, got dtype {a.dtype}")
+    if a.size and a.dtype.kind == "i" and (a < 0).any():
+        i = int(np.argmax(a < 0))
+        raise ValueError(f"{name}: must be >= 0, got {a[i]} at position {i}")
+    return np.ascontiguousarray(a, dtype=np.uint64)

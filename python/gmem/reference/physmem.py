@@ -1,0 +1,217 @@
+"""PhysMem, the reference: a buddy allocator over modelled PFNs, plus page contents.
+
+Free blocks are kept in one sorted list per order.  ``alloc`` is lowest-address first
+fit over all orders that can hold the request; ``free`` coalesces with the buddy.  Each
+PFN holds a 64-bit content token (0 = zeroed), kept in a dict so untouched pages cost
+nothing.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gmem._consts import MAX_ORDER, PFN_LIMIT
+from gmem.errors import OutOfMemory
+from gmem.reference._args import order_arg, u64
+
+_MASK64 = 2**64 - 1
+
+
+class SplitMix64:
+    """The generator PhysMem.fragment draws from: the same bits as the C++ engine's."""
+
+    def __init__(self, seed: int) -> None:
+        self.state = seed
+
+    def next(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return z ^ (z >> 31)
+
+
+class PhysMem:
+    def __init__(self, nr_pages: Any, *, base_pfn: Any = 0, seed: Any = 0) -> None:
+        nr, base, sd = u64(nr_pages, "nr_pages"), u64(base_pfn, "base_pfn"), u64(seed, "seed")
+        if nr == 0:
+            raise ValueError("nr_pages: must be at least 1")
+        if base + nr > PFN_LIMIT:
+            raise ValueError(
+                f"nr_pages: base_pfn + nr_pages must be <= 2**52 (52-bit PFNs), got {base} + {nr}"
+            )
+        self._base, self._nr_pages, self._seed = base, nr, sd
+        self._rng = SplitMix64(sd)
+        self._free: list[list[int]] = [[] for _ in range(MAX_ORDER + 1)]
+        self._nr_free = 0
+        self._tokens: dict[int, int] = {}
+        self._kept: list[int] = []
+        self._add_free_range(base, base + nr)
+
+    nr_pages = property(lambda self: self._nr_pages)
+    base_pfn = property(lambda self: self._base)
+    seed = property(lambda self: self._seed)
+    nr_free = property(lambda self: self._nr_free)
+    nr_kept = property(lambda self: len(self._kept))
+
+    @property
+    def end_pfn(self) -> int:
+        return self._base + self._nr_pages
+
+    def _add_free_range(self, start: int, end: int) -> None:
+        """Tile [start, end) with the largest naturally aligned blocks."""
+        while start < end:
+            order = 0
+            while order < MAX_ORDER and start % (2 << order) == 0 and start + (2 << order) <= end:
+                order += 1
+            insort(self._free[order], start)
+            self._nr_free += 1 << order
+            start += 1 << order
+
+    def _remove_free(self, pfn: int, order: int) -> None:
+        blocks = self._free[order]
+        del blocks[bisect_left(blocks, pfn)]
+
+    def _check_pfn(self, pfn: int, name: str = "pfn") -> None:
+        if not self._base <= pfn < self.end_pfn:
+            raise ValueError(f"{name}: must be in [{self._base}, {self.end_pfn}), got {pfn}")
+
+    def check_block(self, pfn: int, order: int) -> None:
+        if pfn % (1 << order):
+            raise ValueError(
+                f"pfn: must be aligned to 2**order = {1 << order} pages, got {pfn}"
+            )
+        self._check_pfn(pfn)
+        if pfn + (1 << order) > self.end_pfn:
+            raise ValueError(
+                f"order: block [{pfn}, {pfn + (1 << order)}) runs past the end of physical "
+                f"memory ({self.end_pfn})"
+            )
+
+    def _free_container(self, pfn: int, order: int) -> tuple[int, int] | None:
+        for o in range(order, MAX_ORDER + 1):
+            block = pfn & ~((1 << o) - 1)
+            blocks = self._free[o]
+            i = bisect_left(blocks, block)
+            if i < len(blocks) and blocks[i] == block:
+                return block, o
+        return None
+
+    def alloc(self, order: Any) -> int:
+        want = order_arg(order)
+        best: tuple[int, int] | None = None
+        for o in range(want, MAX_ORDER + 1):
+            if self._free[o] and (best is None or self._free[o][0] < best[0]):
+                best = (self._free[o][0], o)
+        if best is None:
+            blocks = sum(map(len, self._free))
+            raise OutOfMemory(
+                f"PhysMem: no free block of order {want} ({self._nr_free} pages free in "
+                f"{blocks} blocks)"
+            )
+        pfn, o = best
+        del self._free[o][0]
+        while o > want:  # keep the lowest half, free the upper one
+            o -= 1
+            insort(self._free[o], pfn + (1 << o))
+        self._nr_free -= 1 << want
+        return pfn
+
+    def free(self, pfn: Any, order: Any) -> None:
+        p, o = u64(pfn, "pfn"), order_arg(order)
+        self.check_block(p, o)
+        end = p + (1 << o)
+        overlap = self._free_container(p, o) is not None or any(
+            bisect_left(self._free[k], p) < len(self._free[k])
+            and self._free[k][bisect_left(self._free[k], p)] < end
+            for k in range(o)
+        )
+        if overlap:
+            raise ValueError(f"pfn: pages [{p}, {end}) are already free (double free)")
+        self._nr_free += 1 << o
+        while o < MAX_ORDER:
+            buddy = p ^ (1 << o)
+            blocks = self._free[o]
+            i = bisect_left(blocks, buddy)
+            if i == len(blocks) or blocks[i] != buddy:
+                break
+            del blocks[i]
+            p = min(p, buddy)
+            o += 1
+        insort(self._free[o], p)
+
+    def is_free(self, pfn: Any, order: Any) -> bool:
+        p, o = u64(pfn, "pfn"), order_arg(order)
+        self.check_block(p, o)
+        return self._free_container(p, o) is not None
+
+    def take(self, pfn: Any, order: Any) -> None:
+        p, o = u64(pfn, "pfn"), order_arg(order)
+        self.check_block(p, o)
+        found = self._free_container(p, o)
+        if found is None:
+            raise ValueError(f"pfn: pages [{p}, {p + (1 << o)}) are not all free")
+        block, bo = found
+        self._remove_free(block, bo)
+        while bo > o:  # split towards pfn, freeing the other half at each level
+            bo -= 1
+            half = 1 << bo
+            if p >= block + half:
+                insort(self._free[bo], block)
+                block += half
+            else:
+                insort(self._free[bo], block + half)
+        self._nr_free -= 1 << o
+
+    def fragment(self, fraction: float) -> None:
+        if isinstance(fraction, (str, bytes)) or not hasattr(fraction, "__float__"):
+            raise TypeError(f"fraction: must be a number, got {type(fraction).__name__}")
+        f = float(fraction)
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"fraction: must be in [0, 1], got {f}")
+        threshold = int(f * 2.0**53)
+        for pfn, order in self.free_blocks().tolist():
+            taken = [p for p in range(pfn, pfn + (1 << order)) if self._rng.next() >> 11 < threshold]
+            if not taken:
+                continue
+            self._remove_free(pfn, order)
+            self._nr_free -= 1 << order
+            start = pfn
+            for p in taken:
+                self._add_free_range(start, p)
+                start = p + 1
+            self._add_free_range(start, pfn + (1 << order))
+            self._kept.extend(taken)
+
+    def read(self, pfn: Any) -> int:
+        p = u64(pfn, "pfn")
+        self._check_pfn(p)
+        return self._tokens.get(p, 0)
+
+    def write(self, pfn: Any, token: Any) -> None:
+        p, t = u64(pfn, "pfn"), u64(token, "token")
+        self._check_pfn(p)
+        if t:
+            self._tokens[p] = t
+        else:
+            self._tokens.pop(p, None)
+
+    def free_blocks(self) -> npt.NDArray[np.uint64]:
+        rows = sorted((p, o) for o, blocks in enumerate(self._free) for p in blocks)
+        return np.array(rows, dtype=np.uint64).reshape(-1, 2)
+
+    def dump(self) -> str:
+        blocks = self.free_blocks().tolist()
+        lines = [
+            f"PhysMem(pfns=[{self._base}, {self.end_pfn}), free={self._nr_free} pages in "
+            f"{len(blocks)} blocks, kept={len(self._kept)}, written={len(self._tokens)})"
+        ]
+        lines += [f"  free [{p}, {p + (1 << o)}) order {o}" for p, o in blocks[:32]]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<gmem.reference.{self.dump().splitlines()[0]}>"
