@@ -55,6 +55,17 @@ uint64_t to_end(py::handle h, uint64_t none_value, const char *name = "end")
     return h.is_none() ? none_value : to_u64(h, name);
 }
 
+double to_double(py::handle h, const char *name)
+{
+    double v = PyFloat_AsDouble(h.ptr()); // takes __float__ and __index__, refuses str
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        throw py::type_error(std::string(name) + ": must be a number, got " +
+                             std::string(py::str(py::type::handle_of(h).attr("__name__"))));
+    }
+    return v;
+}
+
 unsigned to_order(py::handle h, const char *name = "order")
 {
     uint64_t v = to_u64(h, name);
@@ -289,7 +300,8 @@ void bind_physmem(py::module_ &m)
             py::arg("pfn"), py::arg("order"))
         .def(
             "fragment",
-            [](PhysMem &pm, double fraction) {
+            [](PhysMem &pm, py::handle f) {
+                double fraction = to_double(f, "fraction");
                 std::unique_lock lk(pm.lock());
                 without_gil(lk, [&] {
                     pm.fragment(fraction);
@@ -367,6 +379,24 @@ void bind_folio_cache(py::module_ &m)
                 c.add(index, order, pfn, uptodate);
             },
             py::arg("index"), py::arg("order"), py::arg("pfn"), py::arg("uptodate") = false)
+        .def(
+            "add_folios",
+            [](FolioCache &c, py::handle i, py::handle o, py::handle p) {
+                u64_array index = to_u64_array(i, "index"), order = to_u64_array(o, "order");
+                u64_array pfn = to_u64_array(p, "pfn");
+                size_t n = size_t(index.size());
+                if (size_t(order.size()) != n || size_t(pfn.size()) != n)
+                    throw invalid("order", "index, order and pfn must have one length, got " +
+                                               std::to_string(n) + ", " +
+                                               std::to_string(order.size()) + ", " +
+                                               std::to_string(pfn.size()));
+                std::unique_lock lk(c.lock());
+                without_gil(lk, [&] {
+                    c.add_many(index.data(), order.data(), pfn.data(), n);
+                    return 0;
+                });
+            },
+            py::arg("index"), py::arg("order"), py::arg("pfn"))
         .def(
             "remove_folio",
             [](FolioCache &c, py::handle i) {

@@ -57,6 +57,23 @@ void FolioCache::add(uint64_t index, unsigned order, uint64_t pfn, bool uptodate
     nr_pages_ += uint64_t(1) << order;
 }
 
+void FolioCache::add_many(const uint64_t *index, const uint64_t *order, const uint64_t *pfn,
+                          size_t n)
+{
+    check_folio_layout(index, order, pfn, n);
+    for (size_t i = 0; i < n; i++) {
+        try {
+            check_new(index[i], unsigned(order[i]), pfn[i]);
+        } catch (const InvalidArgument &e) {
+            throw InvalidArgument(std::string(e.what()) + " (folio " + std::to_string(i) + ")");
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        tree_.insert(index[i], pack(pfn[i], unsigned(order[i]), false));
+        nr_pages_ += uint64_t(1) << order[i];
+    }
+}
+
 bool FolioCache::lookup(uint64_t index, Folio *out) const
 {
     auto p = tree_.floor(index);

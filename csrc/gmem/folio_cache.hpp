@@ -61,6 +61,9 @@ public:
     /// Validate a new folio: order 0..18, index and pfn aligned, pfn < 2**52, no overlap.
     void check_new(uint64_t index, unsigned order, uint64_t pfn) const;
     void add(uint64_t index, unsigned order, uint64_t pfn, bool uptodate = false);
+    /// Add many folios at once: sorted by index and disjoint (check_folio_layout), none
+    /// overlapping a folio already here.  All are validated before the first is added.
+    void add_many(const uint64_t *index, const uint64_t *order, const uint64_t *pfn, size_t n);
     /// The folio that covers @index, if any.
     bool lookup(uint64_t index, Folio *out) const;
     /// Remove the folio that starts at @index (which must exist) and return it.
@@ -95,6 +98,8 @@ public:
         Folio folios[FOLIO_BATCH_SIZE];
         PfnRange ranges[FOLIO_BATCH_SIZE];
         unsigned n = 0;
+        if (start >= end)
+            return;
         for (auto p = first_overlapping(start); p != tree_.end(); p = tree_.next(p)) {
             Folio f = unpack(tree_.key(p), tree_.val(p));
             if (f.index >= end)

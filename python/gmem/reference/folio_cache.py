@@ -130,6 +130,23 @@ class FolioCache:
         self.check_new(i, o, p)
         self.insert(Folio(i, o, p, bool(uptodate)))
 
+    def add_folios(self, index: Any, order: Any, pfn: Any) -> None:
+        idx, o, p = u64_array(index, "index"), u64_array(order, "order"), u64_array(pfn, "pfn")
+        if not len(idx) == len(o) == len(p):
+            raise ValueError(
+                f"order: index, order and pfn must have one length, got "
+                f"{len(idx)}, {len(o)}, {len(p)}"
+            )
+        rows = list(zip(idx.tolist(), o.tolist(), p.tolist(), strict=True))
+        check_folio_layout(idx.tolist(), o.tolist(), p.tolist())
+        for n, (i, od, pf) in enumerate(rows):
+            try:
+                self.check_new(i, od, pf)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (folio {n})") from None
+        for i, od, pf in rows:
+            self.insert(Folio(i, od, pf))
+
     def pop(self, index: int) -> Folio:
         f = self._folios.pop(index)
         del self._indexes[bisect_left(self._indexes, index)]

@@ -168,7 +168,7 @@ class PhysMem:
         self._nr_free -= 1 << o
 
     def fragment(self, fraction: float) -> None:
-        if isinstance(fraction, (str, bytes)) or not hasattr(fraction, "__float__"):
+        if not hasattr(fraction, "__float__") and not hasattr(fraction, "__index__"):
             raise TypeError(f"fraction: must be a number, got {type(fraction).__name__}")
         f = float(fraction)
         if not 0.0 <= f <= 1.0:

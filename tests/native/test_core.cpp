@@ -1,0 +1,192 @@
+// SPDX-License-Identifier: MIT
+// test_core.cpp - the C++ core tested natively (and under ASan/UBSan), no Python involved.
+//
+// One check_<feature>() per behaviour, in the style of lib/test_xarray.c: each compares the
+// core against a naive model and, on a mismatch, prints the whole structure and exits 1.
+// Usage: test_core [pages]   (pages: size of the exhaustive PFN-walk file, default 16)
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "gmem/errors.hpp"
+#include "gmem/folio_cache.hpp"
+#include "gmem/interval_map.hpp"
+#include "gmem/physmem.hpp"
+
+using namespace gmem;
+
+static unsigned long nr_checks;
+
+#define CHECK(cond, dump)                                                                      \
+    do {                                                                                       \
+        nr_checks++;                                                                           \
+        if (!(cond)) {                                                                         \
+            std::fprintf(stderr, "%s:%d: CHECK(%s) failed\n%s\n", __FILE__, __LINE__, #cond,    \
+                         (dump).c_str());                                                      \
+            std::exit(1);                                                                      \
+        }                                                                                      \
+    } while (0)
+
+static uint64_t rng_state = 42;
+static uint64_t rnd(uint64_t n) { return SplitMix64{rng_state++}.next() % n; }
+
+/* Every layout of aligned folios (or order-0 holes) in [base, base + 2**order). */
+static void layouts(uint64_t base, unsigned order, std::vector<std::vector<Folio>> &out)
+{
+    out.push_back({Folio{base, 0, order, false}});
+    if (order == 0) {
+        out.push_back({});
+        return;
+    }
+    std::vector<std::vector<Folio>> lo, hi;
+    layouts(base, order - 1, lo);
+    layouts(base + (uint64_t(1) << (order - 1)), order - 1, hi);
+    for (const auto &h : hi)
+        for (const auto &l : lo) {
+            std::vector<Folio> v = l;
+            v.insert(v.end(), h.begin(), h.end());
+            out.push_back(v);
+        }
+}
+
+/*
+ * check_pfn_walk_exhaustive - every layout of a @size-page file and every [start, end):
+ * the clamped ranges are non-empty, each inside its folio, and expand to exactly the PFNs
+ * page_pfns() reports for the populated pages; the batched walk agrees.
+ */
+static void check_pfn_walk_exhaustive(unsigned size_order)
+{
+    const uint64_t size = uint64_t(1) << size_order;
+    std::vector<std::vector<Folio>> all;
+    layouts(0, size_order, all);
+    std::vector<PfnRange> ranges(size);
+    std::vector<uint64_t> pages(size);
+    for (auto &layout : all) {
+        FolioCache c;
+        for (Folio &f : layout) {
+            f.pfn = 4 * size - f.index - f.nr_pages(); // mirrored: index and PFN order differ
+            c.add(f.index, f.order, f.pfn);
+        }
+        for (uint64_t start = 0; start <= size; start++) {
+            for (uint64_t end = start; end <= size; end++) {
+                size_t n = c.pfn_ranges(start, end, ranges.data());
+                CHECK(n == c.count(start, end), c.dump());
+                c.page_pfns(start, end, pages.data());
+                size_t page = 0;
+                for (size_t i = 0; i < n; i++) {
+                    Folio f;
+                    CHECK(ranges[i].start_pfn < ranges[i].end_pfn, c.dump());
+                    while (page < end - start && pages[page] == NO_PFN)
+                        page++;
+                    CHECK(c.lookup(start + page, &f), c.dump());
+                    CHECK(ranges[i].start_pfn >= f.pfn &&
+                              ranges[i].end_pfn <= f.pfn + f.nr_pages(),
+                          c.dump());
+                    for (uint64_t pfn = ranges[i].start_pfn; pfn < ranges[i].end_pfn; pfn++)
+                        CHECK(page < end - start && pages[page++] == pfn, c.dump());
+                }
+                while (page < end - start)
+                    CHECK(pages[page++] == NO_PFN, c.dump());
+                size_t batched = 0;
+                c.walk_batches(start, end, [&](const Folio *, const PfnRange *r, unsigned k) {
+                    CHECK(k <= FOLIO_BATCH_SIZE, c.dump());
+                    for (unsigned j = 0; j < k; j++, batched++)
+                        CHECK(r[j].start_pfn == ranges[batched].start_pfn &&
+                                  r[j].end_pfn == ranges[batched].end_pfn,
+                              c.dump());
+                });
+                CHECK(batched == n, c.dump());
+            }
+        }
+    }
+    std::printf("check_pfn_walk_exhaustive: %zu layouts of %llu pages, every range\n",
+                all.size(), (unsigned long long)size);
+}
+
+/* check_interval_map - random stores against a flat array, with many runs. */
+static void check_interval_map()
+{
+    const uint64_t n = 20000;
+    IntervalMap m(n);
+    std::vector<uint64_t> flat(n, 0);
+    for (int step = 0; step < 20000; step++) {
+        uint64_t s = rnd(n), len = step % 997 == 0 ? rnd(n - s) + 1 : rnd(8) + 1;
+        uint64_t e = s + len > n ? n : s + len, v = rnd(3);
+        m.store(s, e, v);
+        for (uint64_t i = s; i < e; i++)
+            flat[i] = v;
+        if (step % 1000 == 0 || step == 19999) {
+            size_t runs = 0;
+            uint64_t expect = 0;
+            for (const Run &r : m.runs(0, n)) {
+                CHECK(r.start == expect && r.start < r.end, m.dump());
+                for (uint64_t i = r.start; i < r.end; i++)
+                    CHECK(flat[i] == r.value, m.dump());
+                expect = r.end;
+                runs++;
+            }
+            CHECK(expect == n && runs == m.nr_runs(), m.dump());
+            size_t naive = 1;
+            for (uint64_t i = 1; i < n; i++)
+                naive += flat[i] != flat[i - 1];
+            CHECK(naive == runs, m.dump());
+        }
+    }
+    bool threw = false;
+    try {
+        m.store(5, 5, 1);
+    } catch (const InvalidArgument &) {
+        threw = true;
+    }
+    CHECK(threw, m.dump());
+    std::printf("check_interval_map: 20000 stores, %zu runs\n", m.nr_runs());
+}
+
+/* check_physmem - random alloc/free keeps the free lists aligned, disjoint and coalesced. */
+static void check_physmem()
+{
+    PhysMem pm(5000, 7, 1);
+    pm.fragment(0.01);
+    const uint64_t start_free = pm.nr_free();
+    std::vector<std::pair<uint64_t, unsigned>> held;
+    for (int step = 0; step < 20000; step++) {
+        if (held.empty() || rnd(2)) {
+            unsigned order = unsigned(rnd(6));
+            uint64_t pfn;
+            if (pm.try_alloc(order, &pfn)) {
+                CHECK(pfn % (uint64_t(1) << order) == 0, pm.dump());
+                held.push_back({pfn, order});
+            }
+        } else {
+            size_t i = rnd(held.size());
+            pm.free(held[i].first, held[i].second);
+            held[i] = held.back();
+            held.pop_back();
+        }
+    }
+    for (auto &h : held)
+        pm.free(h.first, h.second);
+    CHECK(pm.nr_free() == start_free, pm.dump());
+    uint64_t prev_end = 0;
+    for (const FreeBlock &b : pm.free_blocks()) {
+        CHECK(b.pfn >= prev_end && b.pfn % (uint64_t(1) << b.order) == 0, pm.dump());
+        prev_end = b.pfn + (uint64_t(1) << b.order);
+    }
+    std::printf("check_physmem: 20000 alloc/free, %zu free blocks\n", pm.nr_free_blocks());
+}
+
+int main(int argc, char **argv)
+{
+    unsigned size_order = 4;
+    if (argc > 1) {
+        unsigned long pages = std::strtoul(argv[1], nullptr, 0);
+        size_order = 0;
+        while ((2ul << size_order) <= pages)
+            size_order++;
+    }
+    check_interval_map();
+    check_physmem();
+    check_pfn_walk_exhaustive(size_order);
+    std::printf("%lu checks passed\n", nr_checks);
+    return 0;
+}
