@@ -165,11 +165,12 @@ def test_appending_in_order_costs_16_bytes_per_folio() -> None:
 def test_add_folios_validates_everything_first(impl) -> None:
     c = impl.FolioCache()
     c.add_folio(64, 2, 4)
+    c.add_folio(256, 0, 300)
     c.add_folios(np.arange(0, 64, 8), np.full(8, 3), np.arange(64, 128, 8))
-    assert len(c) == 9 and c.nr_pages == 68
+    assert len(c) == 10 and c.nr_pages == 69
     before = norm(c.folios())
     with pytest.raises(ValueError, match="overlap.*folio 1"):
-        c.add_folios([60, 66], [0, 0], [0, 1])  # the second one overlaps
+        c.add_folios([128, 256], [0, 0], [0, 1])  # the second one overlaps
     with pytest.raises(ValueError, match="folio 1 .*not sorted"):
         c.add_folios([200, 100], [0, 0], [0, 1])
     assert norm(c.folios()) == before
