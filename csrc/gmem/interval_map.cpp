@@ -44,18 +44,26 @@ uint64_t IntervalMap::load(uint64_t index) const
  *
  * Every run boundary inside [start, end] goes; then a boundary is put back at @start
  * unless the run before already holds @value, and at @end unless the run after does.
+ * The tree is searched once: the run before is the entry before the span, the run
+ * holding @end is the last entry of the span or, when the span is empty, that same one.
  */
 void IntervalMap::store_unchecked(uint64_t start, uint64_t end, uint64_t value)
 {
-    bool has_after = end < nr_pages_;
-    uint64_t after = has_after ? tree_.val(tree_.floor(end)) : 0;
-    tree_.erase_range(start, end);
-    if (has_after)
-        tree_.erase(end);
-    if (start == 0 || tree_.val(tree_.floor(start - 1)) != value)
-        tree_.insert(start, value);
-    if (has_after && after != value)
-        tree_.insert(end, after);
+    auto sp = tree_.span(start, end);
+    uint64_t keys[2], vals[2];
+    unsigned k = 0;
+    if (start == 0 || tree_.val(tree_.prev(sp.a)) != value) {
+        keys[k] = start;
+        vals[k++] = value;
+    }
+    if (end < nr_pages_) {
+        uint64_t after = tree_.val(tree_.prev(sp.b)); // last boundary <= end
+        if (after != value) {
+            keys[k] = end;
+            vals[k++] = after;
+        }
+    }
+    tree_.replace(sp, start, end, keys, vals, k);
 }
 
 void IntervalMap::store(uint64_t start, uint64_t end, uint64_t value)

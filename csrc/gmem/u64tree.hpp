@@ -143,6 +143,67 @@ public:
         size_++;
     }
 
+    /// First entry whose key is > @k.
+    Pos upper_bound(uint64_t k) const
+    {
+        if (leaves_.empty())
+            return end();
+        size_t li = leaf_for(k);
+        const Leaf &l = *leaves_[li];
+        uint32_t s = uint32_t(std::upper_bound(l.key, l.key + l.n, k) - l.key);
+        if (s == l.n)
+            return Pos{li + 1, 0};
+        return Pos{li, s};
+    }
+
+    /// The entries with @lo <= key <= @hi: [a, b).  One search when they share a leaf.
+    struct Span {
+        Pos a, b;
+    };
+    Span span(uint64_t lo, uint64_t hi) const
+    {
+        Pos a = lower_bound(lo);
+        if (a != end()) {
+            const Leaf &l = *leaves_[a.leaf];
+            if (l.key[l.n - 1] > hi) {
+                uint32_t s = uint32_t(std::upper_bound(l.key + a.slot, l.key + l.n, hi) - l.key);
+                return Span{a, Pos{a.leaf, s}};
+            }
+        }
+        return Span{a, upper_bound(hi)};
+    }
+
+    /*
+     * replace - erase the entries of @sp (found by span(lo, hi)) and insert the @k sorted
+     * entries @keys/@vals, all within [lo, hi].  The common case, everything inside one
+     * leaf with room to spare, is one memmove; anything else falls back to erase + insert.
+     */
+    void replace(Span sp, uint64_t lo, uint64_t hi, const uint64_t *keys, const uint64_t *vals,
+                 unsigned k)
+    {
+        if (sp.a != end() && sp.a.leaf == sp.b.leaf) {
+            Leaf &l = *leaves_[sp.a.leaf];
+            uint32_t from = sp.a.slot, to = sp.b.slot;
+            if (l.n - (to - from) + k <= Cap && l.n - (to - from) + k > 0) {
+                uint32_t tail = l.n - to;
+                std::memmove(l.key + from + k, l.key + to, tail * sizeof(uint64_t));
+                std::memmove(l.val + from + k, l.val + to, tail * sizeof(uint64_t));
+                for (unsigned i = 0; i < k; i++) {
+                    l.key[from + i] = keys[i];
+                    l.val[from + i] = vals[i];
+                }
+                l.n = l.n - (to - from) + k;
+                size_ = size_ - (to - from) + k;
+                first_[sp.a.leaf] = l.key[0];
+                return;
+            }
+        }
+        erase_range(lo, hi);
+        erase(hi);
+        for (unsigned i = 0; i < k; i++)
+            insert(keys[i], vals[i]);
+    }
+
     /// Erase every entry with @lo <= key < @hi.
     void erase_range(uint64_t lo, uint64_t hi)
     {
@@ -178,7 +239,14 @@ public:
         after_shrink(a.leaf);
     }
 
-    void erase(uint64_t k) { erase_range(k, k + 1); }
+    void erase(uint64_t k)
+    {
+        Pos p = lower_bound(k);
+        if (p == end() || key(p) != k)
+            return;
+        cut(*leaves_[p.leaf], p.slot, p.slot + 1);
+        after_shrink(p.leaf);
+    }
 
     void clear()
     {
