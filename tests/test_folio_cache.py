@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import IMPLS, both, norm
 from hypothesis import given
 from hypothesis import strategies as st
-from pfnmath import check_walk, layouts
 
 import gmem
 import gmem.reference as ref
+
+from conftest import IMPLS, both, norm
+from pfnmath import check_walk, layouts
 
 
 def mirrored(layout: list[tuple[int, int]], size: int) -> list[tuple[int, int, int]]:
@@ -60,8 +61,16 @@ def test_split_uniform_and_around_a_range(impl) -> None:
     c2.add_folio(0, 4, 32)
     assert c2.split_range(3, 9) == 1
     rows = c2.folios()[["index", "order", "pfn"]].tolist()
-    assert rows == [(0, 1, 32), (2, 0, 34), (3, 0, 35), (4, 2, 36), (8, 0, 40), (9, 0, 41),
-                    (10, 1, 42), (12, 2, 44)]
+    assert rows == [
+        (0, 1, 32),
+        (2, 0, 34),
+        (3, 0, 35),
+        (4, 2, 36),
+        (8, 0, 40),
+        (9, 0, 41),
+        (10, 1, 42),
+        (12, 2, 44),
+    ]
     assert c2.split_range(4, 8) == 0  # already whole folios
 
 
@@ -82,15 +91,17 @@ def test_every_layout_of_an_8_page_file_and_every_range() -> None:
             for end in range(start, n + 1):
                 got = engine.pfn_ranges(start, end)
                 assert got.tolist() == oracle.pfn_ranges(start, end).tolist()
-                assert got.tolist() == gmem.clamp_folio_ranges(index, order, pfn, start,
-                                                               end).tolist()
+                assert (
+                    got.tolist() == gmem.clamp_folio_ranges(index, order, pfn, start, end).tolist()
+                )
                 check_walk(engine, start, end, got)
                 count += 1
     assert count == 677 * 45
 
 
-def random_layout(rng: np.random.Generator, pm: gmem.PhysMem, first: int, nr_pages: int,
-                  max_order: int) -> list[tuple[int, int, int]]:
+def random_layout(
+    rng: np.random.Generator, pm: gmem.PhysMem, first: int, nr_pages: int, max_order: int
+) -> list[tuple[int, int, int]]:
     """Folios of random orders (and holes) from a fragmented PhysMem, at indexes from first."""
     out = []
     index = first
@@ -147,7 +158,7 @@ def test_many_folios_in_random_order_against_reference() -> None:
         engine.add_folio(4 * s, 2, 4 * (20_000 - s))
         oracle.add_folio(4 * s, 2, 4 * (20_000 - s))
     assert norm(engine.folios()) == norm(oracle.folios())
-    for s in slots[: 15_000].tolist():
+    for s in slots[:15_000].tolist():
         assert engine.remove_folio(4 * s) == oracle.remove_folio(4 * s)
     assert norm(engine.folios()) == norm(oracle.folios())
     assert norm(engine.pfn_ranges(1, 79_999)) == norm(oracle.pfn_ranges(1, 79_999))
@@ -169,9 +180,9 @@ def test_add_folios_validates_everything_first(impl) -> None:
     c.add_folios(np.arange(0, 64, 8), np.full(8, 3), np.arange(64, 128, 8))
     assert len(c) == 10 and c.nr_pages == 69
     before = norm(c.folios())
-    with pytest.raises(ValueError, match="overlap.*folio 1"):
+    with pytest.raises(ValueError, match=r"overlap.*folio 1"):
         c.add_folios([128, 256], [0, 0], [0, 1])  # the second one overlaps
-    with pytest.raises(ValueError, match="folio 1 .*not sorted"):
+    with pytest.raises(ValueError, match=r"folio 1 .*not sorted"):
         c.add_folios([200, 100], [0, 0], [0, 1])
     assert norm(c.folios()) == before
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import IMPLS, both
 from hypothesis import given
 from hypothesis import strategies as st
 
 import gmem
 import gmem.reference as ref
+
+from conftest import IMPLS, both
 
 PRIVATE = 1 << 3
 VALUES = st.sampled_from([0, PRIVATE, 1, 2**64 - 1])
@@ -155,8 +156,15 @@ def test_bad_input_raises_and_changes_nothing(impl, method, args, exc) -> None:
     before = m.runs().tolist()
     with pytest.raises(exc) as info:
         getattr(m, method)(*args)
-    assert str(info.value).split(":")[0] in {"start", "end", "index", "value", "starts", "ends",
-                                              "values"}
+    assert str(info.value).split(":")[0] in {
+        "start",
+        "end",
+        "index",
+        "value",
+        "starts",
+        "ends",
+        "values",
+    }
     assert m.runs().tolist() == before
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
-from conftest import IMPLS, both
 from hypothesis import given
 from hypothesis import strategies as st
 
 import gmem
 import gmem.reference as ref
+
+from conftest import IMPLS, both
 
 
 def check_free_blocks(pm: gmem.PhysMem) -> None:
@@ -20,7 +23,7 @@ def check_free_blocks(pm: gmem.PhysMem) -> None:
         assert pfn % (1 << order) == 0
         assert pm.base_pfn <= pfn and pfn + (1 << order) <= pm.base_pfn + pm.nr_pages
         seen.add((pfn, order))
-    for (pfn, order), (nxt, _) in zip(blocks, blocks[1:], strict=False):
+    for (pfn, order), (nxt, _) in itertools.pairwise(blocks):
         assert pfn + (1 << order) <= nxt, "free blocks overlap"
     assert sum(1 << o for _, o in blocks) == pm.nr_free
     for pfn, order in blocks:
@@ -87,8 +90,9 @@ def test_contents_are_sparse_and_survive_free(impl) -> None:
 
 def test_fragment_is_seeded_and_matches_reference() -> None:
     for seed in (0, 1, 99):
-        pm, oracle = gmem.PhysMem(4096, base_pfn=512, seed=seed), ref.PhysMem(
-            4096, base_pfn=512, seed=seed
+        pm, oracle = (
+            gmem.PhysMem(4096, base_pfn=512, seed=seed),
+            ref.PhysMem(4096, base_pfn=512, seed=seed),
         )
         pm.fragment(0.05)
         oracle.fragment(0.05)
@@ -128,8 +132,9 @@ OPS = st.one_of(
     seed=st.integers(0, 3),
 )
 def test_differential_operation_sequences(ops, nr, base, seed) -> None:
-    pm, oracle = gmem.PhysMem(nr, base_pfn=base, seed=seed), ref.PhysMem(
-        nr, base_pfn=base, seed=seed
+    pm, oracle = (
+        gmem.PhysMem(nr, base_pfn=base, seed=seed),
+        ref.PhysMem(nr, base_pfn=base, seed=seed),
     )
     allocated: list[tuple[int, int]] = []
     for name, *args in ops:

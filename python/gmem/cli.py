@@ -38,9 +38,9 @@ def _layout(args: argparse.Namespace) -> int:
     for s, e in ranges.tolist():
         print(f"  [{s:#x}, {e:#x})  {e - s} pages")
     pages = cache.page_pfns(start, end)
-    emitted = np.concatenate([np.arange(s, e, dtype=np.uint64) for s, e in ranges.tolist()] or [
-        np.zeros(0, np.uint64)
-    ])
+    emitted = np.concatenate(
+        [np.arange(s, e, dtype=np.uint64) for s, e in ranges.tolist()] or [np.zeros(0, np.uint64)]
+    )
     ok = np.array_equal(emitted, pages[pages != gmem.NO_PFN])
     print(f"ranges expand to exactly page_pfns of the populated pages: {'yes' if ok else 'NO'}")
     return 0 if ok else 1

@@ -11,6 +11,7 @@ beside it.  The walk clamps each folio that overlaps [start, end) to the range:
 
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -178,7 +179,7 @@ class FolioCache:
         """Replace ``f`` by the largest aligned pieces that cross neither start nor end."""
         self.pop(f.index)
         cuts = sorted({f.index, f.end} | {c for c in (start, end) if f.index < c < f.end})
-        for a, b in zip(cuts, cuts[1:], strict=False):
+        for a, b in itertools.pairwise(cuts):
             for index, order in aligned_pieces(a, b, f.order):
                 self.insert(Folio(index, order, f.file_pfn(index), f.uptodate))
 
@@ -277,9 +278,5 @@ def clamp_folio_ranges(
     check_folio_layout(idx.tolist(), o.tolist(), p.tolist())
     folios = zip(idx.tolist(), o.tolist(), p.tolist(), strict=True)
     return ranges_array(
-        [
-            Folio(i, od, pf).clamp(s, e)
-            for i, od, pf in folios
-            if i < e and i + (1 << od) > s
-        ]
+        [Folio(i, od, pf).clamp(s, e) for i, od, pf in folios if i < e and i + (1 << od) > s]
     )

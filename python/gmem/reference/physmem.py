@@ -82,9 +82,7 @@ class PhysMem:
 
     def check_block(self, pfn: int, order: int) -> None:
         if pfn % (1 << order):
-            raise ValueError(
-                f"pfn: must be aligned to 2**order = {1 << order} pages, got {pfn}"
-            )
+            raise ValueError(f"pfn: must be aligned to 2**order = {1 << order} pages, got {pfn}")
         self._check_pfn(pfn)
         if pfn + (1 << order) > self.end_pfn:
             raise ValueError(
@@ -175,7 +173,9 @@ class PhysMem:
             raise ValueError(f"fraction: must be in [0, 1], got {f}")
         threshold = int(f * 2.0**53)
         for pfn, order in self.free_blocks().tolist():
-            taken = [p for p in range(pfn, pfn + (1 << order)) if self._rng.next() >> 11 < threshold]
+            taken = [
+                p for p in range(pfn, pfn + (1 << order)) if self._rng.next() >> 11 < threshold
+            ]
             if not taken:
                 continue
             self._remove_free(pfn, order)
