@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fragment", type=float, default=0.1, help="PhysMem.fragment fraction")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--start", type=int, default=3, help="range start index (default 3)")
-    p.add_argument("--end", type=int, default=None, help="range end index (default: size - 5)")
+    p.add_argument("--end", type=int, default=None, help="range end index (default: --pages)")
     p.add_argument("-v", "--verbose", action="store_true", help="dump every folio")
     p.set_defaults(func=_layout)
     return parser
