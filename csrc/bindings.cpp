@@ -2,20 +2,25 @@
 // bindings.cpp - the gmem._core extension: converts Python values to and from the C++
 // core in csrc/gmem/ and nothing else.  One bind_<area>() per wrapped core class.
 //
-// Locking and the GIL: every core object carries a reader/writer lock (lockable.hpp).
-// A call takes it while still holding the GIL, sizes and allocates its numpy output, and
-// only then drops the GIL for the loop; the lock is moved into the GIL-free scope so that
-// it is always released *before* the GIL is taken back.  No thread ever waits for the GIL
-// while holding an object lock, so the two locks cannot deadlock.
+// Locking and the GIL: every core object carries a ModelLock (lockable.hpp); a
+// GuestMemfd uses its PhysMem's.  A call first tries the lock while holding the GIL and,
+// only if that fails, drops the GIL to wait for it (Guard).  A long loop then drops the
+// GIL while holding the lock (Guard::nogil), and gives the lock back *before* it takes
+// the GIL again.  So no thread ever waits for the GIL while holding a model lock, or for
+// a model lock while holding the GIL, and the two cannot deadlock - even when a Python
+// arch hook, running under the model lock, lets another Python thread run.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <climits>
+#include <optional>
 #include <mutex>
 #include <shared_mutex>
 
+#include "gmem/arch.hpp"
 #include "gmem/errors.hpp"
+#include "gmem/guest_memfd.hpp"
 #include "gmem/folio_cache.hpp"
 #include "gmem/interval_map.hpp"
 #include "gmem/physmem.hpp"
@@ -102,18 +107,71 @@ u64_array to_u64_array(py::handle obj, const char *name)
     return u64_array::ensure(a);
 }
 
-/* Run @fn without the GIL while still holding @lk, which is dropped before the GIL returns. */
-template <class Lock, class Fn>
-auto without_gil(Lock &lk, Fn &&fn)
-{
-    py::gil_scoped_release nogil;
-    Lock held(std::move(lk));
-    return fn();
-}
+/*
+ * Guard - holds a ModelLock for one bound call, shared (Read) or exclusive (Write).
+ * A thread that already holds the lock exclusively is inside an operation of that model
+ * (an arch hook calling back); it proceeds without locking again.
+ */
+enum class Mode { Read, Write };
+
+class Guard {
+public:
+    Guard(ModelLock &m, Mode mode) : m_(m), shared_(mode == Mode::Read)
+    {
+        if (m.held_by_me())
+            return;
+        if (shared_ ? !m.try_lock_shared() : !m.try_lock()) {
+            py::gil_scoped_release nogil; // wait for the lock without blocking Python
+            shared_ ? m.lock_shared() : m.lock();
+        }
+        owned_ = true;
+    }
+    ~Guard() { unlock(); }
+    Guard(const Guard &) = delete;
+    Guard &operator=(const Guard &) = delete;
+
+    /// Run @fn without the GIL; the lock is released before the GIL is taken back.
+    template <class Fn>
+    auto nogil(Fn &&fn)
+    {
+        py::gil_scoped_release nogil;
+        struct Unlock {
+            Guard *g;
+            ~Unlock() { g->unlock(); }
+        } unlock_first{this};
+        return fn();
+    }
+
+    void unlock()
+    {
+        if (!owned_)
+            return;
+        owned_ = false;
+        shared_ ? m_.unlock_shared() : m_.unlock();
+    }
+
+private:
+    ModelLock &m_;
+    bool shared_, owned_ = false;
+};
 
 py::array_t<uint64_t> new_u64_2d(size_t rows, size_t cols)
 {
     return py::array_t<uint64_t>({py::ssize_t(rows), py::ssize_t(cols)});
+}
+
+/* The runs of a per-PFN map, in absolute PFNs. */
+py::array_t<uint64_t> shifted_runs(const IntervalMap &map, uint64_t base)
+{
+    auto runs = map.runs(0, map.nr_pages());
+    auto out = new_u64_2d(runs.size(), 3);
+    uint64_t *p = out.mutable_data();
+    for (const Run &r : runs) {
+        *p++ = r.start + base;
+        *p++ = r.end + base;
+        *p++ = r.value;
+    }
+    return out;
 }
 
 struct FolioRow {
@@ -144,9 +202,19 @@ void bind_errors(py::module_ &m)
                 std::rethrow_exception(p);
         } catch (const InvalidArgument &e) {
             PyErr_SetString(PyExc_ValueError, e.what());
+        } catch (const Reentrant &e) {
+            PyErr_SetString(PyExc_RuntimeError, e.what());
         } catch (const OutOfMemory &e) {
             py::object cls = py::module_::import("gmem.errors").attr("OutOfMemory");
             PyErr_SetObject(cls.ptr(), py::str(e.what()).ptr());
+        } catch (const ConversionBusy &e) {
+            py::object cls = py::module_::import("gmem.errors").attr("ConversionBusy");
+            py::object exc = cls(e.what(), e.error_index);
+            PyErr_SetObject(cls.ptr(), exc.ptr());
+        } catch (const SigBus &e) {
+            py::object cls = py::module_::import("gmem.errors").attr("SigBus");
+            py::object exc = cls(e.what(), e.index);
+            PyErr_SetObject(cls.ptr(), exc.ptr());
         }
     });
     m.attr("MAX_ORDER") = MAX_ORDER;
@@ -165,12 +233,12 @@ void bind_interval_map(py::module_ &m)
         .def_property_readonly("nr_pages", &IntervalMap::nr_pages)
         .def_property_readonly("memory_bytes",
                                [](const IntervalMap &im) {
-                                   std::shared_lock lk(im.lock());
+                                   Guard lk(im.lock(), Mode::Read);
                                    return im.memory_bytes();
                                })
         .def("__len__",
              [](const IntervalMap &im) {
-                 std::shared_lock lk(im.lock());
+                 Guard lk(im.lock(), Mode::Read);
                  return im.nr_runs();
              })
         .def(
@@ -178,7 +246,7 @@ void bind_interval_map(py::module_ &m)
             [](IntervalMap &im, py::handle s, py::handle e, py::handle v) {
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
                 uint64_t value = to_u64(v, "value");
-                std::unique_lock lk(im.lock());
+                Guard lk(im.lock(), Mode::Write);
                 im.store(start, end, value);
             },
             py::arg("start"), py::arg("end"), py::arg("value"))
@@ -186,7 +254,7 @@ void bind_interval_map(py::module_ &m)
             "load",
             [](const IntervalMap &im, py::handle i) {
                 uint64_t index = to_u64(i, "index");
-                std::shared_lock lk(im.lock());
+                Guard lk(im.lock(), Mode::Read);
                 return im.load(index);
             },
             py::arg("index"))
@@ -195,7 +263,7 @@ void bind_interval_map(py::module_ &m)
             [](const IntervalMap &im, py::handle s, py::handle e, py::handle v) {
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
                 uint64_t value = to_u64(v, "value");
-                std::shared_lock lk(im.lock());
+                Guard lk(im.lock(), Mode::Read);
                 return im.range_has(start, end, value);
             },
             py::arg("start"), py::arg("end"), py::arg("value"))
@@ -203,11 +271,11 @@ void bind_interval_map(py::module_ &m)
             "runs",
             [](const IntervalMap &im, py::handle s, py::handle e) {
                 uint64_t start = to_u64(s, "start"), end = to_end(e, im.nr_pages());
-                std::shared_lock lk(im.lock());
+                Guard lk(im.lock(), Mode::Read);
                 size_t n = im.count_runs(start, end);
                 auto out = new_u64_2d(n, 3);
                 auto *rows = reinterpret_cast<Run *>(out.mutable_data());
-                without_gil(lk, [&] { return im.runs(start, end, rows, n); });
+                lk.nogil([&] { return im.runs(start, end, rows, n); });
                 return out;
             },
             py::arg("start") = 0, py::arg("end") = py::none())
@@ -222,9 +290,9 @@ void bind_interval_map(py::module_ &m)
                                               std::to_string(n) + ", " +
                                               std::to_string(ends.size()) + ", " +
                                               std::to_string(values.size()));
-                std::unique_lock lk(im.lock());
+                Guard lk(im.lock(), Mode::Write);
                 // The arrays are our own contiguous copies or views we hold references to.
-                without_gil(lk, [&] {
+                lk.nogil([&] {
                     im.store_many(starts.data(), ends.data(), values.data(), n);
                     return 0;
                 });
@@ -232,18 +300,18 @@ void bind_interval_map(py::module_ &m)
             py::arg("starts"), py::arg("ends"), py::arg("values"))
         .def("dump",
              [](const IntervalMap &im) {
-                 std::shared_lock lk(im.lock());
+                 Guard lk(im.lock(), Mode::Read);
                  return im.dump();
              })
         .def("__repr__", [](const IntervalMap &im) {
-            std::shared_lock lk(im.lock());
+            Guard lk(im.lock(), Mode::Read);
             return "<gmem." + first_line(im.dump()) + ">";
         });
 }
 
 void bind_physmem(py::module_ &m)
 {
-    py::class_<PhysMem>(m, "PhysMem")
+    py::class_<PhysMem, std::shared_ptr<PhysMem>>(m, "PhysMem")
         .def(py::init([](py::handle nr_pages, py::handle base_pfn, py::handle seed) {
                  return new PhysMem(to_u64(nr_pages, "nr_pages"), to_u64(base_pfn, "base_pfn"),
                                     to_u64(seed, "seed"));
@@ -254,19 +322,19 @@ void bind_physmem(py::module_ &m)
         .def_property_readonly("seed", &PhysMem::seed)
         .def_property_readonly("nr_free",
                                [](const PhysMem &pm) {
-                                   std::shared_lock lk(pm.lock());
+                                   Guard lk(pm.lock(), Mode::Read);
                                    return pm.nr_free();
                                })
         .def_property_readonly("nr_kept",
                                [](const PhysMem &pm) {
-                                   std::shared_lock lk(pm.lock());
+                                   Guard lk(pm.lock(), Mode::Read);
                                    return pm.nr_kept();
                                })
         .def(
             "alloc",
             [](PhysMem &pm, py::handle o) {
                 unsigned order = to_order(o);
-                std::unique_lock lk(pm.lock());
+                Guard lk(pm.lock(), Mode::Write);
                 return pm.alloc(order);
             },
             py::arg("order"))
@@ -275,7 +343,7 @@ void bind_physmem(py::module_ &m)
             [](PhysMem &pm, py::handle p, py::handle o) {
                 uint64_t pfn = to_u64(p, "pfn");
                 unsigned order = to_order(o);
-                std::unique_lock lk(pm.lock());
+                Guard lk(pm.lock(), Mode::Write);
                 pm.free(pfn, order);
             },
             py::arg("pfn"), py::arg("order"))
@@ -284,7 +352,7 @@ void bind_physmem(py::module_ &m)
             [](PhysMem &pm, py::handle p, py::handle o) {
                 uint64_t pfn = to_u64(p, "pfn");
                 unsigned order = to_order(o);
-                std::unique_lock lk(pm.lock());
+                Guard lk(pm.lock(), Mode::Write);
                 pm.take(pfn, order);
             },
             py::arg("pfn"), py::arg("order"))
@@ -293,7 +361,7 @@ void bind_physmem(py::module_ &m)
             [](const PhysMem &pm, py::handle p, py::handle o) {
                 uint64_t pfn = to_u64(p, "pfn");
                 unsigned order = to_order(o);
-                std::shared_lock lk(pm.lock());
+                Guard lk(pm.lock(), Mode::Read);
                 pm.check_block(pfn, order);
                 return pm.is_free(pfn, order);
             },
@@ -302,8 +370,8 @@ void bind_physmem(py::module_ &m)
             "fragment",
             [](PhysMem &pm, py::handle f) {
                 double fraction = to_double(f, "fraction");
-                std::unique_lock lk(pm.lock());
-                without_gil(lk, [&] {
+                Guard lk(pm.lock(), Mode::Write);
+                lk.nogil([&] {
                     pm.fragment(fraction);
                     return 0;
                 });
@@ -313,7 +381,7 @@ void bind_physmem(py::module_ &m)
             "read",
             [](const PhysMem &pm, py::handle p) {
                 uint64_t pfn = to_u64(p, "pfn");
-                std::shared_lock lk(pm.lock());
+                Guard lk(pm.lock(), Mode::Read);
                 return pm.read(pfn);
             },
             py::arg("pfn"))
@@ -321,13 +389,23 @@ void bind_physmem(py::module_ &m)
             "write",
             [](PhysMem &pm, py::handle p, py::handle t) {
                 uint64_t pfn = to_u64(p, "pfn"), token = to_u64(t, "token");
-                std::unique_lock lk(pm.lock());
+                Guard lk(pm.lock(), Mode::Write);
                 pm.write(pfn, token);
             },
             py::arg("pfn"), py::arg("token"))
+        .def("rmp_runs",
+             [](const PhysMem &pm) {
+                 Guard lk(pm.lock(), Mode::Read);
+                 return shifted_runs(pm.rmp(), pm.base_pfn());
+             })
+        .def("owner_runs",
+             [](const PhysMem &pm) {
+                 Guard lk(pm.lock(), Mode::Read);
+                 return shifted_runs(pm.owner(), pm.base_pfn());
+             })
         .def("free_blocks",
              [](const PhysMem &pm) {
-                 std::shared_lock lk(pm.lock());
+                 Guard lk(pm.lock(), Mode::Read);
                  auto blocks = pm.free_blocks();
                  auto out = new_u64_2d(blocks.size(), 2);
                  uint64_t *p = out.mutable_data();
@@ -339,11 +417,11 @@ void bind_physmem(py::module_ &m)
              })
         .def("dump",
              [](const PhysMem &pm) {
-                 std::shared_lock lk(pm.lock());
+                 Guard lk(pm.lock(), Mode::Read);
                  return pm.dump();
              })
         .def("__repr__", [](const PhysMem &pm) {
-            std::shared_lock lk(pm.lock());
+            Guard lk(pm.lock(), Mode::Read);
             return "<gmem." + first_line(pm.dump()) + ">";
         });
 }
@@ -357,17 +435,17 @@ void bind_folio_cache(py::module_ &m)
         .def(py::init<>())
         .def("__len__",
              [](const FolioCache &c) {
-                 std::shared_lock lk(c.lock());
+                 Guard lk(c.lock(), Mode::Read);
                  return c.nr_folios();
              })
         .def_property_readonly("nr_pages",
                                [](const FolioCache &c) {
-                                   std::shared_lock lk(c.lock());
+                                   Guard lk(c.lock(), Mode::Read);
                                    return c.nr_pages();
                                })
         .def_property_readonly("memory_bytes",
                                [](const FolioCache &c) {
-                                   std::shared_lock lk(c.lock());
+                                   Guard lk(c.lock(), Mode::Read);
                                    return c.memory_bytes();
                                })
         .def(
@@ -375,7 +453,7 @@ void bind_folio_cache(py::module_ &m)
             [](FolioCache &c, py::handle i, py::handle o, py::handle p, bool uptodate) {
                 uint64_t index = to_u64(i, "index"), pfn = to_u64(p, "pfn");
                 unsigned order = to_order(o);
-                std::unique_lock lk(c.lock());
+                Guard lk(c.lock(), Mode::Write);
                 c.add(index, order, pfn, uptodate);
             },
             py::arg("index"), py::arg("order"), py::arg("pfn"), py::arg("uptodate") = false)
@@ -390,8 +468,8 @@ void bind_folio_cache(py::module_ &m)
                                                std::to_string(n) + ", " +
                                                std::to_string(order.size()) + ", " +
                                                std::to_string(pfn.size()));
-                std::unique_lock lk(c.lock());
-                without_gil(lk, [&] {
+                Guard lk(c.lock(), Mode::Write);
+                lk.nogil([&] {
                     c.add_many(index.data(), order.data(), pfn.data(), n);
                     return 0;
                 });
@@ -401,7 +479,7 @@ void bind_folio_cache(py::module_ &m)
             "remove_folio",
             [](FolioCache &c, py::handle i) {
                 uint64_t index = to_u64(i, "index");
-                std::unique_lock lk(c.lock());
+                Guard lk(c.lock(), Mode::Write);
                 Folio f = c.remove(index);
                 return py::make_tuple(f.index, f.order, f.pfn);
             },
@@ -410,7 +488,7 @@ void bind_folio_cache(py::module_ &m)
             "lookup",
             [](const FolioCache &c, py::handle i) -> py::object {
                 uint64_t index = to_u64(i, "index");
-                std::shared_lock lk(c.lock());
+                Guard lk(c.lock(), Mode::Read);
                 Folio f;
                 if (!c.lookup(index, &f))
                     return py::none();
@@ -422,7 +500,7 @@ void bind_folio_cache(py::module_ &m)
             [](FolioCache &c, py::handle i, py::handle o) {
                 uint64_t index = to_u64(i, "index");
                 unsigned new_order = to_order(o, "new_order");
-                std::unique_lock lk(c.lock());
+                Guard lk(c.lock(), Mode::Write);
                 c.split(index, new_order);
             },
             py::arg("index"), py::arg("new_order"))
@@ -431,7 +509,7 @@ void bind_folio_cache(py::module_ &m)
             [](FolioCache &c, py::handle s, py::handle e) {
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
                 check_start_end(start, end);
-                std::unique_lock lk(c.lock());
+                Guard lk(c.lock(), Mode::Write);
                 return c.split_range(start, end);
             },
             py::arg("start"), py::arg("end"))
@@ -440,7 +518,7 @@ void bind_folio_cache(py::module_ &m)
             [](const FolioCache &c, py::handle s, py::handle e) {
                 uint64_t start = to_u64(s, "start"), end = to_end(e, NO_PFN);
                 check_start_end(start, end);
-                std::shared_lock lk(c.lock());
+                Guard lk(c.lock(), Mode::Read);
                 return folio_rows(c.folios(start, end));
             },
             py::arg("start") = 0, py::arg("end") = py::none())
@@ -449,11 +527,11 @@ void bind_folio_cache(py::module_ &m)
             [](const FolioCache &c, py::handle s, py::handle e) {
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
                 check_start_end(start, end);
-                std::shared_lock lk(c.lock());
+                Guard lk(c.lock(), Mode::Read);
                 size_t n = c.count(start, end);
                 auto out = new_u64_2d(n, 2);
                 auto *ranges = reinterpret_cast<PfnRange *>(out.mutable_data());
-                without_gil(lk, [&] { return c.pfn_ranges(start, end, ranges); });
+                lk.nogil([&] { return c.pfn_ranges(start, end, ranges); });
                 return out;
             },
             py::arg("start"), py::arg("end"))
@@ -462,7 +540,7 @@ void bind_folio_cache(py::module_ &m)
             [](const FolioCache &c, py::handle s, py::handle e) {
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
                 check_start_end(start, end);
-                std::shared_lock lk(c.lock());
+                Guard lk(c.lock(), Mode::Read);
                 py::list batches;
                 c.walk_batches(start, end, [&](const Folio *, const PfnRange *r, unsigned n) {
                     auto a = new_u64_2d(n, 2);
@@ -478,9 +556,9 @@ void bind_folio_cache(py::module_ &m)
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
                 check_start_end(start, end);
                 py::array_t<uint64_t> out(py::ssize_t(end - start));
-                std::shared_lock lk(c.lock());
+                Guard lk(c.lock(), Mode::Read);
                 uint64_t *p = out.mutable_data();
-                without_gil(lk, [&] {
+                lk.nogil([&] {
                     c.page_pfns(start, end, p);
                     return 0;
                 });
@@ -489,11 +567,11 @@ void bind_folio_cache(py::module_ &m)
             py::arg("start"), py::arg("end"))
         .def("dump",
              [](const FolioCache &c) {
-                 std::shared_lock lk(c.lock());
+                 Guard lk(c.lock(), Mode::Read);
                  return c.dump();
              })
         .def("__repr__", [](const FolioCache &c) {
-            std::shared_lock lk(c.lock());
+            Guard lk(c.lock(), Mode::Read);
             return "<gmem." + first_line(c.dump()) + ">";
         });
 }
@@ -532,6 +610,670 @@ void bind_clamp(py::module_ &m)
         py::arg("index"), py::arg("order"), py::arg("pfn"), py::arg("start"), py::arg("end"));
 }
 
+
+/* ---- architecture hooks ---------------------------------------------------------- */
+
+/* What every Python-subclassable arch carries: what was read from the Python object when
+ * its file was created, and the first exception a Python hook raised during the current
+ * operation (re-raised when the operation completes). */
+struct PyHookState {
+    virtual ~PyHookState() = default;
+    bool configured = false, batched = false;
+    unsigned config_bits = 0;
+    std::string py_name;
+    std::optional<py::error_already_set> pending;
+};
+
+PyHookState *hook_state(Arch &a) { return dynamic_cast<PyHookState *>(&a); }
+
+const std::pair<const char *, unsigned> CONFIG_NAMES[] = {
+    {"PREPARE", CONFIG_PREPARE},
+    {"FREE", CONFIG_FREE},
+    {"FREE_ON_SHARED_CONVERSION", CONFIG_FREE_ON_SHARED_CONVERSION}};
+
+unsigned config_bits(py::handle obj)
+{
+    if (py::isinstance<py::str>(obj) || !py::isinstance<py::iterable>(obj))
+        throw py::type_error("config: must be a set of hook names, got " +
+                             std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+    unsigned bits = 0;
+    for (py::handle item : obj) {
+        std::string name = py::isinstance<py::str>(item) ? item.cast<std::string>() : "";
+        unsigned bit = 0;
+        for (const auto &c : CONFIG_NAMES)
+            if (name == c.first)
+                bit = c.second;
+        if (!bit)
+            throw invalid("config", "unknown hook config " + std::string(py::repr(item)) +
+                                        "; allowed: PREPARE, FREE, FREE_ON_SHARED_CONVERSION");
+        bits |= bit;
+    }
+    return bits;
+}
+
+py::set config_set(unsigned bits)
+{
+    py::set out;
+    for (const auto &c : CONFIG_NAMES)
+        if (bits & c.second)
+            out.add(py::str(c.first));
+    return out;
+}
+
+/*
+ * PyArch - the trampoline that lets a Python subclass of gmem.Arch (or of a built-in
+ * model) override hooks.  A hook the subclass does not define falls through to Base.
+ * A Python exception in a hook is caught here: the operation cannot stop after its
+ * point of no return, so it is recorded as a violation and re-raised at the end.
+ */
+template <class Base>
+class PyArch : public Base, public PyHookState {
+public:
+    using Base::Base;
+
+    std::string name() const override { return configured ? py_name : base_name(); }
+    unsigned config() const override { return configured ? config_bits : Base::config(); }
+
+    void prepare(GuestMemfd &f, uint64_t index, uint64_t pfn, uint64_t nr) override
+    {
+        py::gil_scoped_acquire gil;
+        py::function fn = py::get_override(static_cast<const Base *>(this), "prepare");
+        if (!fn)
+            return Base::prepare(f, index, pfn, nr);
+        call(f, "prepare", [&] { fn(index, pfn, nr); });
+    }
+    void make_shared(GuestMemfd &f, const PfnRange *r, size_t n) override
+    {
+        ranges_hook(f, "make_shared", r, n, [&] { Base::make_shared(f, r, n); });
+    }
+    void free_folio(GuestMemfd &f, const PfnRange *r, size_t n) override
+    {
+        ranges_hook(f, "free_folio", r, n, [&] { Base::free_folio(f, r, n); });
+    }
+    void invalidate_start(GuestMemfd &f, uint64_t start, uint64_t end, unsigned kinds) override
+    {
+        py::gil_scoped_acquire gil;
+        py::function fn = py::get_override(static_cast<const Base *>(this), "invalidate_start");
+        if (!fn)
+            return Base::invalidate_start(f, start, end, kinds);
+        call(f, "invalidate_start", [&] { fn(start, end, kinds); });
+    }
+    void invalidate_end(GuestMemfd &f, uint64_t start, uint64_t end) override
+    {
+        py::gil_scoped_acquire gil;
+        py::function fn = py::get_override(static_cast<const Base *>(this), "invalidate_end");
+        if (!fn)
+            return Base::invalidate_end(f, start, end);
+        call(f, "invalidate_end", [&] { fn(start, end); });
+    }
+
+private:
+    std::string base_name() const
+    {
+        if constexpr (std::is_same_v<Base, Arch>)
+            return "python";
+        else
+            return Base::name();
+    }
+
+    template <class Body>
+    void call(GuestMemfd &f, const char *hook, Body &&body)
+    {
+        try {
+            body();
+        } catch (py::error_already_set &e) {
+            std::string what = py::str(e.type().attr("__name__"));
+            what += ": " + std::string(py::str(e.value()));
+            f.record(Violation{name(), "hook-raised", NO_PFN, NO_PFN,
+                               std::string(hook) + " raised " + what});
+            if (!pending)
+                pending = e;
+        }
+    }
+
+    template <class Fallback>
+    void ranges_hook(GuestMemfd &f, const char *hook, const PfnRange *r, size_t n,
+                     Fallback &&fallback)
+    {
+        py::gil_scoped_acquire gil;
+        py::function fn = py::get_override(static_cast<const Base *>(this), hook);
+        if (!fn)
+            return fallback();
+        if (batched) {
+            auto a = new_u64_2d(n, 2);
+            std::memcpy(a.mutable_data(), r, n * sizeof(PfnRange));
+            call(f, hook, [&] { fn(a); });
+            return;
+        }
+        for (size_t i = 0; i < n; i++)
+            call(f, hook, [&] { fn(r[i].start_pfn, r[i].end_pfn); });
+    }
+};
+
+GuestMemfd &file_of(const Arch &a)
+{
+    if (!a.file)
+        throw invalid("self", "this Arch serves no open file yet");
+    return *a.file;
+}
+
+/* The hooks as methods, so that Python can call them directly or through super(). */
+template <class T, class Cls>
+void bind_hook_methods(Cls &cls)
+{
+    cls.def(
+           "prepare",
+           [](T &a, py::handle i, py::handle p, py::handle n) {
+               GuestMemfd &f = file_of(a);
+               Guard lk(f.physmem().lock(), Mode::Write);
+               a.T::prepare(f, to_u64(i, "index"), to_u64(p, "pfn"), to_u64(n, "nr_pages"));
+           },
+           py::arg("index"), py::arg("pfn"), py::arg("nr_pages"))
+        .def(
+            "make_shared",
+            [](T &a, py::handle s, py::handle e) {
+                GuestMemfd &f = file_of(a);
+                PfnRange r{to_u64(s, "start_pfn"), to_u64(e, "end_pfn")};
+                Guard lk(f.physmem().lock(), Mode::Write);
+                a.T::make_shared(f, &r, 1);
+            },
+            py::arg("start_pfn"), py::arg("end_pfn"))
+        .def(
+            "free_folio",
+            [](T &a, py::handle s, py::handle e) {
+                GuestMemfd &f = file_of(a);
+                PfnRange r{to_u64(s, "start_pfn"), to_u64(e, "end_pfn")};
+                Guard lk(f.physmem().lock(), Mode::Write);
+                a.T::free_folio(f, &r, 1);
+            },
+            py::arg("start_pfn"), py::arg("end_pfn"))
+        .def(
+            "invalidate_start",
+            [](T &a, py::handle s, py::handle e, py::handle k) {
+                GuestMemfd &f = file_of(a);
+                Guard lk(f.physmem().lock(), Mode::Write);
+                a.T::invalidate_start(f, to_u64(s, "start"), to_u64(e, "end"),
+                                      unsigned(to_u64(k, "kinds") & 3));
+            },
+            py::arg("start"), py::arg("end"), py::arg("kinds"))
+        .def(
+            "invalidate_end",
+            [](T &a, py::handle s, py::handle e) {
+                GuestMemfd &f = file_of(a);
+                Guard lk(f.physmem().lock(), Mode::Write);
+                a.T::invalidate_end(f, to_u64(s, "start"), to_u64(e, "end"));
+            },
+            py::arg("start"), py::arg("end"));
+}
+
+py::tuple call_tuple(const HookCall &c)
+{
+    if (c.hook == "prepare" || c.hook == "invalidate_start")
+        return py::make_tuple(c.hook, c.a, c.b, c.c);
+    return py::make_tuple(c.hook, c.a, c.b);
+}
+
+void bind_arch(py::module_ &m)
+{
+    py::class_<Violation>(m, "Violation")
+        .def_readonly("arch", &Violation::arch)
+        .def_readonly("rule", &Violation::rule)
+        .def_property_readonly("index",
+                               [](const Violation &v) -> py::object {
+                                   if (v.index == NO_PFN)
+                                       return py::none();
+                                   return py::int_(v.index);
+                               })
+        .def_property_readonly("pfn",
+                               [](const Violation &v) -> py::object {
+                                   if (v.pfn == NO_PFN)
+                                       return py::none();
+                                   return py::int_(v.pfn);
+                               })
+        .def_readonly("detail", &Violation::detail)
+        .def("__str__", &Violation::str)
+        .def("__repr__", [](const Violation &v) { return "<gmem.Violation " + v.str() + ">"; });
+
+    py::class_<Arch, PyArch<Arch>, std::shared_ptr<Arch>> arch(m, "Arch");
+    arch.def(py::init<>())
+        .def_property_readonly("config", [](Arch &a) { return config_set(a.config()); })
+        .def_property_readonly("name", &Arch::name)
+        .def_property_readonly("file",
+                               [](const Arch &a) -> py::object {
+                                   if (!a.file)
+                                       return py::none();
+                                   return py::cast(a.file, py::return_value_policy::reference);
+                               })
+        .def_property_readonly("stats", [](const Arch &a) {
+            if (!a.file)
+                return a.stats();
+            Guard lk(a.file->physmem().lock(), Mode::Read);
+            return a.stats();
+        });
+    arch.attr("batched") = false;
+    bind_hook_methods<Arch>(arch);
+
+    py::module_ sub = m.def_submodule("arch", "the built-in architecture models");
+    py::class_<SwProtected, Arch, PyArch<SwProtected>, std::shared_ptr<SwProtected>> sw(
+        sub, "SwProtected");
+    sw.def(py::init<>());
+    bind_hook_methods<SwProtected>(sw);
+    py::class_<SNP, Arch, PyArch<SNP>, std::shared_ptr<SNP>> snp(sub, "SNP");
+    snp.def(py::init<>());
+    bind_hook_methods<SNP>(snp);
+    py::class_<TDX, Arch, PyArch<TDX>, std::shared_ptr<TDX>> tdx(sub, "TDX");
+    tdx.def(py::init<>());
+    bind_hook_methods<TDX>(tdx);
+    py::class_<PKVM, Arch, PyArch<PKVM>, std::shared_ptr<PKVM>> pkvm(sub, "PKVM");
+    pkvm.def(py::init<>());
+    bind_hook_methods<PKVM>(pkvm);
+    py::class_<Recorder, Arch, PyArch<Recorder>, std::shared_ptr<Recorder>> rec(sub, "Recorder");
+    rec.def(py::init([](py::handle config) { return new Recorder(config_bits(config)); },
+                     [](py::handle config) { return new PyArch<Recorder>(config_bits(config)); }),
+            py::arg("config") = py::set())
+        .def_property_readonly("calls",
+                               [](const Recorder &r) {
+                                   py::list out;
+                                   for (const HookCall &c : r.calls)
+                                       out.append(call_tuple(c));
+                                   return out;
+                               })
+        .def(
+            "ranges",
+            [](const Recorder &r, const std::string &hook) {
+                size_t n = 0;
+                for (const HookCall &c : r.calls)
+                    n += c.hook == hook;
+                auto out = new_u64_2d(n, 2);
+                uint64_t *p = out.mutable_data();
+                for (const HookCall &c : r.calls)
+                    if (c.hook == hook) {
+                        *p++ = c.a;
+                        *p++ = c.b;
+                    }
+                return out;
+            },
+            py::arg("hook"))
+        .def("clear", [](Recorder &r) { r.calls.clear(); });
+    bind_hook_methods<Recorder>(rec);
+}
+
+/* ---- GuestMemfd --------------------------------------------------------------- */
+
+std::shared_ptr<Arch> make_arch(py::handle obj)
+{
+    if (py::isinstance<py::str>(obj)) {
+        std::string name = obj.cast<std::string>();
+        if (name == "sw_protected")
+            return std::make_shared<SwProtected>();
+        if (name == "snp")
+            return std::make_shared<SNP>();
+        if (name == "tdx")
+            return std::make_shared<TDX>();
+        if (name == "pkvm")
+            return std::make_shared<PKVM>();
+        throw invalid("arch", "unknown arch '" + name +
+                                  "'; allowed: sw_protected, snp, tdx, pkvm, or a gmem.Arch");
+    }
+    if (!py::isinstance<Arch>(obj))
+        throw py::type_error("arch: must be a name or a gmem.Arch, got " +
+                             std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+    auto arch = obj.cast<std::shared_ptr<Arch>>();
+    if (PyHookState *hs = hook_state(*arch)) {
+        if (arch->file)
+            throw invalid("arch", "this Arch already serves another file; create one per file");
+        unsigned bits = config_bits(py::getattr(obj, "config"));
+        hs->batched = py::bool_(py::getattr(obj, "batched", py::bool_(false)));
+        hs->py_name = py::str(py::type::handle_of(obj).attr("__name__"));
+        hs->config_bits = bits;
+        hs->configured = true;
+    }
+    return arch;
+}
+
+/*
+ * file_op - run one GuestMemfd operation under the model lock.  A changing operation
+ * marks the file busy so that its own hooks may read it but not change it; with a
+ * built-in (C++) arch a long one runs without the GIL.  With a Python arch the GIL is
+ * kept: its hooks need it anyway.  A Python hook's exception is re-raised at the end.
+ */
+template <class Fn>
+auto file_op(GuestMemfd &f, Mode mode, bool long_op, Fn &&fn)
+{
+    Guard g(f.physmem().lock(), mode);
+    PyHookState *hs = hook_state(f.arch());
+    struct Busy {
+        GuestMemfd *f;
+        ~Busy()
+        {
+            if (f)
+                f->set_in_operation(false);
+        }
+    } busy{nullptr};
+    if (mode == Mode::Write) {
+        if (f.in_operation())
+            throw Reentrant("an arch hook may read the file it serves, not change it");
+        f.set_in_operation(true);
+        busy.f = &f;
+    }
+    try {
+        auto result = (hs || !long_op) ? fn() : g.nogil(fn);
+        if (hs && hs->pending) {
+            py::error_already_set e = std::move(*hs->pending);
+            hs->pending.reset();
+            throw e;
+        }
+        return result;
+    } catch (...) {
+        if (hs)
+            hs->pending.reset();
+        throw;
+    }
+}
+
+py::array folio_info_rows(const std::vector<FolioInfo> &infos)
+{
+    py::array_t<FolioRow> out(py::ssize_t(infos.size()));
+    FolioRow *row = out.mutable_data();
+    for (const FolioInfo &fi : infos)
+        *row++ = FolioRow{fi.folio.index, uint8_t(fi.folio.order), fi.folio.pfn, fi.pins,
+                          fi.mapped, fi.folio.uptodate};
+    return std::move(out);
+}
+
+py::dict stats_dict(const GmemStats &s)
+{
+    py::dict d;
+    for (const auto &kv : s.items())
+        d[kv.first] = kv.second;
+    return d;
+}
+
+void bind_guest_memfd(py::module_ &m)
+{
+    using GM = GuestMemfd;
+    py::class_<GM, std::shared_ptr<GM>> cls(m, "GuestMemfd");
+    cls.def(py::init([](py::handle size, py::handle flags, py::handle folio_order,
+                        py::handle physmem, py::handle arch, py::handle hook_design) {
+                uint64_t sz = to_u64(size, "size_bytes"), fl = to_u64(flags, "flags");
+                unsigned order = to_order(folio_order, "folio_order");
+                std::shared_ptr<PhysMem> pm;
+                if (!physmem.is_none()) {
+                    if (!py::isinstance<PhysMem>(physmem))
+                        throw py::type_error("physmem: must be a gmem.PhysMem or None");
+                    pm = physmem.cast<std::shared_ptr<PhysMem>>();
+                }
+                if (!py::isinstance<py::str>(hook_design))
+                    throw py::type_error("hook_design: must be 'split' or 'overloaded'");
+                std::string design = hook_design.cast<std::string>();
+                if (design != "split" && design != "overloaded")
+                    throw invalid("hook_design", "must be 'split' or 'overloaded', got '" +
+                                                     design + "'");
+                std::shared_ptr<Arch> a = make_arch(arch);
+                std::unique_ptr<Guard> g;
+                if (pm)
+                    g = std::make_unique<Guard>(pm->lock(), Mode::Write);
+                return std::make_shared<GM>(sz, fl, order, pm, a,
+                                            design == "split" ? HookDesign::Split
+                                                              : HookDesign::Overloaded);
+            }),
+            py::arg("size_bytes"), py::kw_only(), py::arg("flags") = 0,
+            py::arg("folio_order") = 0, py::arg("physmem") = py::none(),
+            py::arg("arch") = "sw_protected", py::arg("hook_design") = "split",
+            py::keep_alive<1, 6>())
+        .def_property_readonly("size", &GM::size)
+        .def_property_readonly("nr_pages", &GM::nr_pages)
+        .def_property_readonly("flags", &GM::flags)
+        .def_property_readonly("folio_order", &GM::folio_order)
+        .def_property_readonly("closed", &GM::closed)
+        .def_property_readonly("hook_design",
+                               [](const GM &f) {
+                                   return f.hook_design() == HookDesign::Split ? "split"
+                                                                               : "overloaded";
+                               })
+        .def_property_readonly("config", [](const GM &f) { return config_set(f.config()); })
+        .def_property_readonly("arch", [](const GM &f) { return f.arch_ptr(); })
+        .def_property_readonly("physmem", [](const GM &f) { return f.physmem_ptr(); })
+        .def_property_readonly("stats",
+                               [](GM &f) {
+                                   return stats_dict(
+                                       file_op(f, Mode::Read, false, [&] { return f.stats(); }));
+                               })
+        .def(
+            "fallocate",
+            [](GM &f, py::handle s, py::handle e) {
+                uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
+                file_op(f, Mode::Write, true, [&] {
+                    f.fallocate(start, end);
+                    return 0;
+                });
+            },
+            py::arg("start"), py::arg("end"))
+        .def(
+            "punch_hole",
+            [](GM &f, py::handle s, py::handle e) {
+                uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
+                file_op(f, Mode::Write, true, [&] {
+                    f.punch_hole(start, end);
+                    return 0;
+                });
+            },
+            py::arg("start"), py::arg("end"))
+        .def("close",
+             [](GM &f) {
+                 file_op(f, Mode::Write, true, [&] {
+                     f.close();
+                     return 0;
+                 });
+             })
+        .def("__enter__", [](py::object self) { return self; })
+        .def("__exit__",
+             [](GM &f, py::handle, py::handle, py::handle) {
+                 file_op(f, Mode::Write, true, [&] {
+                     f.close();
+                     return 0;
+                 });
+                 return false;
+             })
+        .def("__del__",
+             [](GM &f) {
+                 if (f.closed())
+                     return;
+                 std::optional<py::error_already_set> warning;
+                 if (PyErr_WarnEx(PyExc_ResourceWarning,
+                                  "unclosed gmem.GuestMemfd: closing it frees its folios "
+                                  "through the free hook",
+                                  1) < 0)
+                     warning.emplace();
+                 file_op(f, Mode::Write, true, [&] {
+                     f.close();
+                     return 0;
+                 });
+                 if (warning)
+                     throw *warning;
+             })
+        .def(
+            "add_folio",
+            [](GM &f, py::handle i, py::handle o, py::handle p) {
+                uint64_t index = to_u64(i, "index"), pfn = to_u64(p, "pfn");
+                unsigned order = to_order(o);
+                file_op(f, Mode::Write, false, [&] {
+                    f.add_folio(index, order, pfn);
+                    return 0;
+                });
+            },
+            py::arg("index"), py::arg("order"), py::arg("pfn"))
+        .def(
+            "get_pfn",
+            [](GM &f, py::handle i) {
+                uint64_t index = to_u64(i, "index");
+                auto r = file_op(f, Mode::Write, false, [&] { return f.get_pfn(index); });
+                return py::make_tuple(r.first, r.second);
+            },
+            py::arg("index"))
+        .def(
+            "host_fault",
+            [](GM &f, py::handle i) {
+                uint64_t index = to_u64(i, "index");
+                return file_op(f, Mode::Write, false, [&] { return f.host_fault(index); });
+            },
+            py::arg("index"))
+        .def(
+            "guest_read",
+            [](GM &f, py::handle i) {
+                uint64_t index = to_u64(i, "index");
+                return file_op(f, Mode::Write, false, [&] { return f.guest_read(index); });
+            },
+            py::arg("index"))
+        .def(
+            "guest_write",
+            [](GM &f, py::handle i, py::handle t) {
+                uint64_t index = to_u64(i, "index"), token = to_u64(t, "token");
+                file_op(f, Mode::Write, false, [&] {
+                    f.guest_write(index, token);
+                    return 0;
+                });
+            },
+            py::arg("index"), py::arg("token"))
+        .def(
+            "host_read",
+            [](GM &f, py::handle i) {
+                uint64_t index = to_u64(i, "index");
+                return file_op(f, Mode::Write, false, [&] { return f.host_read(index); });
+            },
+            py::arg("index"))
+        .def(
+            "host_write",
+            [](GM &f, py::handle i, py::handle t) {
+                uint64_t index = to_u64(i, "index"), token = to_u64(t, "token");
+                file_op(f, Mode::Write, false, [&] {
+                    f.host_write(index, token);
+                    return 0;
+                });
+            },
+            py::arg("index"), py::arg("token"))
+        .def(
+            "pin",
+            [](GM &f, py::handle i) {
+                uint64_t index = to_u64(i, "index");
+                return file_op(f, Mode::Write, false, [&] { return f.pin(index); });
+            },
+            py::arg("index"))
+        .def(
+            "unpin",
+            [](GM &f, py::handle i) {
+                uint64_t index = to_u64(i, "index");
+                file_op(f, Mode::Write, false, [&] {
+                    f.unpin(index);
+                    return 0;
+                });
+            },
+            py::arg("index"))
+        .def(
+            "unpin_pfn",
+            [](GM &f, py::handle p) {
+                uint64_t pfn = to_u64(p, "pfn");
+                file_op(f, Mode::Write, false, [&] {
+                    f.unpin_pfn(pfn);
+                    return 0;
+                });
+            },
+            py::arg("pfn"))
+        .def(
+            "set_attributes",
+            [](GM &f, py::handle s, py::handle e, py::handle a) {
+                uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
+                uint64_t attrs = to_u64(a, "attrs");
+                file_op(f, Mode::Write, true, [&] {
+                    f.set_attributes(start, end, attrs);
+                    return 0;
+                });
+            },
+            py::arg("start"), py::arg("end"), py::arg("attrs"))
+        .def(
+            "set_memory_attributes2",
+            [](GM &f, py::handle o, py::handle s, py::handle a, py::handle fl) {
+                uint64_t offset = to_u64(o, "offset"), size = to_u64(s, "size");
+                uint64_t attributes = to_u64(a, "attributes"), flags = to_u64(fl, "flags");
+                file_op(f, Mode::Write, true, [&] {
+                    f.set_memory_attributes2(offset, size, attributes, flags);
+                    return 0;
+                });
+            },
+            py::arg("offset"), py::arg("size"), py::arg("attributes"), py::arg("flags") = 0)
+        .def(
+            "get_attributes",
+            [](GM &f, py::handle i) {
+                uint64_t index = to_u64(i, "index");
+                return file_op(f, Mode::Read, false, [&] {
+                    f.check_open();
+                    return f.get_attributes(index);
+                });
+            },
+            py::arg("index"))
+        .def(
+            "attribute_runs",
+            [](GM &f, py::handle s, py::handle e) {
+                uint64_t start = to_u64(s, "start"), end = to_end(e, f.nr_pages());
+                auto runs = file_op(f, Mode::Read, false, [&] {
+                    f.check_open();
+                    return f.attrs().runs(start, end);
+                });
+                auto out = new_u64_2d(runs.size(), 3);
+                std::memcpy(out.mutable_data(), runs.data(), runs.size() * sizeof(Run));
+                return out;
+            },
+            py::arg("start") = 0, py::arg("end") = py::none())
+        .def(
+            "folios",
+            [](GM &f, py::handle s, py::handle e) {
+                uint64_t start = to_u64(s, "start"), end = to_end(e, f.nr_pages());
+                check_start_end(start, end);
+                return folio_info_rows(file_op(f, Mode::Read, false, [&] {
+                    f.check_open();
+                    return f.folios(start, end);
+                }));
+            },
+            py::arg("start") = 0, py::arg("end") = py::none())
+        .def(
+            "pfn_ranges",
+            [](GM &f, py::handle s, py::handle e) {
+                uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
+                check_start_end(start, end);
+                Guard lk(f.physmem().lock(), Mode::Read);
+                f.check_open();
+                size_t n = f.cache().count(start, end);
+                auto out = new_u64_2d(n, 2);
+                auto *ranges = reinterpret_cast<PfnRange *>(out.mutable_data());
+                lk.nogil([&] { return f.cache().pfn_ranges(start, end, ranges); });
+                return out;
+            },
+            py::arg("start"), py::arg("end"))
+        .def(
+            "page_pfns",
+            [](GM &f, py::handle s, py::handle e) {
+                uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
+                check_start_end(start, end);
+                py::array_t<uint64_t> out(py::ssize_t(end - start));
+                uint64_t *p = out.mutable_data();
+                Guard lk(f.physmem().lock(), Mode::Read);
+                f.check_open();
+                lk.nogil([&] {
+                    f.cache().page_pfns(start, end, p);
+                    return 0;
+                });
+                return out;
+            },
+            py::arg("start"), py::arg("end"))
+        .def("check",
+             [](GM &f) { return file_op(f, Mode::Read, true, [&] { return f.check(); }); })
+        .def("dump", [](GM &f) { return file_op(f, Mode::Read, false, [&] { return f.dump(); }); })
+        .def("__repr__", [](GM &f) {
+            return "<gmem." + first_line(file_op(f, Mode::Read, false, [&] { return f.dump(); })) +
+                   ">";
+        });
+}
+
 } // namespace
 
 PYBIND11_MODULE(_core, m)
@@ -542,4 +1284,8 @@ PYBIND11_MODULE(_core, m)
     bind_physmem(m);
     bind_folio_cache(m);
     bind_clamp(m);
+    bind_arch(m);
+    bind_guest_memfd(m);
+    m.attr("GARBLED") = py::int_(GARBLED);
+    m.attr("PRIVATE") = ATTR_PRIVATE;
 }

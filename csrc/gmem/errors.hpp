@@ -19,6 +19,12 @@ struct OutOfMemory : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+/// A call the model cannot take now: an arch hook changing the file it was called from.
+/// RuntimeError in Python.
+struct Reentrant : std::logic_error {
+    using std::logic_error::logic_error;
+};
+
 /// A bad-argument error for @arg, e.g. invalid("start", "must be < end (got 5 >= 3)").
 inline InvalidArgument invalid(const char *arg, const std::string &why)
 {

@@ -5,18 +5,57 @@
 // owner's lock, like the inode's invalidate lock).  Whoever hands an object to several
 // threads - the Python bindings, which drop the GIL in long loops - takes lock() shared
 // for queries and exclusive for updates.
+//
+// ModelLock also remembers which thread holds it exclusively, so that an arch hook that
+// calls back into the model it was called from (same thread, lock already held) can be
+// told apart from another thread that simply has to wait.
 #pragma once
 
+#include <atomic>
 #include <shared_mutex>
+#include <thread>
 
 namespace gmem {
 
-class Lockable {
+class ModelLock {
 public:
-    std::shared_mutex &lock() const { return lock_; }
+    void lock()
+    {
+        m_.lock();
+        owner_.store(std::this_thread::get_id(), std::memory_order_relaxed);
+    }
+    bool try_lock()
+    {
+        if (!m_.try_lock())
+            return false;
+        owner_.store(std::this_thread::get_id(), std::memory_order_relaxed);
+        return true;
+    }
+    void unlock()
+    {
+        owner_.store(std::thread::id(), std::memory_order_relaxed);
+        m_.unlock();
+    }
+    void lock_shared() { m_.lock_shared(); }
+    bool try_lock_shared() { return m_.try_lock_shared(); }
+    void unlock_shared() { m_.unlock_shared(); }
+    /// Does the calling thread hold the lock exclusively (i.e. are we inside its operation)?
+    bool held_by_me() const
+    {
+        return owner_.load(std::memory_order_relaxed) == std::this_thread::get_id();
+    }
 
 private:
-    mutable std::shared_mutex lock_;
+    std::shared_mutex m_;
+    std::atomic<std::thread::id> owner_{};
+};
+
+class Lockable {
+public:
+    ModelLock &lock() const { return lock_; }
+
+private:
+    mutable ModelLock lock_;
 };
 
 } // namespace gmem

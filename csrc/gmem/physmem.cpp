@@ -11,8 +11,7 @@ namespace gmem {
 
 static inline uint64_t pages(unsigned order) { return uint64_t(1) << order; }
 
-PhysMem::PhysMem(uint64_t nr_pages, uint64_t base_pfn, uint64_t seed)
-    : base_(base_pfn), nr_pages_(nr_pages), seed_(seed), rng_{seed}
+static uint64_t checked_size(uint64_t nr_pages, uint64_t base_pfn)
 {
     if (nr_pages == 0)
         throw invalid("nr_pages", "must be at least 1");
@@ -20,6 +19,13 @@ PhysMem::PhysMem(uint64_t nr_pages, uint64_t base_pfn, uint64_t seed)
         throw invalid("nr_pages", "base_pfn + nr_pages must be <= 2**52 (52-bit PFNs), got " +
                                       std::to_string(base_pfn) + " + " +
                                       std::to_string(nr_pages));
+    return nr_pages;
+}
+
+PhysMem::PhysMem(uint64_t nr_pages, uint64_t base_pfn, uint64_t seed)
+    : base_(base_pfn), nr_pages_(checked_size(nr_pages, base_pfn)), seed_(seed), rng_{seed},
+      tokens_(nr_pages), rmp_(nr_pages), owner_(nr_pages)
+{
     add_free_range(base_, base_ + nr_pages_);
 }
 
@@ -224,27 +230,28 @@ void PhysMem::fragment(double fraction)
 uint64_t PhysMem::read(uint64_t pfn) const
 {
     check_pfn(pfn);
-    auto it = tokens_.find(pfn);
-    return it == tokens_.end() ? 0 : it->second;
+    return tokens_.load(pfn - base_);
 }
 
 void PhysMem::write(uint64_t pfn, uint64_t token)
 {
     check_pfn(pfn);
-    if (token)
-        tokens_[pfn] = token;
-    else
-        tokens_.erase(pfn);
+    tokens_.store(pfn - base_, pfn - base_ + 1, token);
 }
 
-void PhysMem::zero(uint64_t pfn, uint64_t nr)
+void PhysMem::fill(uint64_t pfn, uint64_t nr, uint64_t token)
 {
-    tokens_.erase(tokens_.lower_bound(pfn), tokens_.lower_bound(pfn + nr));
+    tokens_.store(pfn - base_, pfn - base_ + nr, token);
 }
 
-std::vector<std::pair<uint64_t, uint64_t>> PhysMem::written(uint64_t pfn, uint64_t nr) const
+std::vector<Run> PhysMem::contents(uint64_t pfn, uint64_t nr) const
 {
-    return {tokens_.lower_bound(pfn), tokens_.lower_bound(pfn + nr)};
+    std::vector<Run> runs = tokens_.runs(pfn - base_, pfn - base_ + nr);
+    for (Run &r : runs) {
+        r.start += base_;
+        r.end += base_;
+    }
+    return runs;
 }
 
 std::string PhysMem::dump() const
@@ -252,7 +259,7 @@ std::string PhysMem::dump() const
     std::ostringstream os;
     os << "PhysMem(pfns=[" << base_ << ", " << end_pfn() << "), free=" << nr_free_
        << " pages in " << nr_free_blocks() << " blocks, kept=" << kept_.size()
-       << ", written=" << tokens_.size() << ")";
+       << ", content runs=" << tokens_.nr_runs() << ")";
     size_t shown = 0;
     for (const FreeBlock &fb : free_blocks()) {
         if (shown++ == 32) {

@@ -14,18 +14,20 @@
 //     order 1: [ 2 .. 4 )               hands out 0, leaves 1@0, 2@1, 4@2, 8@3 free
 //     order 0: [ 1 ]
 //
-// Each PFN also holds a 64-bit content token (0 = zeroed), kept sparsely: a page that was
-// never written costs nothing.  A freed page keeps its token until it is overwritten or
-// scrubbed, which is what makes a missing scrub visible.
+// Each PFN also holds a 64-bit content token (0 = zeroed) and the per-PFN state of the
+// architecture models (SNP's RMP, pKVM's page ownership), each kept as a run map over the
+// PFNs: memory that was never touched, or that is uniformly in one state, is one run, so
+// zeroing, garbling or reassigning a 1 GiB folio is one store.  A freed page keeps its
+// token until it is overwritten or scrubbed, which is what makes a missing scrub visible.
 #pragma once
 
 #include <array>
 #include <cstdint>
-#include <map>
 #include <set>
 #include <string>
 #include <vector>
 
+#include "interval_map.hpp"
 #include "lockable.hpp"
 
 namespace gmem {
@@ -78,10 +80,16 @@ public:
 
     uint64_t read(uint64_t pfn) const;
     void write(uint64_t pfn, uint64_t token);
-    /// Zero [pfn, pfn + nr); costs O(written pages in the range), not O(nr).
-    void zero(uint64_t pfn, uint64_t nr);
-    /// Tokens of written pages in [pfn, pfn + nr), in PFN order.
-    std::vector<std::pair<uint64_t, uint64_t>> written(uint64_t pfn, uint64_t nr) const;
+    /// Set every page of [pfn, pfn + nr) to @token; O(runs), not O(nr).
+    void fill(uint64_t pfn, uint64_t nr, uint64_t token);
+    /// Content runs over [pfn, pfn + nr): (start_pfn, end_pfn, token).
+    std::vector<Run> contents(uint64_t pfn, uint64_t nr) const;
+
+    /// Per-PFN arch state, indexed by pfn - base_pfn(): SNP's RMP and pKVM's ownership.
+    IntervalMap &rmp() { return rmp_; }
+    const IntervalMap &rmp() const { return rmp_; }
+    IntervalMap &owner() { return owner_; }
+    const IntervalMap &owner() const { return owner_; }
 
     /// Free blocks sorted by PFN.
     std::vector<FreeBlock> free_blocks() const;
@@ -97,7 +105,7 @@ private:
     uint64_t base_, nr_pages_, seed_, nr_free_ = 0;
     SplitMix64 rng_;
     std::array<std::set<uint64_t>, MAX_ORDER + 1> free_;
-    std::map<uint64_t, uint64_t> tokens_;
+    IntervalMap tokens_, rmp_, owner_; // indexed by pfn - base_
     std::vector<uint64_t> kept_;
 
     void add_free_range(uint64_t start, uint64_t end);

@@ -6,33 +6,61 @@ plain Python and is the oracle the tests compare against.
 
 from __future__ import annotations
 
-from gmem import reference
+from gmem import arch, reference
 from gmem._consts import (
+    FILTER_PRIVATE,
+    FILTER_SHARED,
+    FLAG_INIT_SHARED,
+    FLAG_MMAP,
     FOLIO_BATCH_SIZE,
     FOLIO_DTYPE,
+    GARBLED,
     MAX_ORDER,
     NO_PFN,
     PAGE_SIZE,
     PFN_LIMIT,
+    PRIVATE,
+    SHARED,
 )
-from gmem._core import FolioCache, IntervalMap, PhysMem, clamp_folio_ranges
-from gmem.errors import GmemError, OutOfMemory
+from gmem._core import (
+    Arch,
+    FolioCache,
+    GuestMemfd,
+    IntervalMap,
+    PhysMem,
+    Violation,
+    clamp_folio_ranges,
+)
+from gmem.errors import ConversionBusy, GmemError, OutOfMemory, SigBus
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FILTER_PRIVATE",
+    "FILTER_SHARED",
+    "FLAG_INIT_SHARED",
+    "FLAG_MMAP",
     "FOLIO_BATCH_SIZE",
     "FOLIO_DTYPE",
+    "GARBLED",
     "MAX_ORDER",
     "NO_PFN",
     "PAGE_SIZE",
     "PFN_LIMIT",
+    "PRIVATE",
+    "SHARED",
+    "Arch",
+    "ConversionBusy",
     "FolioCache",
     "GmemError",
+    "GuestMemfd",
     "IntervalMap",
     "OutOfMemory",
     "PhysMem",
+    "SigBus",
+    "Violation",
     "__version__",
+    "arch",
     "clamp_folio_ranges",
     "reference",
 ]

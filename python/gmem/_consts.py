@@ -5,6 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 PAGE_SIZE = 4096
+SHARED = 0
+PRIVATE = 1 << 3  # KVM_MEMORY_ATTRIBUTE_PRIVATE
+FLAG_MMAP = 1 << 0  # GUEST_MEMFD_FLAG_MMAP
+FLAG_INIT_SHARED = 1 << 1  # GUEST_MEMFD_FLAG_INIT_SHARED
+FILTER_SHARED = 1  # invalidate_start kinds: KVM_FILTER_SHARED
+FILTER_PRIVATE = 2  # KVM_FILTER_PRIVATE
+GARBLED = 0x6761726231656421  # what an SNP page reads as after conversion
+HOOK_CONFIGS = frozenset({"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"})
+BUILTIN_ARCHS = ("sw_protected", "snp", "tdx", "pkvm")
 MAX_ORDER = 18
 FOLIO_BATCH_SIZE = 31  # PAGEVEC_SIZE - 1: folios per filemap_get_folios() batch
 NO_PFN = 2**64 - 1  # page_pfns() value for a hole

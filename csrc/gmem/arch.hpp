@@ -1,0 +1,200 @@
+// SPDX-License-Identifier: MIT
+// arch.hpp - the architecture hooks guest_memfd calls, and the built-in arch models.
+//
+// DOC: Arch
+//
+// An Arch is what KVM's arch code is to guest_memfd: a config (which hooks exist) and
+// the hooks themselves.  The model calls them at the kernel's points:
+//
+//     prepare(index, pfn, nr)      guest fault on a private index  (config PREPARE)
+//     make_shared(ranges)          private->shared conversion, "split" design
+//                                  (config FREE_ON_SHARED_CONVERSION)
+//     free_folio(ranges)           folio teardown; under the "overloaded" design also
+//                                  private->shared conversion            (config FREE)
+//     invalidate_start/_end        KVM's MMU notifications, always
+//
+// make_shared and free_folio get the clamped PFN ranges of one folio batch (up to 31).
+// Per-PFN state (SNP's RMP, pKVM's ownership) lives in the file's PhysMem, as on a real
+// machine.  Each model also checks its contract at the points where it can be broken
+// (check_freed, check_host_reach) and says what a conversion does to page contents.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "folio_cache.hpp"
+
+namespace gmem {
+
+class GuestMemfd;
+
+enum : unsigned { CONFIG_PREPARE = 1, CONFIG_FREE = 2, CONFIG_FREE_ON_SHARED_CONVERSION = 4 };
+enum : unsigned { FILTER_SHARED = 1, FILTER_PRIVATE = 2 };
+constexpr uint64_t ATTR_PRIVATE = 1 << 3; // KVM_MEMORY_ATTRIBUTE_PRIVATE
+/// The token a page reads as after SNP converts it: its bytes seen through the other key.
+constexpr uint64_t GARBLED = 0x6761726231656421ULL;
+
+/// What a private<->shared conversion does to the contents of the pages it converts.
+enum class Contents { Keep, Zero, Garble };
+
+/// A broken contract: which arch, which rule, where, and what was seen.
+struct Violation {
+    std::string arch, rule;
+    uint64_t index, pfn; // NO_PFN where not applicable
+    std::string detail;
+    std::string str() const;
+};
+
+class Arch {
+public:
+    virtual ~Arch() = default;
+    virtual std::string name() const = 0;
+    virtual unsigned config() const { return 0; }
+    virtual Contents conversion_contents() const { return Contents::Keep; }
+
+    virtual void prepare(GuestMemfd &, uint64_t /*index*/, uint64_t /*pfn*/, uint64_t /*nr*/) {}
+    virtual void make_shared(GuestMemfd &, const PfnRange *, size_t) {}
+    virtual void free_folio(GuestMemfd &, const PfnRange *, size_t) {}
+    virtual void invalidate_start(GuestMemfd &, uint64_t, uint64_t, unsigned /*kinds*/) {}
+    virtual void invalidate_end(GuestMemfd &, uint64_t, uint64_t) {}
+
+    /// Model notifications, not KVM hooks: the guest mapped a block; attributes changed.
+    virtual void guest_mapped(GuestMemfd &, uint64_t, uint64_t, uint64_t, bool /*priv*/) {}
+    virtual void attributes_set(GuestMemfd &, uint64_t, uint64_t, uint64_t /*attrs*/) {}
+
+    /// Contract checks: pages about to go back to the free pool; a page the host reaches.
+    virtual void check_freed(const GuestMemfd &, uint64_t /*pfn*/, uint64_t /*nr*/,
+                             std::vector<Violation> &) const
+    {
+    }
+    virtual void check_host_reach(const GuestMemfd &, uint64_t /*index*/, uint64_t /*pfn*/,
+                                  std::vector<Violation> &) const
+    {
+    }
+    /// The contract rule broken when a page's contents differ from what is expected.
+    virtual std::string contents_rule() const { return "contents-as-expected"; }
+
+    virtual std::map<std::string, uint64_t> stats() const { return {}; }
+
+    /// Set by the file that adopts this arch; one arch serves one file.
+    GuestMemfd *file = nullptr;
+};
+
+/// No gmem hooks at all: KVM_X86_SW_PROTECTED_VM.
+class SwProtected : public Arch {
+public:
+    std::string name() const override { return "sw_protected"; }
+};
+
+/*
+ * SNP - AMD SEV-SNP: the RMP marks each PFN guest-assigned or not, in 4 KiB entries or
+ * 2 MiB ones.  prepare assigns (RMPUPDATE); make_shared and free_folio give the pages
+ * back (PSMASH first where a 2 MiB entry is only partly covered), one cache flush per
+ * entry.  Conversion garbles contents: the page is read through the other key.
+ */
+class SNP : public Arch {
+public:
+    enum : uint64_t { RMP_SHARED = 0, RMP_4K = 1, RMP_2M = 2 };
+    std::string name() const override { return "snp"; }
+    unsigned config() const override
+    {
+        return CONFIG_PREPARE | CONFIG_FREE | CONFIG_FREE_ON_SHARED_CONVERSION;
+    }
+    Contents conversion_contents() const override { return Contents::Garble; }
+    void prepare(GuestMemfd &f, uint64_t index, uint64_t pfn, uint64_t nr) override;
+    void make_shared(GuestMemfd &f, const PfnRange *r, size_t n) override;
+    void free_folio(GuestMemfd &f, const PfnRange *r, size_t n) override;
+    void check_freed(const GuestMemfd &f, uint64_t pfn, uint64_t nr,
+                     std::vector<Violation> &out) const override;
+    void check_host_reach(const GuestMemfd &f, uint64_t index, uint64_t pfn,
+                          std::vector<Violation> &out) const override;
+    std::map<std::string, uint64_t> stats() const override;
+
+    /// Give [start_pfn, end_pfn) back to the host in the RMP.
+    void rmp_make_shared(GuestMemfd &f, uint64_t start_pfn, uint64_t end_pfn);
+
+    uint64_t rmp_updates = 0, psmash = 0, cache_flushes = 0;
+};
+
+/*
+ * TDX - the TDX module owns private memory; KVM's gmem hooks are not used.  Zapping the
+ * private mapping destroys the page: a conversion leaves the pages reading zero.
+ */
+class TDX : public Arch {
+public:
+    std::string name() const override { return "tdx"; }
+    Contents conversion_contents() const override { return Contents::Zero; }
+    std::string contents_rule() const override { return "converted-page-reads-zero"; }
+};
+
+/*
+ * PKVM - pKVM on arm64: the hypervisor tracks who owns each page (host, guest, or shared
+ * by the guest with the host).  Ownership moves when the host records the guest's
+ * share/unshare hypercall (set_attributes).  Conversion must keep the page and its
+ * contents in place; teardown (free_folio) must scrub the page before the host gets it.
+ */
+class PKVM : public Arch {
+public:
+    enum : uint64_t { OWNER_HOST = 0, OWNER_GUEST = 1, OWNER_SHARED = 2 };
+    std::string name() const override { return "pkvm"; }
+    unsigned config() const override { return CONFIG_FREE; }
+    void free_folio(GuestMemfd &f, const PfnRange *r, size_t n) override;
+    void guest_mapped(GuestMemfd &f, uint64_t index, uint64_t pfn, uint64_t nr,
+                      bool priv) override;
+    void attributes_set(GuestMemfd &f, uint64_t start, uint64_t end, uint64_t attrs) override;
+    void check_freed(const GuestMemfd &f, uint64_t pfn, uint64_t nr,
+                     std::vector<Violation> &out) const override;
+    void check_host_reach(const GuestMemfd &f, uint64_t index, uint64_t pfn,
+                          std::vector<Violation> &out) const override;
+    std::string contents_rule() const override { return "conversion-keeps-guest-data"; }
+    std::map<std::string, uint64_t> stats() const override;
+
+    uint64_t pages_scrubbed = 0, pages_donated = 0, pages_shared = 0;
+};
+
+/// One logged hook call: the hook and its integer arguments (a make_shared or free_folio
+/// call logs one entry per range).
+struct HookCall {
+    std::string hook;
+    uint64_t a, b, c;
+};
+
+/// Logs every hook call; does nothing else.  Its config is whatever it is given.
+class Recorder : public Arch {
+public:
+    explicit Recorder(unsigned config) : config_(config) {}
+    std::string name() const override { return "recorder"; }
+    unsigned config() const override { return config_; }
+    void prepare(GuestMemfd &, uint64_t index, uint64_t pfn, uint64_t nr) override
+    {
+        calls.push_back({"prepare", index, pfn, nr});
+    }
+    void make_shared(GuestMemfd &, const PfnRange *r, size_t n) override
+    {
+        for (size_t i = 0; i < n; i++)
+            calls.push_back({"make_shared", r[i].start_pfn, r[i].end_pfn, 0});
+    }
+    void free_folio(GuestMemfd &, const PfnRange *r, size_t n) override
+    {
+        for (size_t i = 0; i < n; i++)
+            calls.push_back({"free_folio", r[i].start_pfn, r[i].end_pfn, 0});
+    }
+    void invalidate_start(GuestMemfd &, uint64_t start, uint64_t end, unsigned kinds) override
+    {
+        calls.push_back({"invalidate_start", start, end, kinds});
+    }
+    void invalidate_end(GuestMemfd &, uint64_t start, uint64_t end) override
+    {
+        calls.push_back({"invalidate_end", start, end, 0});
+    }
+    std::map<std::string, uint64_t> stats() const override { return {{"calls", calls.size()}}; }
+
+    std::vector<HookCall> calls;
+
+private:
+    unsigned config_;
+};
+
+} // namespace gmem

@@ -1,0 +1,650 @@
+// SPDX-License-Identifier: MIT
+// guest_memfd.cpp - GuestMemfd operations: faults, fallocate, punch, conversion, teardown.
+#include "guest_memfd.hpp"
+
+#include <algorithm>
+#include <sstream>
+#include <tuple>
+
+#include "errors.hpp"
+
+namespace gmem {
+
+static inline uint64_t pages(unsigned order) { return uint64_t(1) << order; }
+
+std::vector<std::pair<const char *, uint64_t>> GmemStats::items() const
+{
+    return {{"folios_allocated", folios_allocated},
+            {"folios_freed", folios_freed},
+            {"pages_zeroed", pages_zeroed},
+            {"conversions", conversions},
+            {"conversions_noop", conversions_noop},
+            {"conversions_busy", conversions_busy},
+            {"pages_converted", pages_converted},
+            {"invalidations", invalidations},
+            {"prepare_calls", prepare_calls},
+            {"make_shared_calls", make_shared_calls},
+            {"free_calls", free_calls},
+            {"hook_ranges", hook_ranges}};
+}
+
+static uint64_t checked_nr_pages(uint64_t size, uint64_t flags, unsigned folio_order,
+                                 const Arch *arch)
+{
+    if (size == 0)
+        throw invalid("size", "must be > 0");
+    if (size % PAGE_SIZE)
+        throw invalid("size", "must be a multiple of PAGE_SIZE (4096), got " +
+                                  std::to_string(size));
+    if (flags & ~uint64_t(FLAG_MMAP | FLAG_INIT_SHARED))
+        throw invalid("flags", "unknown bits " + hex(flags & ~uint64_t(3)) +
+                                   "; allowed: FLAG_MMAP (1) | FLAG_INIT_SHARED (2)");
+    if ((flags & FLAG_INIT_SHARED) && !(flags & FLAG_MMAP))
+        throw invalid("flags", "FLAG_INIT_SHARED needs FLAG_MMAP");
+    if (folio_order > MAX_ORDER)
+        throw invalid("folio_order", "must be in 0..18, got " + std::to_string(folio_order));
+    if (!arch)
+        throw invalid("arch", "must be an Arch");
+    if (arch->file)
+        throw invalid("arch", "this Arch already serves another file; create one per file");
+    return size / PAGE_SIZE;
+}
+
+GuestMemfd::GuestMemfd(uint64_t size, uint64_t flags, unsigned folio_order,
+                       std::shared_ptr<PhysMem> physmem, std::shared_ptr<Arch> arch,
+                       HookDesign design)
+    : nr_pages_(checked_nr_pages(size, flags, folio_order, arch.get())), flags_(flags),
+      folio_order_(folio_order), config_(arch->config()), design_(design),
+      pm_(physmem ? std::move(physmem)
+                  : std::make_shared<PhysMem>((nr_pages_ + pages(folio_order) - 1) &
+                                              ~(pages(folio_order) - 1))),
+      arch_(std::move(arch)), attrs_(nr_pages_, (flags & FLAG_INIT_SHARED) ? 0 : ATTR_PRIVATE),
+      expected_(nr_pages_, 0)
+{
+    arch_->file = this;
+}
+
+GuestMemfd::~GuestMemfd()
+{
+    try {
+        close();
+    } catch (...) {
+        // A destructor must not throw; close() only fails through a hook, already recorded.
+    }
+    if (arch_->file == this)
+        arch_->file = nullptr;
+}
+
+Violation GuestMemfd::violation(const std::string &rule, uint64_t index, uint64_t pfn,
+                                const std::string &detail) const
+{
+    return Violation{arch_->name(), rule, index, pfn, detail};
+}
+
+std::string Violation::str() const
+{
+    std::ostringstream os;
+    os << arch << ": " << rule << " at index ";
+    if (index == NO_PFN)
+        os << "-";
+    else
+        os << index;
+    os << ", pfn ";
+    if (pfn == NO_PFN)
+        os << "-";
+    else
+        os << hex(pfn);
+    os << ": " << detail;
+    return os.str();
+}
+
+void GuestMemfd::check_open() const
+{
+    if (closed_)
+        throw invalid("self", "operation on a closed guest_memfd");
+}
+
+void GuestMemfd::check_index(uint64_t index) const
+{
+    if (index >= nr_pages_)
+        throw invalid("index", "must be < nr_pages (" + std::to_string(nr_pages_) + "), got " +
+                                   std::to_string(index));
+}
+
+void GuestMemfd::check_range(uint64_t start, uint64_t end) const
+{
+    if (start >= end)
+        throw invalid("start", "must be < end, got start=" + std::to_string(start) +
+                                   " end=" + std::to_string(end));
+    if (end > nr_pages_)
+        throw invalid("end", "must be <= nr_pages (" + std::to_string(nr_pages_) + "), got " +
+                                 std::to_string(end));
+}
+
+uint64_t GuestMemfd::pins_in(uint64_t pfn, uint64_t nr) const
+{
+    uint64_t n = 0;
+    for (auto it = pins_.lower_bound(pfn); it != pins_.end() && it->first < pfn + nr; ++it)
+        n += it->second;
+    return n;
+}
+
+uint64_t GuestMemfd::mapped_in(uint64_t start, uint64_t end) const
+{
+    if (start >= end)
+        return 0;
+    return uint64_t(std::distance(mapped_.lower_bound(start), mapped_.lower_bound(end)));
+}
+
+/*
+ * alloc_folio - allocate the folio for the hole at @index: the naturally aligned block of
+ * folio_order around it, or the largest smaller order whose block fits in the file,
+ * overlaps no folio and can be had from PhysMem.  Sets *oom when not even one page can.
+ */
+Folio GuestMemfd::alloc_folio(uint64_t index, bool *oom)
+{
+    for (int o = int(folio_order_); o >= 0; o--) {
+        uint64_t block = index & ~(pages(unsigned(o)) - 1);
+        if (block + pages(unsigned(o)) > nr_pages_ ||
+            cache_.count(block, block + pages(unsigned(o))))
+            continue;
+        uint64_t pfn;
+        if (pm_->try_alloc(unsigned(o), &pfn)) {
+            cache_.add(block, unsigned(o), pfn);
+            stats_.folios_allocated++;
+            *oom = false;
+            return Folio{block, pfn, unsigned(o), false};
+        }
+    }
+    *oom = true;
+    return Folio{};
+}
+
+Folio GuestMemfd::fault_in(uint64_t index, bool *allocated)
+{
+    Folio f;
+    *allocated = false;
+    if (cache_.lookup(index, &f))
+        return f;
+    bool oom;
+    f = alloc_folio(index, &oom);
+    if (oom)
+        throw OutOfMemory("guest_memfd: no free page for index " + std::to_string(index));
+    *allocated = true;
+    return f;
+}
+
+/* First touch: zero the folio and mark it uptodate. */
+void GuestMemfd::zero_folio(Folio &f)
+{
+    if (f.uptodate)
+        return;
+    pm_->fill(f.pfn, f.nr_pages(), 0);
+    cache_.set_uptodate(f.index, true);
+    f.uptodate = true;
+    expected_.store(f.index, f.end(), 0);
+    stats_.pages_zeroed += f.nr_pages();
+}
+
+/* The largest naturally aligned block around @index, inside @f, of one attribute. */
+unsigned GuestMemfd::max_order(const Folio &f, uint64_t index, uint64_t *block) const
+{
+    uint64_t value = attrs_.load(index);
+    for (unsigned o = f.order; o > 0; o--) {
+        uint64_t b = index & ~(pages(o) - 1);
+        if (attrs_.range_has(b, b + pages(o), value)) {
+            *block = b;
+            return o;
+        }
+    }
+    *block = index;
+    return 0;
+}
+
+std::pair<uint64_t, unsigned> GuestMemfd::get_pfn(uint64_t index)
+{
+    check_open();
+    check_index(index);
+    bool allocated;
+    Folio f = fault_in(index, &allocated);
+    zero_folio(f);
+    uint64_t block;
+    unsigned order = max_order(f, index, &block);
+    bool priv = attrs_.load(index) & ATTR_PRIVATE;
+    uint64_t block_pfn = f.file_pfn(block);
+    arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
+    if (priv && (config_ & CONFIG_PREPARE)) {
+        stats_.prepare_calls++;
+        arch_->prepare(*this, block, block_pfn, pages(order));
+    }
+    return {f.file_pfn(index), order};
+}
+
+uint64_t GuestMemfd::host_fault(uint64_t index)
+{
+    check_open();
+    if (index >= nr_pages_)
+        throw SigBus("host fault at index " + std::to_string(index) +
+                         ": at or past the end of the file (" + std::to_string(nr_pages_) +
+                         " pages)",
+                     index);
+    if (!(flags_ & FLAG_MMAP))
+        throw SigBus("host fault at index " + std::to_string(index) +
+                         ": the file was created without FLAG_MMAP",
+                     index);
+    if (attrs_.load(index) & ATTR_PRIVATE)
+        throw SigBus("host fault at index " + std::to_string(index) + ": the page is private",
+                     index);
+    bool allocated;
+    Folio f = fault_in(index, &allocated);
+    zero_folio(f);
+    mapped_.insert(index);
+    return f.file_pfn(index);
+}
+
+uint64_t GuestMemfd::guest_read(uint64_t index) { return pm_->read(get_pfn(index).first); }
+
+void GuestMemfd::guest_write(uint64_t index, uint64_t token)
+{
+    pm_->write(get_pfn(index).first, token);
+    expected_.store(index, index + 1, token);
+}
+
+uint64_t GuestMemfd::host_read(uint64_t index) { return pm_->read(host_fault(index)); }
+
+void GuestMemfd::host_write(uint64_t index, uint64_t token)
+{
+    pm_->write(host_fault(index), token);
+    expected_.store(index, index + 1, token);
+}
+
+uint64_t GuestMemfd::pin(uint64_t index)
+{
+    uint64_t pfn = host_fault(index);
+    pins_[pfn]++;
+    return pfn;
+}
+
+void GuestMemfd::unpin(uint64_t index)
+{
+    check_open();
+    check_index(index);
+    Folio f;
+    if (!cache_.lookup(index, &f) || !pins_.count(f.file_pfn(index)))
+        throw invalid("index", "page " + std::to_string(index) + " is not pinned");
+    uint64_t pfn = f.file_pfn(index);
+    if (--pins_[pfn] == 0)
+        pins_.erase(pfn);
+}
+
+void GuestMemfd::unpin_pfn(uint64_t pfn)
+{
+    check_open();
+    auto it = pins_.find(pfn);
+    if (it == pins_.end())
+        throw invalid("pfn", hex(pfn) + " is not pinned by this file");
+    if (--it->second)
+        return;
+    pins_.erase(it);
+    // The last pin of a piece punched out while pinned: now it can be freed.
+    auto o = orphans_.upper_bound(pfn);
+    if (o == orphans_.begin())
+        return;
+    --o;
+    if (pfn >= o->first + pages(o->second) || pins_in(o->first, pages(o->second)))
+        return;
+    Folio piece{NO_PFN, o->first, o->second, true};
+    orphans_.erase(o);
+    free_pieces({piece});
+}
+
+/*
+ * free_pieces - teardown of folios already out of the page cache: one free_folio call
+ * per folio (gated by FREE), in batches of FOLIO_BATCH_SIZE, then back to PhysMem.
+ */
+void GuestMemfd::free_pieces(const std::vector<Folio> &pieces)
+{
+    PfnRange ranges[FOLIO_BATCH_SIZE];
+    for (size_t first = 0; first < pieces.size(); first += FOLIO_BATCH_SIZE) {
+        size_t n = std::min<size_t>(FOLIO_BATCH_SIZE, pieces.size() - first);
+        for (size_t i = 0; i < n; i++)
+            ranges[i] = PfnRange{pieces[first + i].pfn,
+                                 pieces[first + i].pfn + pieces[first + i].nr_pages()};
+        if (config_ & CONFIG_FREE) {
+            stats_.free_calls += n;
+            stats_.hook_ranges += n;
+            arch_->free_folio(*this, ranges, n);
+        }
+        for (size_t i = 0; i < n; i++) {
+            const Folio &f = pieces[first + i];
+            arch_->check_freed(*this, f.pfn, f.nr_pages(), violations_);
+            pm_->free(f.pfn, f.order);
+            stats_.folios_freed++;
+        }
+    }
+}
+
+void GuestMemfd::fallocate(uint64_t start, uint64_t end)
+{
+    check_open();
+    check_range(start, end);
+    std::vector<Folio> got;
+    for (uint64_t i = start; i < end;) {
+        Folio f;
+        if (cache_.lookup(i, &f)) {
+            i = f.end();
+            continue;
+        }
+        bool oom;
+        f = alloc_folio(i, &oom);
+        if (oom) {
+            // Stricter than the kernel: give back what this call took, newest first, so
+            // the buddy allocator coalesces back to exactly the state it had.
+            for (auto g = got.rbegin(); g != got.rend(); ++g) {
+                cache_.remove(g->index);
+                pm_->free(g->pfn, g->order);
+            }
+            stats_.folios_allocated -= got.size();
+            throw OutOfMemory("fallocate: physical memory ran out at index " +
+                              std::to_string(i) + "; nothing was allocated");
+        }
+        got.push_back(f);
+        i = f.end();
+    }
+}
+
+void GuestMemfd::add_folio(uint64_t index, unsigned order, uint64_t pfn)
+{
+    check_open();
+    if (order > MAX_ORDER)
+        throw invalid("order", "must be in 0..18, got " + std::to_string(order));
+    cache_.check_new(index, order, pfn);
+    if (index + pages(order) > nr_pages_)
+        throw invalid("index", "folio [" + std::to_string(index) + ", " +
+                                   std::to_string(index + pages(order)) +
+                                   ") runs past the end of the file (" +
+                                   std::to_string(nr_pages_) + " pages)");
+    pm_->check_block(pfn, order);
+    if (!pm_->is_free(pfn, order))
+        throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " +
+                                 std::to_string(pfn + pages(order)) +
+                                 ") are not free in the file's PhysMem");
+    pm_->take(pfn, order);
+    cache_.add(index, order, pfn, false);
+    stats_.folios_allocated++;
+}
+
+void GuestMemfd::punch_hole(uint64_t start, uint64_t end)
+{
+    check_open();
+    if (start >= end)
+        throw invalid("start", "must be < end, got start=" + std::to_string(start) +
+                                   " end=" + std::to_string(end));
+    end = std::min(end, nr_pages_); // truncate_inode_pages_range stops at EOF
+    if (start >= end)
+        return;
+    stats_.invalidations++;
+    arch_->invalidate_start(*this, start, end, FILTER_SHARED | FILTER_PRIVATE);
+    mapped_.erase(mapped_.lower_bound(start), mapped_.lower_bound(end));
+    cache_.split_range(start, end);
+    std::vector<Folio> to_free;
+    for (const Folio &f : cache_.folios(start, end)) {
+        cache_.remove(f.index);
+        if (pins_in(f.pfn, f.nr_pages()))
+            orphans_[f.pfn] = f.order; // freed at its last unpin_pfn()
+        else
+            to_free.push_back(f);
+    }
+    expected_.store(start, end, 0);
+    free_pieces(to_free);
+    arch_->invalidate_end(*this, start, end);
+}
+
+void GuestMemfd::close()
+{
+    if (closed_)
+        return;
+    stats_.invalidations++;
+    arch_->invalidate_start(*this, 0, nr_pages_, FILTER_SHARED | FILTER_PRIVATE);
+    mapped_.clear();
+    pins_.clear(); // the pinning devices go away with the VM
+    std::vector<Folio> to_free = cache_.folios(0, nr_pages_);
+    for (const auto &o : orphans_)
+        to_free.push_back(Folio{NO_PFN, o.first, o.second, true});
+    cache_.clear();
+    orphans_.clear();
+    free_pieces(to_free);
+    arch_->invalidate_end(*this, 0, nr_pages_);
+    closed_ = true;
+}
+
+/*
+ * convert_contents - what the conversion does to the populated pages whose attribute
+ * changes: kept, zeroed (TDX) or garbled (SNP).  Expected contents follow, so check()
+ * compares against what the architecture promises.
+ */
+void GuestMemfd::convert_contents(uint64_t start, uint64_t end, uint64_t attrs)
+{
+    Contents policy = arch_->conversion_contents();
+    if (policy == Contents::Keep)
+        return;
+    uint64_t token = policy == Contents::Zero ? 0 : GARBLED;
+    for (const Run &run : attrs_.runs(start, end)) {
+        if (run.value == attrs)
+            continue;
+        cache_.walk_batches(run.start, run.end,
+                            [&](const Folio *fs, const PfnRange *rs, unsigned n) {
+                                for (unsigned i = 0; i < n; i++) {
+                                    uint64_t nr = rs[i].end_pfn - rs[i].start_pfn;
+                                    uint64_t first = std::max(run.start, fs[i].index);
+                                    pm_->fill(rs[i].start_pfn, nr, token);
+                                    expected_.store(first, first + nr, token);
+                                }
+                            });
+    }
+}
+
+/*
+ * hook_walk - step 5 of a private->shared conversion: the folios of [start, end) in
+ * batches, each clamped to the range, handed to make_shared (or, under the overloaded
+ * design, free_folio).  Each range is checked against its folio and the range asked.
+ */
+void GuestMemfd::hook_walk(uint64_t start, uint64_t end, bool free_hook)
+{
+    cache_.walk_batches(start, end, [&](const Folio *fs, const PfnRange *rs, unsigned n) {
+        for (unsigned i = 0; i < n; i++) {
+            const Folio &f = fs[i];
+            const PfnRange &r = rs[i];
+            uint64_t first = std::max(start, f.index);
+            if (!(r.start_pfn < r.end_pfn && r.start_pfn >= f.pfn &&
+                  r.end_pfn <= f.pfn + f.nr_pages() && first + (r.end_pfn - r.start_pfn) <= end))
+                violations_.push_back(violation("hook-range-inside-folio-and-range", first,
+                                                r.start_pfn, "range leaves its folio or range"));
+        }
+        if (free_hook) {
+            stats_.free_calls += n;
+            arch_->free_folio(*this, rs, n);
+        } else {
+            stats_.make_shared_calls += n;
+            arch_->make_shared(*this, rs, n);
+        }
+        stats_.hook_ranges += n;
+    });
+}
+
+void GuestMemfd::set_attributes(uint64_t start, uint64_t end, uint64_t attrs)
+{
+    check_open();
+    check_range(start, end);
+    if (attrs != 0 && attrs != ATTR_PRIVATE)
+        throw invalid("attrs", "must be SHARED (0) or PRIVATE (8), got " + std::to_string(attrs));
+    // 1. Nothing to do.
+    if (attrs_.range_has(start, end, attrs)) {
+        stats_.conversions_noop++;
+        return;
+    }
+    // 3. To private: a folio pinned anywhere, or mapped by the host outside the range, is
+    //    busy.  Checked before anything changes, then the range is unmapped.
+    if (attrs == ATTR_PRIVATE) {
+        if (!pins_.empty() || !mapped_.empty()) {
+            for (const Folio &f : cache_.folios(start, end)) {
+                if (pins_in(f.pfn, f.nr_pages()) ||
+                    mapped_in(f.index, std::max(start, f.index)) ||
+                    mapped_in(std::min(end, f.end()), f.end())) {
+                    uint64_t at = std::max(start, f.index);
+                    stats_.conversions_busy++;
+                    throw ConversionBusy("set_attributes: folio at index " +
+                                             std::to_string(f.index) +
+                                             " is pinned or mapped outside the range (EAGAIN)",
+                                         at);
+                }
+            }
+        }
+        mapped_.erase(mapped_.lower_bound(start), mapped_.lower_bound(end));
+    }
+    // 4. Point of no return: KVM zaps its mappings of the old kind.
+    stats_.invalidations++;
+    arch_->invalidate_start(*this, start, end,
+                            attrs == ATTR_PRIVATE ? FILTER_SHARED : FILTER_PRIVATE);
+    convert_contents(start, end, attrs);
+    // 5. To shared: the arch gets the clamped PFN ranges.
+    if (attrs == 0) {
+        if (design_ == HookDesign::Overloaded && (config_ & CONFIG_FREE))
+            hook_walk(start, end, true);
+        else if (design_ == HookDesign::Split && (config_ & CONFIG_FREE_ON_SHARED_CONVERSION))
+            hook_walk(start, end, false);
+    }
+    check_contents(start, end, violations_); // did the conversion keep its promise?
+    // 6. Store the new attributes, then let KVM map again.
+    attrs_.store(start, end, attrs);
+    stats_.conversions++;
+    stats_.pages_converted += end - start;
+    arch_->attributes_set(*this, start, end, attrs);
+    arch_->invalidate_end(*this, start, end);
+}
+
+void GuestMemfd::set_memory_attributes2(uint64_t offset, uint64_t size, uint64_t attributes,
+                                        uint64_t flags)
+{
+    check_open();
+    if (flags)
+        throw invalid("flags", "must be 0, got " + std::to_string(flags));
+    if (attributes & ~ATTR_PRIVATE)
+        throw invalid("attributes", "unknown bits " + hex(attributes & ~ATTR_PRIVATE) +
+                                        "; allowed: KVM_MEMORY_ATTRIBUTE_PRIVATE (8)");
+    if (size == 0)
+        throw invalid("size", "must be > 0");
+    if (offset + size < offset)
+        throw invalid("size", "offset + size wraps around");
+    if (offset % PAGE_SIZE)
+        throw invalid("offset", "must be page aligned, got " + std::to_string(offset));
+    if (size % PAGE_SIZE)
+        throw invalid("size", "must be page aligned, got " + std::to_string(size));
+    if (offset + size > this->size())
+        throw invalid("size", "offset + size (" + std::to_string(offset + size) +
+                                  ") is past the end of the file (" +
+                                  std::to_string(this->size()) + ")");
+    set_attributes(offset / PAGE_SIZE, (offset + size) / PAGE_SIZE, attributes);
+}
+
+uint64_t GuestMemfd::get_attributes(uint64_t index) const
+{
+    check_index(index);
+    return attrs_.load(index);
+}
+
+std::vector<FolioInfo> GuestMemfd::folios(uint64_t start, uint64_t end) const
+{
+    std::vector<FolioInfo> out;
+    for (const Folio &f : cache_.folios(start, end))
+        out.push_back(FolioInfo{f, uint32_t(pins_in(f.pfn, f.nr_pages())),
+                                uint32_t(mapped_in(f.index, f.end()))});
+    return out;
+}
+
+/*
+ * check - every contract violation: those recorded during calls (hook ranges, pages
+ * returned to the free pool, failed hooks) and those in the current state: pages the
+ * host can reach, and populated pages whose contents differ from what is expected.
+ */
+std::vector<Violation> GuestMemfd::check() const
+{
+    std::vector<Violation> out = violations_;
+    for (uint64_t index : mapped_) {
+        Folio f;
+        if (!cache_.lookup(index, &f))
+            continue;
+        uint64_t pfn = f.file_pfn(index);
+        if (attrs_.load(index) & ATTR_PRIVATE)
+            out.push_back(violation("host-reaches-only-shared-pages", index, pfn,
+                                    "the host maps a private page"));
+        arch_->check_host_reach(*this, index, pfn, out);
+    }
+    check_contents(0, nr_pages_, out);
+    // A violation recorded during a call may still stand in the current state: once.
+    std::set<std::tuple<std::string, uint64_t, uint64_t, std::string>> seen;
+    std::vector<Violation> unique;
+    for (Violation &v : out)
+        if (seen.insert({v.rule, v.index, v.pfn, v.detail}).second)
+            unique.push_back(std::move(v));
+    return unique;
+}
+
+/*
+ * check_contents - populated, uptodate pages of [start, end) whose physical contents
+ * differ from what the arch's semantics promise, one violation per differing stretch.
+ * Compares run by run, so a 1 GiB folio of one token costs one step.
+ */
+void GuestMemfd::check_contents(uint64_t start, uint64_t end, std::vector<Violation> &out) const
+{
+    for (const Folio &f : cache_.folios(start, end)) {
+        if (!f.uptodate)
+            continue; // contents are undefined until the first touch zeroes the folio
+        uint64_t from = std::max(start, f.index), to = std::min(end, f.end());
+        auto want = expected_.runs(from, to);
+        auto got = pm_->contents(f.file_pfn(from), to - from);
+        size_t i = 0, j = 0;
+        for (uint64_t at = from; at < to;) {
+            uint64_t want_end = want[i].end, got_end = got[j].end - f.pfn + f.index;
+            uint64_t stop = std::min(want_end, got_end);
+            if (want[i].value != got[j].value)
+                out.push_back(violation(arch_->contents_rule(), at, f.file_pfn(at),
+                                        "pages [" + std::to_string(at) + ", " +
+                                            std::to_string(stop) + ") hold " +
+                                            hex(got[j].value) + ", expected " +
+                                            hex(want[i].value)));
+            at = stop;
+            i += at == want_end;
+            j += at == got_end;
+        }
+    }
+}
+
+std::string GuestMemfd::dump() const
+{
+    std::ostringstream os;
+    os << "GuestMemfd(size=" << size() << ", arch=" << arch_->name() << ", hook_design="
+       << (design_ == HookDesign::Split ? "split" : "overloaded") << ", folios="
+       << cache_.nr_folios() << ", attribute runs=" << attrs_.nr_runs()
+       << (closed_ ? ", closed" : "") << ")";
+    size_t shown = 0;
+    for (const FolioInfo &fi : folios(0, nr_pages_)) {
+        if (shown++ == 32) {
+            os << "\n  ...";
+            break;
+        }
+        const Folio &f = fi.folio;
+        os << "\n  folio [" << f.index << ", " << f.end() << ") order " << f.order << " pfn "
+           << hex(f.pfn) << (f.uptodate ? " uptodate" : "");
+        if (fi.pins)
+            os << " pins=" << fi.pins;
+        if (fi.mapped)
+            os << " mapped=" << fi.mapped;
+    }
+    for (const Run &r : attrs_.runs(0, nr_pages_))
+        os << "\n  attrs [" << r.start << ", " << r.end << ") "
+           << (r.value & ATTR_PRIVATE ? "PRIVATE" : "SHARED");
+    return os.str();
+}
+
+} // namespace gmem

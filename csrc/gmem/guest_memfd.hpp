@@ -1,0 +1,168 @@
+// SPDX-License-Identifier: MIT
+// guest_memfd.hpp - GuestMemfd: one guest_memfd file, its lifecycle and its conversions.
+//
+// DOC: GuestMemfd
+//
+// The inode's state: the page cache (FolioCache), the attribute map (IntervalMap: every
+// index shared or PRIVATE), the pins and host mappings of its pages, and, for the
+// contract checker, the contents each populated index is expected to hold.  Physical
+// memory (PhysMem) may be shared by many files, like the RAM of one host.
+//
+//     index:   0        512       1024      1536
+//     folios:  [ 2 MiB  ][ hole    ][ 2 MiB  ]        cache_ (index -> pfn, order)
+//     attrs:   [ PRIVATE           )[ SHARED ]        attrs_ (runs)
+//     mapped:                         ^  ^            host-mapped pages
+//
+// Every operation validates all of its arguments and checks every failure condition
+// before it changes anything: a call that raises changes nothing and calls no hook.
+// Hooks run after the point of no return; one that fails (a Python exception) cannot
+// stop the operation, which completes and records a violation.
+//
+// Locking: every operation runs under the PhysMem's ModelLock, held exclusively (the
+// role of the inode's invalidate lock, widened to the whole machine because the RMP and
+// the free pool are shared).  Callers take it; nothing here locks.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "arch.hpp"
+#include "folio_cache.hpp"
+#include "interval_map.hpp"
+#include "physmem.hpp"
+
+namespace gmem {
+
+constexpr uint64_t PAGE_SIZE = 4096;
+enum : uint64_t { FLAG_MMAP = 1, FLAG_INIT_SHARED = 2 };
+
+/// EAGAIN from a to-private conversion: a folio in the range is pinned or mapped elsewhere.
+struct ConversionBusy : std::runtime_error {
+    ConversionBusy(const std::string &what, uint64_t index)
+        : std::runtime_error(what), error_index(index)
+    {
+    }
+    uint64_t error_index;
+};
+
+/// Host access refused: the mmap fault would raise SIGBUS.
+struct SigBus : std::runtime_error {
+    SigBus(const std::string &what, uint64_t index) : std::runtime_error(what), index(index) {}
+    uint64_t index;
+};
+
+enum class HookDesign { Split, Overloaded };
+
+struct GmemStats {
+    uint64_t folios_allocated = 0, folios_freed = 0, pages_zeroed = 0, conversions = 0,
+             conversions_noop = 0, conversions_busy = 0, pages_converted = 0,
+             invalidations = 0, prepare_calls = 0, make_shared_calls = 0, free_calls = 0,
+             hook_ranges = 0;
+    std::vector<std::pair<const char *, uint64_t>> items() const;
+};
+
+/// One folio as GuestMemfd::folios() reports it.
+struct FolioInfo {
+    Folio folio;
+    uint32_t pins, mapped;
+};
+
+class GuestMemfd {
+public:
+    /// @physmem null: a private PhysMem of the file's size rounded up to whole folios.
+    GuestMemfd(uint64_t size, uint64_t flags, unsigned folio_order,
+               std::shared_ptr<PhysMem> physmem, std::shared_ptr<Arch> arch,
+               HookDesign design);
+    ~GuestMemfd();
+    GuestMemfd(const GuestMemfd &) = delete;
+    GuestMemfd &operator=(const GuestMemfd &) = delete;
+
+    uint64_t size() const { return nr_pages_ * PAGE_SIZE; }
+    uint64_t nr_pages() const { return nr_pages_; }
+    uint64_t flags() const { return flags_; }
+    unsigned folio_order() const { return folio_order_; }
+    unsigned config() const { return config_; }
+    HookDesign hook_design() const { return design_; }
+    bool closed() const { return closed_; }
+    PhysMem &physmem() { return *pm_; }
+    const PhysMem &physmem() const { return *pm_; }
+    const std::shared_ptr<PhysMem> &physmem_ptr() const { return pm_; }
+    Arch &arch() { return *arch_; }
+    const std::shared_ptr<Arch> &arch_ptr() const { return arch_; }
+    const GmemStats &stats() const { return stats_; }
+    const IntervalMap &attrs() const { return attrs_; }
+    const FolioCache &cache() const { return cache_; }
+    /// True while an operation that changes this file runs (its hooks may only read it).
+    bool in_operation() const { return in_operation_; }
+    void set_in_operation(bool on) { in_operation_ = on; }
+
+    void fallocate(uint64_t start, uint64_t end);
+    void punch_hole(uint64_t start, uint64_t end);
+    void close();
+    void add_folio(uint64_t index, unsigned order, uint64_t pfn);
+
+    /// Guest fault: the page's PFN and the order of the block KVM may map (and prepare).
+    std::pair<uint64_t, unsigned> get_pfn(uint64_t index);
+    /// Host mmap fault: the page's PFN; throws SigBus where the host may not go.
+    uint64_t host_fault(uint64_t index);
+    uint64_t guest_read(uint64_t index);
+    void guest_write(uint64_t index, uint64_t token);
+    uint64_t host_read(uint64_t index);
+    void host_write(uint64_t index, uint64_t token);
+    uint64_t pin(uint64_t index);
+    void unpin(uint64_t index);
+    void unpin_pfn(uint64_t pfn);
+
+    void set_attributes(uint64_t start, uint64_t end, uint64_t attrs);
+    void set_memory_attributes2(uint64_t offset, uint64_t size, uint64_t attributes,
+                                uint64_t flags);
+    uint64_t get_attributes(uint64_t index) const;
+
+    std::vector<FolioInfo> folios(uint64_t start, uint64_t end) const;
+    std::vector<Violation> check() const;
+    /// Violations recorded during calls so far (check() adds the scans of current state).
+    const std::vector<Violation> &recorded() const { return violations_; }
+    void record(Violation v) { violations_.push_back(std::move(v)); }
+    std::string dump() const;
+
+    /// Argument checks (ValueError in Python), shared with the bindings.
+    void check_open() const;
+    void check_index(uint64_t index) const;
+    void check_range(uint64_t start, uint64_t end) const;
+    uint64_t pins_in(uint64_t pfn, uint64_t nr) const;
+    uint64_t mapped_in(uint64_t start, uint64_t end) const;
+
+private:
+    uint64_t nr_pages_, flags_;
+    unsigned folio_order_, config_;
+    HookDesign design_;
+    std::shared_ptr<PhysMem> pm_;
+    std::shared_ptr<Arch> arch_;
+    IntervalMap attrs_, expected_;
+    FolioCache cache_;
+    std::map<uint64_t, uint32_t> pins_;  // pfn -> pin count
+    std::set<uint64_t> mapped_;          // host-mapped indexes
+    std::map<uint64_t, unsigned> orphans_; // pfn -> order: punched out while pinned
+    std::vector<Violation> violations_;
+    GmemStats stats_;
+    bool closed_ = false, in_operation_ = false;
+
+    Folio alloc_folio(uint64_t index, bool *oom);
+    Folio fault_in(uint64_t index, bool *allocated);
+    void zero_folio(Folio &f);
+    unsigned max_order(const Folio &f, uint64_t index, uint64_t *block) const;
+    void free_pieces(const std::vector<Folio> &pieces);
+    void release(uint64_t pfn, unsigned order);
+    void hook_walk(uint64_t start, uint64_t end, bool free_hook);
+    void convert_contents(uint64_t start, uint64_t end, uint64_t attrs);
+    void check_contents(uint64_t start, uint64_t end, std::vector<Violation> &out) const;
+    Violation violation(const std::string &rule, uint64_t index, uint64_t pfn,
+                        const std::string &detail) const;
+};
+
+} // namespace gmem
