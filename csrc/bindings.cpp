@@ -853,7 +853,7 @@ void bind_arch(py::module_ &m)
     arch.attr("batched") = false;
     bind_hook_methods<Arch>(arch);
 
-    py::module_ sub = m.def_submodule("arch", "the built-in architecture models");
+    py::module_ &sub = m; // re-exported by gmem/arch.py
     py::class_<SwProtected, Arch, PyArch<SwProtected>, std::shared_ptr<SwProtected>> sw(
         sub, "SwProtected");
     sw.def(py::init<>());

@@ -7,12 +7,6 @@ Subclass :class:`gmem.Arch` (or one of these) in Python to write your own.
 
 from __future__ import annotations
 
-from gmem import _core
-
-SwProtected = _core.arch.SwProtected
-SNP = _core.arch.SNP
-TDX = _core.arch.TDX
-PKVM = _core.arch.PKVM
-Recorder = _core.arch.Recorder
+from gmem._core import PKVM, SNP, TDX, Recorder, SwProtected
 
 __all__ = ["PKVM", "SNP", "TDX", "Recorder", "SwProtected"]

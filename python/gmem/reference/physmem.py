@@ -1,9 +1,9 @@
-"""PhysMem, the reference: a buddy allocator over modelled PFNs, plus page contents.
+"""PhysMem, the reference: a buddy allocator over modelled PFNs, plus per-PFN state.
 
 Free blocks are kept in one sorted list per order.  ``alloc`` is lowest-address first
 fit over all orders that can hold the request; ``free`` coalesces with the buddy.  Each
-PFN holds a 64-bit content token (0 = zeroed), kept in a dict so untouched pages cost
-nothing.
+PFN holds a 64-bit content token (0 = zeroed), an RMP state (SNP) and an owner (pKVM),
+each in an IntervalMap over ``pfn - base_pfn``, so untouched memory is one run.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy.typing as npt
 from gmem._consts import MAX_ORDER, PFN_LIMIT
 from gmem.errors import OutOfMemory
 from gmem.reference._args import order_arg, u64
+from gmem.reference.interval_map import IntervalMap
 
 _MASK64 = 2**64 - 1
 
@@ -48,7 +49,9 @@ class PhysMem:
         self._rng = SplitMix64(sd)
         self._free: list[list[int]] = [[] for _ in range(MAX_ORDER + 1)]
         self._nr_free = 0
-        self._tokens: dict[int, int] = {}
+        self.tokens = IntervalMap(nr)  # indexed by pfn - base_pfn, like rmp and owner
+        self.rmp = IntervalMap(nr)
+        self.owner = IntervalMap(nr)
         self._kept: list[int] = []
         self._add_free_range(base, base + nr)
 
@@ -101,16 +104,22 @@ class PhysMem:
 
     def alloc(self, order: Any) -> int:
         want = order_arg(order)
-        best: tuple[int, int] | None = None
-        for o in range(want, MAX_ORDER + 1):
-            if self._free[o] and (best is None or self._free[o][0] < best[0]):
-                best = (self._free[o][0], o)
-        if best is None:
+        pfn = self.try_alloc(want)
+        if pfn is None:
             blocks = sum(map(len, self._free))
             raise OutOfMemory(
                 f"PhysMem: no free block of order {want} ({self._nr_free} pages free in "
                 f"{blocks} blocks)"
             )
+        return pfn
+
+    def try_alloc(self, want: int) -> int | None:
+        best: tuple[int, int] | None = None
+        for o in range(want, MAX_ORDER + 1):
+            if self._free[o] and (best is None or self._free[o][0] < best[0]):
+                best = (self._free[o][0], o)
+        if best is None:
+            return None
         pfn, o = best
         del self._free[o][0]
         while o > want:  # keep the lowest half, free the upper one
@@ -190,15 +199,31 @@ class PhysMem:
     def read(self, pfn: Any) -> int:
         p = u64(pfn, "pfn")
         self._check_pfn(p)
-        return self._tokens.get(p, 0)
+        return self.tokens.load(p - self._base)
 
     def write(self, pfn: Any, token: Any) -> None:
         p, t = u64(pfn, "pfn"), u64(token, "token")
         self._check_pfn(p)
-        if t:
-            self._tokens[p] = t
-        else:
-            self._tokens.pop(p, None)
+        self.tokens.store(p - self._base, p - self._base + 1, t)
+
+    def fill(self, pfn: int, nr: int, token: int) -> None:
+        self.tokens.store(pfn - self._base, pfn - self._base + nr, token)
+
+    def contents(self, pfn: int, nr: int) -> list[tuple[int, int, int]]:
+        """Content runs over [pfn, pfn + nr): (start_pfn, end_pfn, token)."""
+        b = self._base
+        return [(s + b, e + b, v) for s, e, v in self.tokens.runs(pfn - b, pfn - b + nr).tolist()]
+
+    def _shifted(self, m: IntervalMap) -> npt.NDArray[np.uint64]:
+        runs = m.runs()
+        runs[:, :2] += np.uint64(self._base)
+        return runs
+
+    def rmp_runs(self) -> npt.NDArray[np.uint64]:
+        return self._shifted(self.rmp)
+
+    def owner_runs(self) -> npt.NDArray[np.uint64]:
+        return self._shifted(self.owner)
 
     def free_blocks(self) -> npt.NDArray[np.uint64]:
         rows = sorted((p, o) for o, blocks in enumerate(self._free) for p in blocks)
@@ -208,7 +233,7 @@ class PhysMem:
         blocks = self.free_blocks().tolist()
         lines = [
             f"PhysMem(pfns=[{self._base}, {self.end_pfn}), free={self._nr_free} pages in "
-            f"{len(blocks)} blocks, kept={len(self._kept)}, written={len(self._tokens)})"
+            f"{len(blocks)} blocks, kept={len(self._kept)}, content runs={len(self.tokens)})"
         ]
         lines += [f"  free [{p}, {p + (1 << o)}) order {o}" for p, o in blocks[:32]]
         return "\n".join(lines)

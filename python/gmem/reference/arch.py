@@ -1,0 +1,337 @@
+"""Architecture hooks, the reference: the Arch base class and the built-in models.
+
+The same models as the C++ engine's (csrc/gmem/arch.cpp), written out plainly.  A
+subclass of :class:`Arch` overrides any of the five KVM hooks; the underscore methods
+are the model's own notifications and contract checks, which the built-ins use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from gmem._consts import PRIVATE
+
+if TYPE_CHECKING:
+    from gmem.reference.guest_memfd import GuestMemfd
+
+PMD_PAGES = 512  # one 2 MiB RMP entry
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A broken contract: which arch, which rule, where (None: not applicable), and what."""
+
+    arch: str
+    rule: str
+    index: int | None
+    pfn: int | None
+    detail: str
+
+    def __str__(self) -> str:
+        index = "-" if self.index is None else str(self.index)
+        pfn = "-" if self.pfn is None else f"{self.pfn:#x}"
+        return f"{self.arch}: {self.rule} at index {index}, pfn {pfn}: {self.detail}"
+
+
+class Arch:
+    """Subclass and override hooks; unset hooks do nothing.
+
+    ``config`` (PREPARE, FREE, FREE_ON_SHARED_CONVERSION) and ``batched`` are read once,
+    when the GuestMemfd is created; ``file`` is the GuestMemfd this arch serves.
+    """
+
+    config: Any = frozenset()
+    batched: bool = False
+    NAME: ClassVar[str | None] = None
+    # What a conversion does to the pages it converts: "keep", "zero" or "garble".
+    CONTENTS: ClassVar[str] = "keep"
+    CONTENTS_RULE: ClassVar[str] = "contents-as-expected"
+
+    def __init__(self) -> None:
+        self.file: GuestMemfd | None = None
+
+    @property
+    def name(self) -> str:
+        own = type(self).__dict__.get("NAME")
+        return own if own is not None else type(self).__name__
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    # The KVM hooks.
+    def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
+        pass
+
+    def make_shared(self, start_pfn: int, end_pfn: int) -> None:
+        pass
+
+    def free_folio(self, start_pfn: int, end_pfn: int) -> None:
+        pass
+
+    def invalidate_start(self, start: int, end: int, kinds: int) -> None:
+        pass
+
+    def invalidate_end(self, start: int, end: int) -> None:
+        pass
+
+    # The model's notifications and contract checks (not KVM hooks).
+    def _guest_mapped(self, index: int, pfn: int, nr: int, private: bool) -> None:
+        pass
+
+    def _attributes_set(self, start: int, end: int, attrs: int) -> None:
+        pass
+
+    def _check_freed(self, pfn: int, nr: int, out: list[Violation]) -> None:
+        pass
+
+    def _check_host_reach(self, index: int, pfn: int, out: list[Violation]) -> None:
+        pass
+
+    @property
+    def _file(self) -> GuestMemfd:
+        if self.file is None:
+            raise ValueError("self: this Arch serves no open file yet")
+        return self.file
+
+
+class SwProtected(Arch):
+    NAME = "sw_protected"
+
+
+class SNP(Arch):
+    """AMD SEV-SNP: the RMP assigns PFNs to the guest in 4 KiB or 2 MiB entries."""
+
+    NAME = "snp"
+    config = frozenset({"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"})
+    CONTENTS = "garble"
+    RMP_SHARED, RMP_4K, RMP_2M = 0, 1, 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rmp_updates = self.psmash = self.cache_flushes = 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {
+            "cache_flushes": self.cache_flushes,
+            "psmash": self.psmash,
+            "rmp_updates": self.rmp_updates,
+        }
+
+    def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
+        pm = self._file.physmem
+        rmp, base, end = pm.rmp, pm.base_pfn, pfn + nr_pages
+        p = pfn
+        while p < end:
+            if (
+                nr_pages >= PMD_PAGES
+                and p % PMD_PAGES == 0
+                and p + PMD_PAGES <= end
+                and rmp.range_has(p - base, p - base + PMD_PAGES, self.RMP_SHARED)
+            ):
+                rmp.store(p - base, p - base + PMD_PAGES, self.RMP_2M)
+                self.rmp_updates += 1
+                p += PMD_PAGES
+                continue
+            stop = min(end, (p // PMD_PAGES + 1) * PMD_PAGES)
+            for a, b, v in rmp.runs(p - base, stop - base).tolist():
+                if v == self.RMP_SHARED:
+                    rmp.store(a, b, self.RMP_4K)
+                    self.rmp_updates += b - a
+            p = stop
+
+    def rmp_make_shared(self, start_pfn: int, end_pfn: int) -> None:
+        pm = self._file.physmem
+        rmp, base = pm.rmp, pm.base_pfn
+        for edge in (start_pfn, end_pfn - 1):  # PSMASH a 2 MiB entry covered only in part
+            region = edge & ~(PMD_PAGES - 1)
+            partial = region < start_pfn or region + PMD_PAGES > end_pfn
+            if (
+                partial
+                and region >= base
+                and region + PMD_PAGES <= pm.end_pfn
+                and rmp.range_has(region - base, region - base + PMD_PAGES, self.RMP_2M)
+            ):
+                rmp.store(region - base, region - base + PMD_PAGES, self.RMP_4K)
+                self.psmash += 1
+        entries = 0
+        for a, b, v in rmp.runs(start_pfn - base, end_pfn - base).tolist():
+            if v == self.RMP_4K:
+                entries += b - a
+            elif v == self.RMP_2M:
+                entries += (b - a) // PMD_PAGES
+        self.rmp_updates += entries
+        self.cache_flushes += entries
+        rmp.store(start_pfn - base, end_pfn - base, self.RMP_SHARED)
+
+    def make_shared(self, start_pfn: int, end_pfn: int) -> None:
+        self.rmp_make_shared(start_pfn, end_pfn)
+
+    def free_folio(self, start_pfn: int, end_pfn: int) -> None:
+        self.rmp_make_shared(start_pfn, end_pfn)
+
+    def _check_freed(self, pfn: int, nr: int, out: list[Violation]) -> None:
+        pm = self._file.physmem
+        for a, b, v in pm.rmp.runs(pfn - pm.base_pfn, pfn + nr - pm.base_pfn).tolist():
+            if v != self.RMP_SHARED:
+                out.append(
+                    Violation(
+                        self.name,
+                        "free-pool-page-unassigned",
+                        None,
+                        a + pm.base_pfn,
+                        f"{b - a} pages go back to the free pool still assigned in the RMP",
+                    )
+                )
+
+    def _check_host_reach(self, index: int, pfn: int, out: list[Violation]) -> None:
+        pm = self._file.physmem
+        if pm.rmp.load(pfn - pm.base_pfn) != self.RMP_SHARED:
+            out.append(
+                Violation(
+                    self.name,
+                    "host-reaches-unassigned-pages",
+                    index,
+                    pfn,
+                    "the host maps a page assigned in the RMP (RMP fault)",
+                )
+            )
+
+
+class TDX(Arch):
+    """TDX: no gmem hooks; a conversion destroys the page, which then reads zero."""
+
+    NAME = "tdx"
+    CONTENTS = "zero"
+    CONTENTS_RULE = "converted-page-reads-zero"
+
+
+class PKVM(Arch):
+    """pKVM: page ownership moves with share/unshare; teardown scrubs before the host gets it."""
+
+    NAME = "pkvm"
+    config = frozenset({"FREE"})
+    CONTENTS_RULE = "conversion-keeps-guest-data"
+    OWNER_HOST, OWNER_GUEST, OWNER_SHARED = 0, 1, 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pages_scrubbed = self.pages_donated = self.pages_shared = 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {
+            "pages_donated": self.pages_donated,
+            "pages_scrubbed": self.pages_scrubbed,
+            "pages_shared": self.pages_shared,
+        }
+
+    def free_folio(self, start_pfn: int, end_pfn: int) -> None:
+        pm = self._file.physmem
+        pm.fill(start_pfn, end_pfn - start_pfn, 0)
+        pm.owner.store(start_pfn - pm.base_pfn, end_pfn - pm.base_pfn, self.OWNER_HOST)
+        self.pages_scrubbed += end_pfn - start_pfn
+
+    def _set_owner(self, start_pfn: int, end_pfn: int, owner: int) -> None:
+        pm = self._file.physmem
+        a, b = start_pfn - pm.base_pfn, end_pfn - pm.base_pfn
+        for s, e, v in pm.owner.runs(a, b).tolist():
+            if v != owner:
+                if owner == self.OWNER_GUEST:
+                    self.pages_donated += e - s
+                else:
+                    self.pages_shared += e - s
+        pm.owner.store(a, b, owner)
+
+    def _guest_mapped(self, index: int, pfn: int, nr: int, private: bool) -> None:
+        self._set_owner(pfn, pfn + nr, self.OWNER_GUEST if private else self.OWNER_SHARED)
+
+    def _attributes_set(self, start: int, end: int, attrs: int) -> None:
+        owner = self.OWNER_GUEST if attrs & PRIVATE else self.OWNER_SHARED
+        for s, e in self._file.pfn_ranges(start, end).tolist():
+            self._set_owner(s, e, owner)
+
+    def _check_freed(self, pfn: int, nr: int, out: list[Violation]) -> None:
+        pm = self._file.physmem
+        for a, b, v in pm.contents(pfn, nr):
+            if v != 0:
+                out.append(
+                    Violation(
+                        self.name,
+                        "free-pool-page-scrubbed",
+                        None,
+                        a,
+                        f"{b - a} pages go back to the free pool holding {v:#x}",
+                    )
+                )
+        for a, b, v in pm.owner.runs(pfn - pm.base_pfn, pfn + nr - pm.base_pfn).tolist():
+            if v != self.OWNER_HOST:
+                out.append(
+                    Violation(
+                        self.name,
+                        "free-pool-page-host-owned",
+                        None,
+                        a + pm.base_pfn,
+                        f"{b - a} pages go back to the free pool not owned by the host",
+                    )
+                )
+
+    def _check_host_reach(self, index: int, pfn: int, out: list[Violation]) -> None:
+        pm = self._file.physmem
+        if pm.owner.load(pfn - pm.base_pfn) == self.OWNER_GUEST:
+            out.append(
+                Violation(
+                    self.name,
+                    "host-never-reaches-guest-pages",
+                    index,
+                    pfn,
+                    "the host maps a page the guest owns",
+                )
+            )
+
+
+class Recorder(Arch):
+    """Logs every hook call, one entry per range for make_shared and free_folio."""
+
+    NAME = "recorder"
+
+    def __init__(self, config: Any = frozenset()) -> None:
+        super().__init__()
+        from gmem.reference.guest_memfd import config_names
+
+        self.config = config_names(config)
+        self.calls: list[tuple[Any, ...]] = []
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"calls": len(self.calls)}
+
+    def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
+        self.calls.append(("prepare", index, pfn, nr_pages))
+
+    def make_shared(self, start_pfn: int, end_pfn: int) -> None:
+        self.calls.append(("make_shared", start_pfn, end_pfn))
+
+    def free_folio(self, start_pfn: int, end_pfn: int) -> None:
+        self.calls.append(("free_folio", start_pfn, end_pfn))
+
+    def invalidate_start(self, start: int, end: int, kinds: int) -> None:
+        self.calls.append(("invalidate_start", start, end, kinds))
+
+    def invalidate_end(self, start: int, end: int) -> None:
+        self.calls.append(("invalidate_end", start, end))
+
+    def ranges(self, hook: str) -> npt.NDArray[np.uint64]:
+        rows = [c[1:3] for c in self.calls if c[0] == hook]
+        return np.array(rows, dtype=np.uint64).reshape(-1, 2)
+
+    def clear(self) -> None:
+        self.calls.clear()
+
+
+__all__ = ["PKVM", "SNP", "TDX", "Arch", "Recorder", "SwProtected", "Violation"]

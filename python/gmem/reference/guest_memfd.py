@@ -1,0 +1,725 @@
+"""GuestMemfd, the reference: one guest_memfd file, in plain Python.
+
+This follows csrc/gmem/guest_memfd.cpp step for step (and DESIGN.md section 1): every
+operation validates its arguments and checks every failure condition before it changes
+anything, then runs the kernel's steps in order, calling the arch hooks at the kernel's
+points.  Hooks run after the point of no return; an exception from one is recorded as a
+violation and re-raised when the operation has completed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from bisect import bisect_left, insort
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from gmem._consts import (
+    BUILTIN_ARCHS,
+    FILTER_PRIVATE,
+    FILTER_SHARED,
+    FLAG_INIT_SHARED,
+    FLAG_MMAP,
+    FOLIO_BATCH_SIZE,
+    GARBLED,
+    HOOK_CONFIGS,
+    MAX_ORDER,
+    PAGE_SIZE,
+    PRIVATE,
+    SHARED,
+)
+from gmem.errors import ConversionBusy, OutOfMemory, SigBus
+from gmem.reference._args import check_start_end, end_arg, order_arg, u64
+from gmem.reference.arch import PKVM, SNP, TDX, Arch, SwProtected, Violation
+from gmem.reference.folio_cache import Folio, FolioCache, folio_rows, ranges_array
+from gmem.reference.interval_map import IntervalMap
+from gmem.reference.physmem import PhysMem
+
+STAT_KEYS = (
+    "folios_allocated",
+    "folios_freed",
+    "pages_zeroed",
+    "conversions",
+    "conversions_noop",
+    "conversions_busy",
+    "pages_converted",
+    "invalidations",
+    "prepare_calls",
+    "make_shared_calls",
+    "free_calls",
+    "hook_ranges",
+)
+
+
+def config_names(config: Any) -> frozenset[str]:
+    """A hook config as a frozenset of names, validated."""
+    if isinstance(config, str) or not hasattr(config, "__iter__"):
+        raise TypeError(f"config: must be a set of hook names, got {type(config).__name__}")
+    names = frozenset(config)
+    for name in names:
+        if name not in HOOK_CONFIGS:
+            raise ValueError(
+                f"config: unknown hook config {name!r}; allowed: PREPARE, FREE, "
+                "FREE_ON_SHARED_CONVERSION"
+            )
+    return names
+
+
+def _make_arch(arch: Any) -> Arch:
+    if isinstance(arch, str):
+        builtins = dict(zip(BUILTIN_ARCHS, (SwProtected, SNP, TDX, PKVM), strict=True))
+        if arch not in builtins:
+            raise ValueError(
+                f"arch: unknown arch '{arch}'; allowed: sw_protected, snp, tdx, pkvm, "
+                "or a gmem.reference.Arch"
+            )
+        return builtins[arch]()
+    if not isinstance(arch, Arch):
+        raise TypeError(f"arch: must be a name or a gmem.Arch, got {type(arch).__name__}")
+    if arch.file is not None:
+        raise ValueError("arch: this Arch already serves another file; create one per file")
+    return arch
+
+
+class GuestMemfd:
+    def __init__(
+        self,
+        size_bytes: Any,
+        *,
+        flags: Any = 0,
+        folio_order: Any = 0,
+        physmem: PhysMem | None = None,
+        arch: Any = "sw_protected",
+        hook_design: Any = "split",
+    ) -> None:
+        size, fl = u64(size_bytes, "size_bytes"), u64(flags, "flags")
+        order = order_arg(folio_order, "folio_order")
+        if physmem is not None and not isinstance(physmem, PhysMem):
+            raise TypeError("physmem: must be a gmem.reference.PhysMem or None")
+        if not isinstance(hook_design, str):
+            raise TypeError("hook_design: must be 'split' or 'overloaded'")
+        if hook_design not in ("split", "overloaded"):
+            raise ValueError(f"hook_design: must be 'split' or 'overloaded', got '{hook_design}'")
+        a = _make_arch(arch)
+        config = config_names(a.config)
+        batched = bool(getattr(a, "batched", False))
+        if size == 0:
+            raise ValueError("size: must be > 0")
+        if size % PAGE_SIZE:
+            raise ValueError(f"size: must be a multiple of PAGE_SIZE (4096), got {size}")
+        if fl & ~(FLAG_MMAP | FLAG_INIT_SHARED):
+            raise ValueError(
+                f"flags: unknown bits {fl & ~3:#x}; allowed: FLAG_MMAP (1) | FLAG_INIT_SHARED (2)"
+            )
+        if fl & FLAG_INIT_SHARED and not fl & FLAG_MMAP:
+            raise ValueError("flags: FLAG_INIT_SHARED needs FLAG_MMAP")
+        self._nr_pages = size // PAGE_SIZE
+        self._flags, self._folio_order, self._design = fl, order, hook_design
+        self._config, self._batched = config, batched
+        if physmem is None:
+            nr = 1 << order
+            physmem = PhysMem((self._nr_pages + nr - 1) // nr * nr)
+        self._pm = physmem
+        self._arch = a
+        self._attrs = IntervalMap(self._nr_pages, SHARED if fl & FLAG_INIT_SHARED else PRIVATE)
+        self._expected = IntervalMap(self._nr_pages)  # contents each index should hold
+        self._cache = FolioCache()
+        self._pins: dict[int, int] = {}  # pfn -> pin count
+        self._mapped: list[int] = []  # sorted host-mapped indexes
+        self._orphans: dict[int, int] = {}  # pfn -> order: punched out while pinned
+        self._violations: list[Violation] = []
+        self._stats = dict.fromkeys(STAT_KEYS, 0)
+        self._closed = False
+        self._in_operation = False
+        self._pending: BaseException | None = None
+        a.file = self
+
+    # ---- properties -------------------------------------------------------------
+    size = property(lambda self: self._nr_pages * PAGE_SIZE)
+    nr_pages = property(lambda self: self._nr_pages)
+    flags = property(lambda self: self._flags)
+    folio_order = property(lambda self: self._folio_order)
+    closed = property(lambda self: self._closed)
+    hook_design = property(lambda self: self._design)
+    config = property(lambda self: set(self._config))
+    arch = property(lambda self: self._arch)
+    physmem = property(lambda self: self._pm)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(self._stats)
+
+    # ---- plumbing ---------------------------------------------------------------
+    def _operation(self, fn: Callable[[], Any]) -> Any:
+        """Run a changing operation: refuse re-entry from a hook, re-raise a hook's error."""
+        if self._in_operation:
+            raise RuntimeError("an arch hook may read the file it serves, not change it")
+        self._in_operation = True
+        try:
+            result = fn()
+        except BaseException:
+            self._pending = None
+            raise
+        finally:
+            self._in_operation = False
+        if self._pending is not None:
+            exc, self._pending = self._pending, None
+            raise exc
+        return result
+
+    def _hook(self, name: str, *args: Any) -> None:
+        try:
+            getattr(self._arch, name)(*args)
+        except Exception as exc:
+            self._violations.append(
+                Violation(
+                    self._arch.name,
+                    "hook-raised",
+                    None,
+                    None,
+                    f"{name} raised {type(exc).__name__}: {exc}",
+                )
+            )
+            if self._pending is None:
+                self._pending = exc
+
+    def _ranges_hook(self, name: str, ranges: list[tuple[int, int]]) -> None:
+        if self._batched:
+            self._hook(name, ranges_array(ranges))
+        else:
+            for s, e in ranges:
+                self._hook(name, s, e)
+
+    def _violation(self, rule: str, index: int | None, pfn: int | None, detail: str) -> Violation:
+        return Violation(self._arch.name, rule, index, pfn, detail)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("self: operation on a closed guest_memfd")
+
+    def _check_index(self, index: int) -> None:
+        if index >= self._nr_pages:
+            raise ValueError(f"index: must be < nr_pages ({self._nr_pages}), got {index}")
+
+    def _check_range(self, start: int, end: int) -> None:
+        if start >= end:
+            raise ValueError(f"start: must be < end, got start={start} end={end}")
+        if end > self._nr_pages:
+            raise ValueError(f"end: must be <= nr_pages ({self._nr_pages}), got {end}")
+
+    def _pins_in(self, pfn: int, nr: int) -> int:
+        return sum(c for p, c in self._pins.items() if pfn <= p < pfn + nr)
+
+    def _mapped_in(self, start: int, end: int) -> int:
+        if start >= end:
+            return 0
+        return bisect_left(self._mapped, end) - bisect_left(self._mapped, start)
+
+    def _unmap(self, start: int, end: int) -> None:
+        del self._mapped[bisect_left(self._mapped, start) : bisect_left(self._mapped, end)]
+
+    # ---- allocation and faults --------------------------------------------------
+    def _alloc_folio(self, index: int) -> Folio | None:
+        """The folio for the hole at index: folio_order, or the largest order that fits."""
+        for order in range(self._folio_order, -1, -1):
+            block = index & ~((1 << order) - 1)
+            if block + (1 << order) > self._nr_pages or self._cache.overlapping(
+                block, block + (1 << order)
+            ):
+                continue
+            pfn = self._pm.try_alloc(order)
+            if pfn is not None:
+                folio = Folio(block, order, pfn)
+                self._cache.insert(folio)
+                self._stats["folios_allocated"] += 1
+                return folio
+        return None
+
+    def _fault_in(self, index: int) -> Folio:
+        folio = self._cache.lookup_folio(index)
+        if folio is None:
+            folio = self._alloc_folio(index)
+            if folio is None:
+                raise OutOfMemory(f"guest_memfd: no free page for index {index}")
+        return folio
+
+    def _zero_folio(self, f: Folio) -> None:
+        """First touch: zero the folio and mark it uptodate."""
+        if f.uptodate:
+            return
+        self._pm.fill(f.pfn, f.nr_pages, 0)
+        f.uptodate = True
+        self._expected.store(f.index, f.end, 0)
+        self._stats["pages_zeroed"] += f.nr_pages
+
+    def _max_order(self, f: Folio, index: int) -> tuple[int, int]:
+        """(order, block): the largest aligned block around index in f of one attribute."""
+        value = self._attrs.load(index)
+        for order in range(f.order, 0, -1):
+            block = index & ~((1 << order) - 1)
+            if self._attrs.range_has(block, block + (1 << order), value):
+                return order, block
+        return 0, index
+
+    def _get_pfn(self, index: int) -> tuple[int, int]:
+        self._check_open()
+        self._check_index(index)
+        f = self._fault_in(index)
+        self._zero_folio(f)
+        order, block = self._max_order(f, index)
+        private = bool(self._attrs.load(index) & PRIVATE)
+        block_pfn = f.file_pfn(block)
+        self._arch._guest_mapped(block, block_pfn, 1 << order, private)
+        if private and "PREPARE" in self._config:
+            self._stats["prepare_calls"] += 1
+            self._hook("prepare", block, block_pfn, 1 << order)
+        return f.file_pfn(index), order
+
+    def _host_fault(self, index: int) -> int:
+        self._check_open()
+        if index >= self._nr_pages:
+            raise SigBus(
+                f"host fault at index {index}: at or past the end of the file "
+                f"({self._nr_pages} pages)",
+                index,
+            )
+        if not self._flags & FLAG_MMAP:
+            raise SigBus(
+                f"host fault at index {index}: the file was created without FLAG_MMAP", index
+            )
+        if self._attrs.load(index) & PRIVATE:
+            raise SigBus(f"host fault at index {index}: the page is private", index)
+        f = self._fault_in(index)
+        self._zero_folio(f)
+        if index not in self._mapped:
+            insort(self._mapped, index)
+        return f.file_pfn(index)
+
+    def get_pfn(self, index: Any) -> tuple[int, int]:
+        i = u64(index, "index")
+        result: tuple[int, int] = self._operation(lambda: self._get_pfn(i))
+        return result
+
+    def host_fault(self, index: Any) -> int:
+        i = u64(index, "index")
+        result: int = self._operation(lambda: self._host_fault(i))
+        return result
+
+    def guest_read(self, index: Any) -> int:
+        i = u64(index, "index")
+        result: int = self._operation(lambda: self._pm.read(self._get_pfn(i)[0]))
+        return result
+
+    def guest_write(self, index: Any, token: Any) -> None:
+        i, t = u64(index, "index"), u64(token, "token")
+
+        def write() -> None:
+            self._pm.write(self._get_pfn(i)[0], t)
+            self._expected.store(i, i + 1, t)
+
+        self._operation(write)
+
+    def host_read(self, index: Any) -> int:
+        i = u64(index, "index")
+        result: int = self._operation(lambda: self._pm.read(self._host_fault(i)))
+        return result
+
+    def host_write(self, index: Any, token: Any) -> None:
+        i, t = u64(index, "index"), u64(token, "token")
+
+        def write() -> None:
+            self._pm.write(self._host_fault(i), t)
+            self._expected.store(i, i + 1, t)
+
+        self._operation(write)
+
+    def pin(self, index: Any) -> int:
+        i = u64(index, "index")
+
+        def pin() -> int:
+            pfn = self._host_fault(i)
+            self._pins[pfn] = self._pins.get(pfn, 0) + 1
+            return pfn
+
+        result: int = self._operation(pin)
+        return result
+
+    def unpin(self, index: Any) -> None:
+        i = u64(index, "index")
+
+        def unpin() -> None:
+            self._check_open()
+            self._check_index(i)
+            f = self._cache.lookup_folio(i)
+            if f is None or f.file_pfn(i) not in self._pins:
+                raise ValueError(f"index: page {i} is not pinned")
+            pfn = f.file_pfn(i)
+            self._pins[pfn] -= 1
+            if not self._pins[pfn]:
+                del self._pins[pfn]
+
+        self._operation(unpin)
+
+    def unpin_pfn(self, pfn: Any) -> None:
+        p = u64(pfn, "pfn")
+
+        def unpin() -> None:
+            self._check_open()
+            if p not in self._pins:
+                raise ValueError(f"pfn: {p:#x} is not pinned by this file")
+            self._pins[p] -= 1
+            if self._pins[p]:
+                return
+            del self._pins[p]
+            for base, order in self._orphans.items():  # the last pin of a punched piece
+                if base <= p < base + (1 << order) and not self._pins_in(base, 1 << order):
+                    del self._orphans[base]
+                    self._free_pieces([Folio(base, order, base, True)])
+                    return
+
+        self._operation(unpin)
+
+    # ---- teardown -----------------------------------------------------------------
+    def _free_pieces(self, pieces: list[Folio]) -> None:
+        """Folios already out of the cache: free_folio per folio (FREE), then PhysMem."""
+        for first in range(0, len(pieces), FOLIO_BATCH_SIZE):
+            batch = pieces[first : first + FOLIO_BATCH_SIZE]
+            if "FREE" in self._config:
+                self._stats["free_calls"] += len(batch)
+                self._stats["hook_ranges"] += len(batch)
+                self._ranges_hook("free_folio", [(f.pfn, f.pfn + f.nr_pages) for f in batch])
+            for f in batch:
+                self._arch._check_freed(f.pfn, f.nr_pages, self._violations)
+                self._pm.free(f.pfn, f.order)
+                self._stats["folios_freed"] += 1
+
+    def fallocate(self, start: Any, end: Any) -> None:
+        s, e = u64(start, "start"), u64(end, "end")
+
+        def fallocate() -> None:
+            self._check_open()
+            self._check_range(s, e)
+            got: list[Folio] = []
+            i = s
+            while i < e:
+                f = self._cache.lookup_folio(i)
+                if f is None:
+                    f = self._alloc_folio(i)
+                    if f is None:
+                        for g in reversed(got):  # give back what this call took
+                            self._cache.pop(g.index)
+                            self._pm.free(g.pfn, g.order)
+                        self._stats["folios_allocated"] -= len(got)
+                        raise OutOfMemory(
+                            f"fallocate: physical memory ran out at index {i}; "
+                            "nothing was allocated"
+                        )
+                    got.append(f)
+                i = f.end
+
+        self._operation(fallocate)
+
+    def add_folio(self, index: Any, order: Any, pfn: Any) -> None:
+        i, o, p = u64(index, "index"), order_arg(order), u64(pfn, "pfn")
+
+        def add() -> None:
+            self._check_open()
+            self._cache.check_new(i, o, p)
+            if i + (1 << o) > self._nr_pages:
+                raise ValueError(
+                    f"index: folio [{i}, {i + (1 << o)}) runs past the end of the file "
+                    f"({self._nr_pages} pages)"
+                )
+            self._pm.check_block(p, o)
+            if not self._pm.is_free(p, o):
+                raise ValueError(
+                    f"pfn: pages [{p}, {p + (1 << o)}) are not free in the file's PhysMem"
+                )
+            self._pm.take(p, o)
+            self._cache.insert(Folio(i, o, p))
+            self._stats["folios_allocated"] += 1
+
+        self._operation(add)
+
+    def punch_hole(self, start: Any, end: Any) -> None:
+        s, e = u64(start, "start"), u64(end, "end")
+
+        def punch() -> None:
+            self._check_open()
+            if s >= e:
+                raise ValueError(f"start: must be < end, got start={s} end={e}")
+            stop = min(e, self._nr_pages)  # truncation stops at EOF
+            if s >= stop:
+                return
+            self._stats["invalidations"] += 1
+            self._hook("invalidate_start", s, stop, FILTER_SHARED | FILTER_PRIVATE)
+            self._unmap(s, stop)
+            self._cache.split_range_pages(s, stop)
+            to_free = []
+            for f in self._cache.overlapping(s, stop):
+                self._cache.pop(f.index)
+                if self._pins_in(f.pfn, f.nr_pages):
+                    self._orphans[f.pfn] = f.order  # freed at its last unpin_pfn()
+                else:
+                    to_free.append(f)
+            self._expected.store(s, stop, 0)
+            self._free_pieces(to_free)
+            self._hook("invalidate_end", s, stop)
+
+        self._operation(punch)
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._stats["invalidations"] += 1
+        self._hook("invalidate_start", 0, self._nr_pages, FILTER_SHARED | FILTER_PRIVATE)
+        self._mapped.clear()
+        self._pins.clear()  # the pinning devices go away with the VM
+        to_free = self._cache.overlapping(0, self._nr_pages)
+        to_free += [Folio(p, o, p, True) for p, o in sorted(self._orphans.items())]
+        for f in self._cache.overlapping(0, self._nr_pages):
+            self._cache.pop(f.index)
+        self._orphans.clear()
+        self._free_pieces(to_free)
+        self._hook("invalidate_end", 0, self._nr_pages)
+        self._closed = True
+
+    def close(self) -> None:
+        self._operation(self._close)
+
+    def __enter__(self) -> GuestMemfd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn(
+            "unclosed gmem.GuestMemfd: closing it frees its folios through the free hook",
+            ResourceWarning,
+            stacklevel=1,
+        )
+        self.close()
+
+    # ---- conversion ---------------------------------------------------------------
+    def _walk(self, start: int, end: int) -> Iterator[list[tuple[Folio, int, int]]]:
+        """The folios of [start, end) in batches: (folio, start_pfn, end_pfn) clamped."""
+        folios = self._cache.overlapping(start, end)
+        for first in range(0, len(folios), FOLIO_BATCH_SIZE):
+            yield [(f, *f.clamp(start, end)) for f in folios[first : first + FOLIO_BATCH_SIZE]]
+
+    def _convert_contents(self, start: int, end: int, attrs: int) -> None:
+        policy = self._arch.CONTENTS
+        if policy == "keep":
+            return
+        token = 0 if policy == "zero" else GARBLED
+        for a, b, value in self._attrs.runs(start, end).tolist():
+            if value == attrs:
+                continue
+            for batch in self._walk(a, b):
+                for f, sp, ep in batch:
+                    first = max(a, f.index)
+                    self._pm.fill(sp, ep - sp, token)
+                    self._expected.store(first, first + ep - sp, token)
+
+    def _hook_walk(self, start: int, end: int, free_hook: bool) -> None:
+        for batch in self._walk(start, end):
+            for f, sp, ep in batch:
+                first = max(start, f.index)
+                if not (
+                    sp < ep and sp >= f.pfn and ep <= f.pfn + f.nr_pages and first + ep - sp <= end
+                ):
+                    self._violations.append(
+                        self._violation(
+                            "hook-range-inside-folio-and-range",
+                            first,
+                            sp,
+                            "range leaves its folio or range",
+                        )
+                    )
+            ranges = [(sp, ep) for _, sp, ep in batch]
+            if free_hook:
+                self._stats["free_calls"] += len(batch)
+                self._ranges_hook("free_folio", ranges)
+            else:
+                self._stats["make_shared_calls"] += len(batch)
+                self._ranges_hook("make_shared", ranges)
+            self._stats["hook_ranges"] += len(batch)
+
+    def _set_attributes(self, s: int, e: int, attrs: int) -> None:
+        self._check_open()
+        self._check_range(s, e)
+        if attrs not in (SHARED, PRIVATE):
+            raise ValueError(f"attrs: must be SHARED (0) or PRIVATE (8), got {attrs}")
+        if self._attrs.range_has(s, e, attrs):  # 1. nothing to do
+            self._stats["conversions_noop"] += 1
+            return
+        if attrs == PRIVATE:  # 3. busy folios fail the call before anything changes
+            for f in self._cache.overlapping(s, e):
+                if (
+                    self._pins_in(f.pfn, f.nr_pages)
+                    or self._mapped_in(f.index, max(s, f.index))
+                    or self._mapped_in(min(e, f.end), f.end)
+                ):
+                    self._stats["conversions_busy"] += 1
+                    raise ConversionBusy(
+                        f"set_attributes: folio at index {f.index} is pinned or mapped "
+                        "outside the range (EAGAIN)",
+                        max(s, f.index),
+                    )
+            self._unmap(s, e)
+        # 4. Point of no return: KVM zaps its mappings of the old kind.
+        self._stats["invalidations"] += 1
+        self._hook("invalidate_start", s, e, FILTER_SHARED if attrs == PRIVATE else FILTER_PRIVATE)
+        self._convert_contents(s, e, attrs)
+        if attrs == SHARED:  # 5. the arch gets the clamped PFN ranges
+            if self._design == "overloaded" and "FREE" in self._config:
+                self._hook_walk(s, e, free_hook=True)
+            elif self._design == "split" and "FREE_ON_SHARED_CONVERSION" in self._config:
+                self._hook_walk(s, e, free_hook=False)
+        self._check_contents(s, e, self._violations)
+        self._attrs.store(s, e, attrs)  # 6.
+        self._stats["conversions"] += 1
+        self._stats["pages_converted"] += e - s
+        self._arch._attributes_set(s, e, attrs)
+        self._hook("invalidate_end", s, e)
+
+    def set_attributes(self, start: Any, end: Any, attrs: Any) -> None:
+        s, e, a = u64(start, "start"), u64(end, "end"), u64(attrs, "attrs")
+        self._operation(lambda: self._set_attributes(s, e, a))
+
+    def set_memory_attributes2(
+        self, offset: Any, size: Any, attributes: Any, flags: Any = 0
+    ) -> None:
+        o, n = u64(offset, "offset"), u64(size, "size")
+        a, fl = u64(attributes, "attributes"), u64(flags, "flags")
+
+        def convert() -> None:
+            self._check_open()
+            if fl:
+                raise ValueError(f"flags: must be 0, got {fl}")
+            if a & ~PRIVATE:
+                raise ValueError(
+                    f"attributes: unknown bits {a & ~PRIVATE:#x}; allowed: "
+                    "KVM_MEMORY_ATTRIBUTE_PRIVATE (8)"
+                )
+            if n == 0:
+                raise ValueError("size: must be > 0")
+            if o + n >= 2**64:
+                raise ValueError("size: offset + size wraps around")
+            if o % PAGE_SIZE:
+                raise ValueError(f"offset: must be page aligned, got {o}")
+            if n % PAGE_SIZE:
+                raise ValueError(f"size: must be page aligned, got {n}")
+            if o + n > self.size:
+                raise ValueError(
+                    f"size: offset + size ({o + n}) is past the end of the file ({self.size})"
+                )
+            self._set_attributes(o // PAGE_SIZE, (o + n) // PAGE_SIZE, a)
+
+        self._operation(convert)
+
+    # ---- queries ------------------------------------------------------------------
+    def get_attributes(self, index: Any) -> int:
+        i = u64(index, "index")
+        self._check_open()
+        self._check_index(i)
+        return self._attrs.load(i)
+
+    def attribute_runs(self, start: Any = 0, end: Any = None) -> npt.NDArray[np.uint64]:
+        s, e = u64(start, "start"), end_arg(end, self._nr_pages)
+        self._check_open()
+        return self._attrs.runs(s, e)
+
+    def folios(self, start: Any = 0, end: Any = None) -> npt.NDArray[Any]:
+        s, e = u64(start, "start"), end_arg(end, self._nr_pages)
+        check_start_end(s, e)
+        self._check_open()
+        folios = self._cache.overlapping(s, e)
+        rows = folio_rows(folios)
+        for row, f in zip(rows, folios, strict=True):
+            row["pins"] = self._pins_in(f.pfn, f.nr_pages)
+            row["mapped"] = self._mapped_in(f.index, f.end)
+        return rows
+
+    def pfn_ranges(self, start: Any, end: Any) -> npt.NDArray[np.uint64]:
+        self._check_open()
+        return self._cache.pfn_ranges(start, end)
+
+    def page_pfns(self, start: Any, end: Any) -> npt.NDArray[np.uint64]:
+        self._check_open()
+        return self._cache.page_pfns(start, end)
+
+    def _check_contents(self, start: int, end: int, out: list[Violation]) -> None:
+        """Populated, uptodate pages whose contents differ from what is expected."""
+        for f in self._cache.overlapping(start, end):
+            if not f.uptodate:
+                continue  # undefined until the first touch zeroes the folio
+            lo, hi = max(start, f.index), min(end, f.end)
+            want = self._expected.runs(lo, hi).tolist()
+            got = [
+                (a - f.pfn + f.index, b - f.pfn + f.index, v)
+                for a, b, v in self._pm.contents(f.file_pfn(lo), hi - lo)
+            ]
+            i = j = 0
+            at = lo
+            while at < hi:
+                stop = min(want[i][1], got[j][1])
+                if want[i][2] != got[j][2]:
+                    out.append(
+                        self._violation(
+                            self._arch.CONTENTS_RULE,
+                            at,
+                            f.file_pfn(at),
+                            f"pages [{at}, {stop}) hold {got[j][2]:#x}, expected {want[i][2]:#x}",
+                        )
+                    )
+                at = stop
+                i += at == want[i][1]
+                j += at == got[j][1]
+
+    def check(self) -> list[Violation]:
+        """Violations recorded during calls, plus those in the current state, each once."""
+        out = list(self._violations)
+        for index in self._mapped:
+            f = self._cache.lookup_folio(index)
+            if f is None:
+                continue
+            pfn = f.file_pfn(index)
+            if self._attrs.load(index) & PRIVATE:
+                out.append(
+                    self._violation(
+                        "host-reaches-only-shared-pages", index, pfn, "the host maps a private page"
+                    )
+                )
+            self._arch._check_host_reach(index, pfn, out)
+        self._check_contents(0, self._nr_pages, out)
+        return list(dict.fromkeys(out))
+
+    def dump(self) -> str:
+        lines = [
+            f"GuestMemfd(size={self.size}, arch={self._arch.name}, hook_design={self._design}, "
+            f"folios={len(self._cache)}, attribute runs={len(self._attrs)}"
+            + (", closed)" if self._closed else ")")
+        ]
+        for f in self._cache.overlapping(0, self._nr_pages)[:32]:
+            line = f"  folio [{f.index}, {f.end}) order {f.order} pfn {f.pfn:#x}"
+            line += " uptodate" if f.uptodate else ""
+            pins, mapped = self._pins_in(f.pfn, f.nr_pages), self._mapped_in(f.index, f.end)
+            line += f" pins={pins}" if pins else ""
+            line += f" mapped={mapped}" if mapped else ""
+            lines.append(line)
+        for a, b, v in self._attrs.runs().tolist():
+            lines.append(f"  attrs [{a}, {b}) {'PRIVATE' if v & PRIVATE else 'SHARED'}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<gmem.reference.{self.dump().splitlines()[0]}>"
+
+
+__all__ = ["MAX_ORDER", "GuestMemfd", "config_names"]
