@@ -14,6 +14,7 @@
 #include <pybind11/stl.h>
 
 #include <climits>
+#include <cstring>
 #include <optional>
 #include <mutex>
 #include <shared_mutex>
@@ -397,6 +398,14 @@ void bind_physmem(py::module_ &m)
              [](const PhysMem &pm) {
                  Guard lk(pm.lock(), Mode::Read);
                  return shifted_runs(pm.rmp(), pm.base_pfn());
+             })
+        .def("content_runs",
+             [](const PhysMem &pm) {
+                 Guard lk(pm.lock(), Mode::Read);
+                 auto runs = pm.contents(pm.base_pfn(), pm.nr_pages());
+                 auto out = new_u64_2d(runs.size(), 3);
+                 std::memcpy(out.mutable_data(), runs.data(), runs.size() * sizeof(Run));
+                 return out;
              })
         .def("owner_runs",
              [](const PhysMem &pm) {
@@ -832,6 +841,12 @@ void bind_arch(py::module_ &m)
                                })
         .def_readonly("detail", &Violation::detail)
         .def("__str__", &Violation::str)
+        .def("__eq__",
+             [](const Violation &a, const Violation &b) {
+                 return a.arch == b.arch && a.rule == b.rule && a.index == b.index &&
+                        a.pfn == b.pfn && a.detail == b.detail;
+             })
+        .def("__hash__", [](const Violation &v) { return py::hash(py::str(v.str())); })
         .def("__repr__", [](const Violation &v) { return "<gmem.Violation " + v.str() + ">"; });
 
     py::class_<Arch, PyArch<Arch>, std::shared_ptr<Arch>> arch(m, "Arch");

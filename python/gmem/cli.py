@@ -46,9 +46,50 @@ def _layout(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _size(text: str) -> int:
+    """A size like 64G, 2M, 4096 or 1T, in bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gmem import demo
+
+    folio_order = (_size(args.folio_size) // gmem.PAGE_SIZE).bit_length() - 1
+    archs = tuple(args.arch) if args.arch else demo.BUILTIN_ARCHS
+    designs = tuple(args.hook_design) if args.hook_design else demo.HOOK_DESIGNS
+    size = _size(args.size)
+    print(
+        f"gmem demo: a boot-like run of a {args.size} guest with {args.folio_size} folios "
+        f"(order {folio_order}) under {len(archs)} arch(s) x {len(designs)} hook design(s)"
+    )
+    results = demo.run_all(size, folio_order, archs, designs)
+    print(demo.table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="the boot-like run under every arch and hook design")
+    d.add_argument("--size", default="64G", help="guest size (default 64G)")
+    d.add_argument("--folio-size", default="2M", help="folio size: 4K, 2M or 1G (default 2M)")
+    d.add_argument(
+        "--arch",
+        action="append",
+        choices=gmem._consts.BUILTIN_ARCHS,
+        help="only this arch (repeatable)",
+    )
+    d.add_argument(
+        "--hook-design",
+        action="append",
+        choices=("split", "overloaded"),
+        help="only this hook design (repeatable)",
+    )
+    d.set_defaults(func=_demo)
     p = sub.add_parser("layout", help="print the clamped PFN ranges of a demo folio layout")
     p.add_argument("--pages", type=int, default=64, help="file size in pages (default 64)")
     p.add_argument("--max-order", type=int, default=4, help="largest folio order (default 4)")

@@ -219,6 +219,9 @@ class PhysMem:
         runs[:, :2] += np.uint64(self._base)
         return runs
 
+    def content_runs(self) -> npt.NDArray[np.uint64]:
+        return self._shifted(self.tokens)
+
     def rmp_runs(self) -> npt.NDArray[np.uint64]:
         return self._shifted(self.rmp)
 
