@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from itertools import chain
+
 import pytest
-from conftest import IMPLS
-from model import snapshot, violations
 
 import gmem
 import gmem.reference as ref
 from gmem import demo
+
+from conftest import IMPLS
+from model import snapshot, violations
 
 P = gmem.PAGE_SIZE
 
@@ -172,9 +175,10 @@ def test_python_arch_gets_every_hook_one_by_one_or_batched(impl) -> None:
             workload(f)
     singles = [c[1:] for c in logged.log if c[0] == "make_shared"]
     batches = [c[1] for c in batched.log if c[0] == "make_shared"]
-    assert [len(b) for b in batches] == [31, 10] and sum(batches, []) == [list(s) for s in singles]
-    frees = [c[1:] for c in logged.log if c[0] == "free_folio"]
-    assert sum((c[1] for c in batched.log if c[0] == "free_folio"), []) == [list(s) for s in frees]
+    assert [len(b) for b in batches] == [31, 10]
+    assert list(chain(*batches)) == [list(s) for s in singles]
+    frees = [list(c[1:]) for c in logged.log if c[0] == "free_folio"]
+    assert list(chain(*(c[1] for c in batched.log if c[0] == "free_folio"))) == frees
     assert logged.log[0][0] == "prepare" and ("invalidate_start", 2, 200, 2) in logged.log
 
 

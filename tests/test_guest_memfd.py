@@ -6,10 +6,11 @@ Each test checks state (attributes, folios), contents and the hook calls (a Reco
 from __future__ import annotations
 
 import pytest
-from conftest import IMPLS
-from model import shared_with_data, snapshot, violations
 
 import gmem
+
+from conftest import IMPLS
+from model import shared_with_data, snapshot, violations
 
 P = gmem.PAGE_SIZE
 ALL_HOOKS = {"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"}

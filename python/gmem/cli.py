@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 import gmem
+from gmem._consts import BUILTIN_ARCHS
 
 
 def _layout(args: argparse.Namespace) -> int:
@@ -59,7 +60,7 @@ def _demo(args: argparse.Namespace) -> int:
     from gmem import demo
 
     folio_order = (_size(args.folio_size) // gmem.PAGE_SIZE).bit_length() - 1
-    archs = tuple(args.arch) if args.arch else demo.BUILTIN_ARCHS
+    archs = tuple(args.arch) if args.arch else BUILTIN_ARCHS
     designs = tuple(args.hook_design) if args.hook_design else demo.HOOK_DESIGNS
     size = _size(args.size)
     print(
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--arch",
         action="append",
-        choices=gmem._consts.BUILTIN_ARCHS,
+        choices=BUILTIN_ARCHS,
         help="only this arch (repeatable)",
     )
     d.add_argument(
