@@ -291,3 +291,42 @@ def test_which_hook_runs_on_conversion(impl, design) -> None:
             assert hooks == ({want} if want else set()), (config, design)
             f.set_attributes(0, 8, gmem.PRIVATE)  # to private: never a PFN hook
             assert {c[0] for c in rec.calls} - {"invalidate_start", "invalidate_end"} == hooks
+
+
+@IMPLS
+def test_huge_folios_partly_converted_and_punched(impl) -> None:
+    """A 1 GiB folio and a 2 MiB one, each converted and punched in part (SNP)."""
+    gib = 1 << 18
+    with impl.GuestMemfd(2 * gib * P, flags=gmem.FLAG_MMAP, folio_order=18, arch="snp") as f:
+        pfn, order = f.get_pfn(12345)
+        assert order == 18 and f.arch.stats["rmp_updates"] == 512  # 512 2 MiB entries
+        base = pfn - 12345
+        start, end = 1000, 1000 + 3 * 512  # 6 MiB, starting inside a 2 MiB entry
+        f.set_attributes(start, end, gmem.SHARED)
+        assert f.arch.stats["psmash"] == 2  # both ends cut a 2 MiB entry
+        assert f.stats["make_shared_calls"] == 1  # one folio, one clamped range
+        rmp = f.physmem.rmp_runs().tolist()
+        assert [base + start, base + end, 0] in rmp
+        f.punch_hole(gib // 2, gib // 2 + 256)  # 1 MiB out of the middle
+        pieces = f.folios(0, gib)[["index", "order"]].tolist()
+        assert (0, 17) in pieces and (gib // 2 + 256, 8) in pieces and (gib // 2 + 512, 9) in pieces
+        assert sum(1 << o for _, o in pieces) == gib - 256
+        assert f.arch.stats["psmash"] == 3  # the punched 2 MiB entry was split first
+        assert f.page_pfns(gib // 2 - 1, gib // 2 + 257).tolist()[1:-1] == [gmem.NO_PFN] * 256
+        assert violations(f) == []
+    assert f.physmem.rmp_runs()[:, 2].tolist() == [0] and violations(f) == []
+
+
+@IMPLS
+def test_two_mib_folios_converted_in_4k_pieces(impl) -> None:
+    rec = impl.arch.Recorder({"FREE_ON_SHARED_CONVERSION"})
+    with impl.GuestMemfd(2048 * P, folio_order=9, arch=rec) as f:
+        f.fallocate(0, 2048)
+        rec.clear()
+        f.set_attributes(500, 1030, gmem.SHARED)  # the tail of one, one whole, the head of one
+        pfns = f.page_pfns(0, 2048)
+        assert rec.ranges("make_shared").tolist() == [
+            [int(pfns[500]), int(pfns[511]) + 1],
+            [int(pfns[512]), int(pfns[1023]) + 1],
+            [int(pfns[1024]), int(pfns[1029]) + 1],
+        ]
