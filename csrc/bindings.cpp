@@ -1004,6 +1004,34 @@ py::dict stats_dict(const GmemStats &s)
     return d;
 }
 
+/*
+ * The deleter of every file Python creates: dropping the last reference to an open file
+ * warns (ResourceWarning, like an unclosed Python file) and closes it, so its folios go
+ * through the free hook while its Python arch is still alive.  Errors here cannot
+ * propagate; they go to sys.unraisablehook as they would from __del__.
+ */
+void close_unclosed(GuestMemfd *f) noexcept
+{
+    if (!f->closed()) {
+        py::gil_scoped_acquire gil;
+        if (PyErr_WarnEx(PyExc_ResourceWarning,
+                         "unclosed gmem.GuestMemfd: closing it frees its folios through the "
+                         "free hook",
+                         1) < 0)
+            PyErr_WriteUnraisable(nullptr);
+        try {
+            file_op(*f, Mode::Write, false, [&] {
+                f->close();
+                return 0;
+            });
+        } catch (py::error_already_set &e) {
+            e.discard_as_unraisable("closing an unclosed gmem.GuestMemfd");
+        } catch (...) {
+        }
+    }
+    delete f;
+}
+
 void bind_guest_memfd(py::module_ &m)
 {
     using GM = GuestMemfd;
@@ -1028,9 +1056,9 @@ void bind_guest_memfd(py::module_ &m)
                 std::unique_ptr<Guard> g;
                 if (pm)
                     g = std::make_unique<Guard>(pm->lock(), Mode::Write);
-                return std::make_shared<GM>(sz, fl, order, pm, a,
-                                            design == "split" ? HookDesign::Split
-                                                              : HookDesign::Overloaded);
+                auto *file = new GM(sz, fl, order, pm, a,
+                                    design == "split" ? HookDesign::Split : HookDesign::Overloaded);
+                return std::shared_ptr<GM>(file, close_unclosed);
             }),
             py::arg("size_bytes"), py::kw_only(), py::arg("flags") = 0,
             py::arg("folio_order") = 0, py::arg("physmem") = py::none(),
@@ -1089,23 +1117,6 @@ void bind_guest_memfd(py::module_ &m)
                      return 0;
                  });
                  return false;
-             })
-        .def("__del__",
-             [](GM &f) {
-                 if (f.closed())
-                     return;
-                 std::optional<py::error_already_set> warning;
-                 if (PyErr_WarnEx(PyExc_ResourceWarning,
-                                  "unclosed gmem.GuestMemfd: closing it frees its folios "
-                                  "through the free hook",
-                                  1) < 0)
-                     warning.emplace();
-                 file_op(f, Mode::Write, true, [&] {
-                     f.close();
-                     return 0;
-                 });
-                 if (warning)
-                     throw *warning;
              })
         .def(
             "add_folio",

@@ -7,6 +7,7 @@ are the model's own notifications and contract checks, which the built-ins use.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -52,7 +53,16 @@ class Arch:
     CONTENTS_RULE: ClassVar[str] = "contents-as-expected"
 
     def __init__(self) -> None:
-        self.file: GuestMemfd | None = None
+        self._file_ref: weakref.ref[GuestMemfd] | None = None
+
+    @property
+    def file(self) -> GuestMemfd | None:
+        """The file this arch serves (held weakly, as the engine does: no reference cycle)."""
+        return None if self._file_ref is None else self._file_ref()
+
+    @file.setter
+    def file(self, f: GuestMemfd) -> None:
+        self._file_ref = weakref.ref(f)
 
     @property
     def name(self) -> str:
