@@ -24,6 +24,7 @@
 #include "gmem/guest_memfd.hpp"
 #include "gmem/folio_cache.hpp"
 #include "gmem/interval_map.hpp"
+#include "gmem/pfn_check.hpp"
 #include "gmem/physmem.hpp"
 
 namespace py = pybind11;
@@ -587,6 +588,38 @@ void bind_folio_cache(py::module_ &m)
 
 void bind_clamp(py::module_ &m)
 {
+    m.def(
+        "check_pfn_exhaustive",
+        [](py::handle o) {
+            unsigned size_order = unsigned(std::min<uint64_t>(to_u64(o, "size_order"), 99));
+            PfnCheckReport rep;
+            {
+                py::gil_scoped_release nogil; // pure C++ on objects it creates itself
+                rep = check_pfn_exhaustive(size_order);
+            }
+            py::dict d;
+            d["ok"] = rep.ok;
+            d["files"] = rep.files;
+            d["layouts"] = rep.layouts;
+            d["ranges"] = rep.ranges;
+            if (!rep.ok) {
+                py::list layout, expected, emitted;
+                for (const Folio &f : rep.layout)
+                    layout.append(py::make_tuple(f.index, f.order, f.pfn));
+                for (const PfnRange &r : rep.expected)
+                    expected.append(py::make_tuple(r.start_pfn, r.end_pfn));
+                for (const PfnRange &r : rep.emitted)
+                    emitted.append(py::make_tuple(r.start_pfn, r.end_pfn));
+                d["layout"] = layout;
+                d["start"] = rep.start;
+                d["end"] = rep.end;
+                d["expected"] = expected;
+                d["emitted"] = emitted;
+                d["what"] = rep.what;
+            }
+            return d;
+        },
+        py::arg("size_order"));
     m.def(
         "clamp_folio_ranges",
         [](py::handle i, py::handle o, py::handle p, py::handle s, py::handle e) {

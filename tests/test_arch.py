@@ -39,8 +39,8 @@ def test_headline_pkvm_loses_contents_only_under_overloaded(headline) -> None:
 
 def test_headline_snp_tdx_and_sw_protected_are_clean_under_both(headline) -> None:
     for (arch, design), r in by_key(headline[gmem]).items():
-        assert r.busy_seen == 1, "the pinned page made exactly one conversion fail"
-        assert r.assigned_in_free_pool == 0, f"{arch}/{design} left RMP-assigned pages"
+        assert r.expected_errors == 1, "the pinned page made exactly one conversion fail"
+        assert r.rmp_left == 0, f"{arch}/{design} left RMP-assigned pages"
         if arch != "pkvm":
             assert r.violations == [], (arch, design, r.violations[:2])
     snp = by_key(headline[gmem])

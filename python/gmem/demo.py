@@ -6,152 +6,95 @@ conversion fail with EAGAIN until it is unpinned, a hole is punched into a huge 
 and the VM is torn down.  Under pKVM the "overloaded" hook design (v8 of the in-place
 conversion series: the free hook also runs on private->shared conversion) scrubs the
 guest's shared buffers; the "split" design (a separate, config-gated make_shared) does
-not.  ``run_trace`` replays the operations on the engine or on the reference.
+not.  The run is a trace (gmem.trace), so ``gmem replay`` can run it from a file too.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import random
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import gmem
+from gmem import trace
 from gmem._consts import BUILTIN_ARCHS, FLAG_MMAP, PAGE_SIZE, PRIVATE, SHARED
 
 HOOK_DESIGNS = ("split", "overloaded")
-Op = dict[str, Any]
+HUGE = 512  # the I/O pieces are 2 MiB, whatever the folio size
 
 
-def boot_trace(size_bytes: int = 64 << 30, folio_order: int = 9) -> list[Op]:
-    """The operations of one boot-like run of a guest of ``size_bytes``."""
+def boot_trace(
+    size_bytes: int = 64 << 30, folio_order: int = 9, seed: int = 0
+) -> list[dict[str, Any]]:
+    """The operations of one boot-like run of a guest of ``size_bytes``, as trace lines."""
     nr_pages = size_bytes // PAGE_SIZE
     block = 1 << folio_order
-    if nr_pages < 8 * max(block, 512):
-        raise ValueError(f"size: at least {8 * max(block, 512) * PAGE_SIZE} bytes for this trace")
-    huge = 512  # the I/O pieces are 2 MiB, whatever the folio size
-    io_start = nr_pages // 2
-    io_end = io_start + 4 * huge
-    ops: list[Op] = [
-        {"op": "create", "size": size_bytes, "flags": FLAG_MMAP, "folio_order": folio_order}
+    if size_bytes % PAGE_SIZE or nr_pages < 16 * max(block, HUGE):
+        raise ValueError(
+            f"size: the demo needs a page-aligned guest of at least "
+            f"{16 * max(block, HUGE) * PAGE_SIZE} bytes with these folios"
+        )
+    rng = random.Random(seed)
+    io_start = rng.randrange(nr_pages // 2, nr_pages - 8 * HUGE, HUGE)
+    io_end = io_start + 4 * HUGE
+
+    def share(s: int, e: int, attrs: int) -> dict[str, Any]:
+        return {
+            "op": "set_attributes",
+            "offset": s * PAGE_SIZE,
+            "size": (e - s) * PAGE_SIZE,
+            "attributes": attrs,
+        }
+
+    ops: list[dict[str, Any]] = [
+        {
+            "op": "create",
+            "version": trace.VERSION,
+            "size": size_bytes,
+            "flags": FLAG_MMAP,
+            "folio_order": folio_order,
+        }
     ]
     # Boot: the guest touches every folio (private: prepare runs) and writes a token.
     ops += [
         {"op": "guest_write", "index": i, "token": 0x1000 + i} for i in range(0, nr_pages, block)
     ]
-    # The guest fills its I/O buffers, then shares them with the host: 2 MiB pieces.
+    # The guest fills its I/O buffers, then shares them with the host in 2 MiB pieces.
     ops += [
         {"op": "guest_write", "index": i, "token": 0x10000 + i} for i in range(io_start, io_end, 64)
     ]
-    ops += [
-        {"op": "set_attributes", "start": s, "end": s + huge, "attrs": SHARED}
-        for s in range(io_start, io_end, huge)
-    ]
-    # The host reads the first two buffers and writes its replies into them.
-    ops += [{"op": "host_read", "index": i} for i in range(io_start, io_start + 2 * huge, 64)]
+    ops += [share(s, s + HUGE, SHARED) for s in range(io_start, io_end, HUGE)]
+    # The host reads the first two buffers (what it finds depends on the arch: check()
+    # says whether that is what the arch promises) and writes its replies into them.
+    ops += [{"op": "host_read", "index": i} for i in range(io_start, io_start + 2 * HUGE, 64)]
     ops += [
         {"op": "host_write", "index": i, "token": 0x20000 + i}
-        for i in range(io_start + 1, io_start + 2 * huge, 64)
+        for i in range(io_start + 1, io_start + 2 * HUGE, 64)
     ]
     # 4 KiB pieces in the last buffer, which the host has not mapped (a page mapped
     # elsewhere in its folio would make each of these conversions busy).
-    for i in range(io_start + 3 * huge + 3, io_start + 3 * huge + 3 + 8 * 17, 17):
+    for i in range(io_start + 3 * HUGE + 3, io_start + 3 * HUGE + 3 + 8 * 17, 17):
         ops += [
-            {"op": "set_attributes", "start": i, "end": i + 1, "attrs": PRIVATE},
+            share(i, i + 1, PRIVATE),
             {"op": "guest_write", "index": i, "token": 0x30000 + i},
-            {"op": "set_attributes", "start": i, "end": i + 1, "attrs": SHARED},
+            share(i, i + 1, SHARED),
         ]
     # A device pins a shared page for DMA: taking its 2 MiB back fails until it is unpinned.
-    pinned = io_start + 2 * huge + 5
-    piece = pinned & ~(huge - 1)
+    pinned = io_start + 2 * HUGE + rng.randrange(HUGE)
+    piece = pinned & ~(HUGE - 1)
     ops += [
         {"op": "pin", "index": pinned},
-        {
-            "op": "set_attributes",
-            "start": piece,
-            "end": piece + huge,
-            "attrs": PRIVATE,
-            "expect_error": "ConversionBusy",
-            "error_index": piece,
-        },
+        share(piece, piece + HUGE, PRIVATE),
+        {"op": "expect", "error": "ConversionBusy", "error_offset": piece * PAGE_SIZE},
         {"op": "unpin", "index": pinned},
-        {"op": "set_attributes", "start": piece, "end": piece + huge, "attrs": PRIVATE},
+        share(piece, piece + HUGE, PRIVATE),
     ]
     # Balloon: a 1 MiB hole punched into the middle of a private huge folio.
-    hole = nr_pages // 4 + huge // 4
-    ops += [{"op": "punch_hole", "start": hole, "end": hole + 256}]
+    hole = rng.randrange(0, nr_pages // 2 - HUGE, HUGE) + HUGE // 4
+    ops += [{"op": "punch_hole", "offset": hole * PAGE_SIZE, "len": 256 * PAGE_SIZE}]
     ops += [{"op": "check"}, {"op": "close"}]
     return ops
-
-
-@dataclass
-class RunResult:
-    arch: str
-    hook_design: str
-    stats: dict[str, int]
-    arch_stats: dict[str, int]
-    violations: list[str]
-    busy_seen: int
-    seconds: float
-    assigned_in_free_pool: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    def row(self) -> dict[str, Any]:
-        s, a = self.stats, self.arch_stats
-        return {
-            "arch": self.arch,
-            "hook_design": self.hook_design,
-            "hook_calls": s["prepare_calls"] + s["make_shared_calls"] + s["free_calls"],
-            "pfn_ranges": s["hook_ranges"],
-            "pages_scrubbed": a.get("pages_scrubbed", 0),
-            "rmp_updates": a.get("rmp_updates", 0),
-            "psmash": a.get("psmash", 0),
-            "rmp_left": self.assigned_in_free_pool,
-            "violations": len(self.violations),
-            "first_violation": self.violations[0] if self.violations else "",
-            "engine_ms": round(self.seconds * 1000, 2),
-        }
-
-
-def run_trace(ops: list[Op], *, arch: str, hook_design: str, impl: ModuleType = gmem) -> RunResult:
-    """Replay ``ops`` on a new file of ``impl`` (gmem or gmem.reference); time the calls."""
-    create = ops[0]
-    f = impl.GuestMemfd(
-        create["size"],
-        flags=create.get("flags", 0),
-        folio_order=create.get("folio_order", 0),
-        arch=arch,
-        hook_design=hook_design,
-    )
-    busy = 0
-    seconds = 0.0
-    found: list[Any] = []
-    for op in ops[1:]:
-        name = op["op"]
-        args = {k: v for k, v in op.items() if k not in ("op", "expect_error", "error_index")}
-        t0 = time.perf_counter()
-        try:
-            result = getattr(f, name)(**args)
-        except gmem.GmemError as exc:
-            seconds += time.perf_counter() - t0
-            if type(exc).__name__ != op.get("expect_error"):
-                raise
-            if "error_index" in op and getattr(exc, "error_index", None) != op["error_index"]:
-                raise
-            busy += 1
-            continue
-        seconds += time.perf_counter() - t0
-        if "expect_error" in op:
-            raise AssertionError(f"{op} did not fail with {op['expect_error']}")
-        if name == "check":
-            found = list(result)
-    seen = {str(v) for v in found}
-    found += [v for v in f.check() if str(v) not in seen]  # what teardown recorded
-    rmp = f.physmem.rmp_runs()
-    assigned = int(((rmp[:, 1] - rmp[:, 0]) * (rmp[:, 2] != 0)).sum())
-    return RunResult(
-        arch, hook_design, f.stats, f.arch.stats, [str(v) for v in found], busy, seconds, assigned
-    )
 
 
 def run_all(
@@ -160,9 +103,22 @@ def run_all(
     archs: tuple[str, ...] = BUILTIN_ARCHS,
     designs: tuple[str, ...] = HOOK_DESIGNS,
     impl: ModuleType = gmem,
-) -> list[RunResult]:
-    ops = boot_trace(size_bytes, folio_order)
-    return [run_trace(ops, arch=a, hook_design=d, impl=impl) for a in archs for d in designs]
+    seed: int = 0,
+    records: list[trace.Record] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[trace.Summary]:
+    """Replay the boot trace (or ``records``) under every arch x design."""
+    if records is None:
+        records = list(trace.iter_records(boot_trace(size_bytes, folio_order, seed)))
+    runs = [(a, d) for a in archs for d in designs]
+    out = []
+    for n, (a, d) in enumerate(runs):
+        if progress:
+            progress(n, len(runs), f"{a}/{d}")
+        out.append(trace.replay(records, arch=a, hook_design=d, impl=impl))
+    if progress:
+        progress(len(runs), len(runs), "done")
+    return out
 
 
 COLUMNS = [
@@ -174,12 +130,13 @@ COLUMNS = [
     ("rmp_updates", "RMP upd"),
     ("psmash", "PSMASH"),
     ("rmp_left", "RMP left"),
+    ("expected_errors", "EAGAIN"),
     ("violations", "violations"),
     ("engine_ms", "engine ms"),
 ]
 
 
-def table(results: list[RunResult]) -> str:
+def table(results: list[trace.Summary]) -> str:
     rows = [r.row() for r in results]
     widths = [max(len(title), *(len(str(row[key])) for row in rows)) for key, title in COLUMNS]
     lines = ["  ".join(t.rjust(w) for (_, t), w in zip(COLUMNS, widths, strict=True))]
@@ -188,7 +145,7 @@ def table(results: list[RunResult]) -> str:
         lines.append(
             "  ".join(str(row[k]).rjust(w) for (k, _), w in zip(COLUMNS, widths, strict=True))
         )
-    firsts = [(r["arch"], r["hook_design"], r["first_violation"]) for r in rows if r["violations"]]
-    for arch, design, first in firsts:
-        lines.append(f"first violation, {arch}/{design}: {first}")
+    for r in rows:
+        if r["violations"]:
+            lines.append(f"first violation, {r['arch']}/{r['hook_design']}: {r['first_violation']}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@
 #include "gmem/errors.hpp"
 #include "gmem/folio_cache.hpp"
 #include "gmem/interval_map.hpp"
+#include "gmem/pfn_check.hpp"
 #include "gmem/physmem.hpp"
 
 using namespace gmem;
@@ -187,6 +188,10 @@ int main(int argc, char **argv)
     check_interval_map();
     check_physmem();
     check_pfn_walk_exhaustive(size_order);
+    PfnCheckReport rep = check_pfn_exhaustive(size_order);
+    CHECK(rep.ok && rep.layouts > 0, rep.what);
+    std::printf("check_pfn_exhaustive: %llu layouts, %llu ranges\n",
+                (unsigned long long)rep.layouts, (unsigned long long)rep.ranges);
     std::printf("%lu checks passed\n", nr_checks);
     return 0;
 }

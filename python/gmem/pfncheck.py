@@ -1,0 +1,200 @@
+"""``gmem check-pfn``: validate the clamped PFN-range math on small, random or your layouts.
+
+The ranges the engine emits are compared with ones rebuilt page by page by independent
+code: in C++ from per-page lookups (the exhaustive check), in numpy from a sorted search
+over the layout (random and user layouts).  A problem is reported as its smallest case:
+the folio, the range, what was expected and what was emitted; the command exits 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+import gmem
+from gmem import _core
+
+U64 = npt.NDArray[np.uint64]
+
+
+def expected_ranges(index: U64, order: U64, pfn: U64, start: int, end: int) -> U64:
+    """The walk's output rebuilt from pages: each page's folio found by a sorted search,
+    consecutive pages of one folio joined.  Independent of the engine's walk."""
+    if start >= end or len(index) == 0:
+        return np.zeros((0, 2), np.uint64)
+    pages = np.arange(start, end, dtype=np.uint64)
+    k = np.searchsorted(index, pages, side="right").astype(np.int64) - 1
+    kk = np.maximum(k, 0)
+    inside = (k >= 0) & (pages < index[kk] + (np.uint64(1) << order[kk]))
+    pages, k = pages[inside], k[inside]
+    if len(pages) == 0:
+        return np.zeros((0, 2), np.uint64)
+    page_pfn = pfn[k] + (pages - index[k])
+    first = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+    last = np.r_[first[1:], len(k)] - 1
+    return np.stack([page_pfn[first], page_pfn[last] + np.uint64(1)], axis=1)
+
+
+def _describe(index: U64, order: U64, pfn: U64, start: int, end: int, want: Any, got: Any) -> str:
+    near = [
+        f"folio(index={i}, order={o}, pfn={p})"
+        for i, o, p in zip(index.tolist(), order.tolist(), pfn.tolist(), strict=True)
+        if i < end and i + (1 << o) > start
+    ]
+    return (
+        f"  range [{start}, {end}) over {', '.join(near[:4]) or 'no folio'}"
+        f"{' ...' if len(near) > 4 else ''}\n"
+        f"  expected {np.asarray(want).tolist()[:8]}\n  emitted  {np.asarray(got).tolist()[:8]}"
+    )
+
+
+def check_ranges(index: U64, order: U64, pfn: U64, ranges: list[tuple[int, int]]) -> str | None:
+    """Check the engine on ``ranges`` of one layout; the smallest failing case, or None."""
+    failures = []
+    for start, end in ranges:
+        want = expected_ranges(index, order, pfn, start, end)
+        got = gmem.clamp_folio_ranges(index, order, pfn, start, end)
+        if not np.array_equal(want, got):
+            failures.append((end - start, start, end, want, got))
+    if not failures:
+        return None
+    _, start, end, want, got = min(failures, key=lambda f: (f[0], f[1]))
+    return _describe(index, order, pfn, start, end, want, got)
+
+
+def layout_ranges(index: U64, order: U64, count: int, seed: int) -> list[tuple[int, int]]:
+    """The whole layout, each folio, each folio cut at its middle, and random ranges."""
+    if len(index) == 0:
+        return [(0, 1)]
+    ends = index + (np.uint64(1) << order)
+    lo, hi = int(index[0]), int(ends[-1])
+    out = [(lo, hi)]
+    for i, e in zip(index.tolist()[:500], ends.tolist()[:500], strict=True):
+        out += [(i, e), (i + (e - i) // 2, e + 1), (max(lo, i - 1), i + (e - i) // 2 or e)]
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        s = int(rng.integers(lo, hi))
+        out.append((s, min(hi, s + int(rng.integers(1, 1 << 20)))))
+    return [(s, e) for s, e in out if s < e]
+
+
+def check_exhaustive(pages: int) -> bool:
+    if not 1 <= pages <= 16 or pages & (pages - 1):
+        raise ValueError(f"exhaustive: must be a power of two in 1..16, got {pages}")
+    rep = _core.check_pfn_exhaustive(pages.bit_length() - 1)
+    if rep["ok"]:
+        print(
+            f"exhaustive: {rep['layouts']:,} layouts of files of 1..{pages} pages, "
+            f"{rep['ranges']:,} ranges: ok"
+        )
+        return True
+    print(f"exhaustive: FAILED: {rep['what']}")
+    print(f"  layout {rep['layout']}\n  range [{rep['start']}, {rep['end']})")
+    print(f"  expected {rep['expected']}\n  emitted  {rep['emitted']}")
+    return False
+
+
+def random_layout(
+    rng: np.random.Generator, pm: gmem.PhysMem, first: int, pages: int
+) -> tuple[U64, U64, U64]:
+    rows = []
+    index = first
+    while index < first + pages:
+        order = int(rng.integers(0, 19))
+        while order and (index % (1 << order) or index + (1 << order) > first + pages):
+            order -= 1
+        if rng.random() < 0.1:  # a hole
+            index += 1 << order
+            continue
+        try:
+            rows.append((index, order, pm.alloc(order)))
+        except gmem.OutOfMemory:
+            order = 0
+            rows.append((index, 0, pm.alloc(0)))
+        index += 1 << order
+    cols = np.array(rows, dtype=np.uint64).reshape(-1, 3)
+    return cols[:, 0].copy(), cols[:, 1].copy(), cols[:, 2].copy()
+
+
+def check_random(count: int, seed: int) -> bool:
+    rng = np.random.default_rng(seed)
+    folios = ranges = 0
+    for n in range(count):
+        pm = gmem.PhysMem(1 << 22, base_pfn=1 << 30, seed=seed + n)
+        pm.fragment(float(rng.choice([0.0, 0.0005, 0.002])))
+        first = (1 << 40) - (1 << 21) * int(rng.integers(1, 4))
+        index, order, pfn = random_layout(rng, pm, first, 1 << 21)
+        rs = layout_ranges(index, order, 50, seed + n)
+        problem = check_ranges(index, order, pfn, rs)
+        # The page cache's own walk must agree with the pure function.
+        cache = gmem.FolioCache()
+        cache.add_folios(index, order, pfn)
+        for s, e in rs[:20]:
+            if not np.array_equal(
+                cache.pfn_ranges(s, e), gmem.clamp_folio_ranges(index, order, pfn, s, e)
+            ):
+                problem = (
+                    problem or f"  FolioCache.pfn_ranges({s}, {e}) differs from clamp_folio_ranges"
+                )
+        folios += len(index)
+        ranges += len(rs)
+        if problem:
+            print(f"random: layout {n} (seed {seed}): FAILED\n{problem}")
+            return False
+    print(
+        f"random: {count} layouts ({folios:,} folios, orders 0..18, indexes near 2**40), "
+        f"{ranges:,} ranges: ok"
+    )
+    return True
+
+
+def load_layout(path: str | Path) -> tuple[U64, U64, U64]:
+    """(index, order, pfn) columns from a .npy ((n, 3) or structured) or a .csv file."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        a = np.load(path, allow_pickle=False)
+        if a.dtype.names:
+            cols = [a[name] for name in ("index", "order", "pfn")]
+        elif a.ndim == 2 and a.shape[1] == 3:
+            cols = [a[:, i] for i in range(3)]
+        else:
+            raise ValueError(f"layout: {path} must hold (n, 3) rows or index/order/pfn fields")
+    else:
+        text = [
+            line
+            for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
+        if text and not text[0].replace(",", "").replace(" ", "").isdigit():
+            text = text[1:]  # a header
+        try:
+            rows = [[int(x, 0) for x in line.split(",")] for line in text]
+        except ValueError as exc:
+            raise ValueError(f"layout: {path}: {exc}") from None
+        if any(len(r) != 3 for r in rows):
+            raise ValueError(f"layout: {path}: every row must be index,order,pfn")
+        a = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        cols = [a[:, i] for i in range(3)]
+    if any(np.asarray(c).dtype.kind == "i" and (np.asarray(c) < 0).any() for c in cols):
+        raise ValueError(f"layout: {path}: negative values")
+    index, order, pfn = (np.ascontiguousarray(c, dtype=np.uint64) for c in cols)
+    return index, order, pfn
+
+
+def check_layout_file(path: str, count: int, seed: int) -> bool:
+    index, order, pfn = load_layout(path)
+    try:
+        gmem.clamp_folio_ranges(index, order, pfn, 0, 0)  # validates the whole layout
+    except ValueError as exc:
+        print(f"layout {path}: INVALID: {exc}")
+        return False
+    rs = layout_ranges(index, order, count, seed)
+    problem = check_ranges(index, order, pfn, rs)
+    if problem:
+        print(f"layout {path}: FAILED\n{problem}")
+        return False
+    print(f"layout {path}: {len(index):,} folios, {len(rs):,} ranges: ok")
+    return True
