@@ -761,6 +761,7 @@ private:
     template <class Body>
     void call(GuestMemfd &f, const char *hook, Body &&body)
     {
+        this->contents_touched = true; // Python may write PhysMem: check what it did
         try {
             body();
         } catch (py::error_already_set &e) {
@@ -850,7 +851,8 @@ void bind_hook_methods(Cls &cls)
 
 py::tuple call_tuple(const HookCall &c)
 {
-    if (c.hook == "prepare" || c.hook == "invalidate_start")
+    std::string hook = c.hook;
+    if (hook == "prepare" || hook == "invalidate_start")
         return py::make_tuple(c.hook, c.a, c.b, c.c);
     return py::make_tuple(c.hook, c.a, c.b);
 }
@@ -931,11 +933,11 @@ void bind_arch(py::module_ &m)
             [](const Recorder &r, const std::string &hook) {
                 size_t n = 0;
                 for (const HookCall &c : r.calls)
-                    n += c.hook == hook;
+                    n += hook == c.hook;
                 auto out = new_u64_2d(n, 2);
                 uint64_t *p = out.mutable_data();
                 for (const HookCall &c : r.calls)
-                    if (c.hook == hook) {
+                    if (hook == c.hook) {
                         *p++ = c.a;
                         *p++ = c.b;
                     }

@@ -30,11 +30,18 @@ void SNP::prepare(GuestMemfd &f, uint64_t, uint64_t pfn, uint64_t nr)
             continue;
         }
         uint64_t stop = std::min(pfn + nr, (p / PMD_PAGES + 1) * PMD_PAGES);
-        for (const Run &r : rmp.runs(p - base, stop - base))
-            if (r.value == RMP_SHARED) {
-                rmp.store(r.start, r.end, RMP_4K);
-                rmp_updates += r.end - r.start;
-            }
+        uint64_t unassigned = 0;
+        rmp.for_each_run(p - base, stop - base, [&](uint64_t a, uint64_t b, uint64_t v) {
+            unassigned += v == RMP_SHARED ? b - a : 0;
+        });
+        if (unassigned == stop - p) {
+            rmp.store(p - base, stop - base, RMP_4K);
+        } else if (unassigned) {
+            for (const Run &r : rmp.runs(p - base, stop - base))
+                if (r.value == RMP_SHARED)
+                    rmp.store(r.start, r.end, RMP_4K);
+        }
+        rmp_updates += unassigned;
         p = stop;
     }
 }
@@ -44,8 +51,11 @@ void SNP::rmp_make_shared(GuestMemfd &f, uint64_t start_pfn, uint64_t end_pfn)
     PhysMem &pm = f.physmem();
     IntervalMap &rmp = pm.rmp();
     const uint64_t base = pm.base_pfn();
-    // A 2 MiB entry the range covers only in part is split into 4 KiB entries first.
+    // A 2 MiB entry the range covers only in part is split into 4 KiB entries first
+    // (an edge on a 2 MiB boundary cannot cut one).
     for (uint64_t edge : {start_pfn, end_pfn - 1}) {
+        if (edge == start_pfn ? start_pfn % PMD_PAGES == 0 : end_pfn % PMD_PAGES == 0)
+            continue;
         uint64_t region = edge & ~(PMD_PAGES - 1);
         bool partial = region < start_pfn || region + PMD_PAGES > end_pfn;
         if (partial && region >= base && region + PMD_PAGES <= pm.end_pfn() &&
@@ -55,21 +65,30 @@ void SNP::rmp_make_shared(GuestMemfd &f, uint64_t start_pfn, uint64_t end_pfn)
         }
     }
     uint64_t entries = 0;
-    for (const Run &r : rmp.runs(start_pfn - base, end_pfn - base)) {
-        if (r.value == RMP_4K)
-            entries += r.end - r.start;
-        else if (r.value == RMP_2M)
-            entries += (r.end - r.start) / PMD_PAGES;
-    }
+    rmp.for_each_run(start_pfn - base, end_pfn - base, [&](uint64_t a, uint64_t b, uint64_t v) {
+        if (v == RMP_4K)
+            entries += b - a;
+        else if (v == RMP_2M)
+            entries += (b - a) / PMD_PAGES;
+    });
     rmp_updates += entries;
     cache_flushes += entries;
     rmp.store(start_pfn - base, end_pfn - base, RMP_SHARED);
 }
 
+/*
+ * The kernel calls these once per folio.  Ranges of neighbouring folios that continue
+ * one another are given back in one step: a 2 MiB RMP entry never spans two folios (it
+ * is only made for a block of a folio of at least 2 MiB), so this changes no count.
+ */
 void SNP::make_shared(GuestMemfd &f, const PfnRange *r, size_t n)
 {
-    for (size_t i = 0; i < n; i++)
-        rmp_make_shared(f, r[i].start_pfn, r[i].end_pfn);
+    PfnRange merged[FOLIO_BATCH_SIZE];
+    for (size_t first = 0; first < n; first += FOLIO_BATCH_SIZE) {
+        size_t m = coalesce(r + first, std::min<size_t>(FOLIO_BATCH_SIZE, n - first), merged);
+        for (size_t i = 0; i < m; i++)
+            rmp_make_shared(f, merged[i].start_pfn, merged[i].end_pfn);
+    }
 }
 
 void SNP::free_folio(GuestMemfd &f, const PfnRange *r, size_t n) { make_shared(f, r, n); }
@@ -78,13 +97,16 @@ void SNP::check_freed(const GuestMemfd &f, uint64_t pfn, uint64_t nr,
                       std::vector<Violation> &out) const
 {
     const PhysMem &pm = f.physmem();
-    for (const Run &r : pm.rmp().runs(pfn - pm.base_pfn(), pfn + nr - pm.base_pfn()))
-        if (r.value != RMP_SHARED)
-            out.push_back(Violation{name(), "free-pool-page-unassigned", NO_PFN,
-                                    r.start + pm.base_pfn(),
-                                    std::to_string(r.end - r.start) +
-                                        " pages go back to the free pool still assigned "
-                                        "in the RMP"});
+    pm.rmp().for_each_run(pfn - pm.base_pfn(), pfn + nr - pm.base_pfn(),
+                          [&](uint64_t a, uint64_t b, uint64_t v) {
+                              if (v != RMP_SHARED)
+                                  out.push_back(Violation{
+                                      name(), "free-pool-page-unassigned", NO_PFN,
+                                      a + pm.base_pfn(),
+                                      std::to_string(b - a) +
+                                          " pages go back to the free pool still assigned "
+                                          "in the RMP"});
+                          });
 }
 
 void SNP::check_host_reach(const GuestMemfd &f, uint64_t index, uint64_t pfn,
@@ -101,42 +123,45 @@ std::map<std::string, uint64_t> SNP::stats() const
     return {{"rmp_updates", rmp_updates}, {"psmash", psmash}, {"cache_flushes", cache_flushes}};
 }
 
+void PKVM::set_owner(PhysMem &pm, uint64_t start_pfn, uint64_t end_pfn, uint64_t owner)
+{
+    uint64_t a = start_pfn - pm.base_pfn(), b = end_pfn - pm.base_pfn();
+    pm.owner().for_each_run(a, b, [&](uint64_t s, uint64_t e, uint64_t v) {
+        if (v != owner)
+            (owner == OWNER_GUEST ? pages_donated : pages_shared) += e - s;
+    });
+    pm.owner().store(a, b, owner);
+}
+
 /* pKVM teardown: scrub the pages, then hand them back to the host. */
 void PKVM::free_folio(GuestMemfd &f, const PfnRange *r, size_t n)
 {
     PhysMem &pm = f.physmem();
-    for (size_t i = 0; i < n; i++) {
-        uint64_t nr = r[i].end_pfn - r[i].start_pfn;
-        pm.fill(r[i].start_pfn, nr, 0);
-        pm.owner().store(r[i].start_pfn - pm.base_pfn(), r[i].end_pfn - pm.base_pfn(),
-                         OWNER_HOST);
-        pages_scrubbed += nr;
+    PfnRange merged[FOLIO_BATCH_SIZE];
+    for (size_t first = 0; first < n; first += FOLIO_BATCH_SIZE) {
+        size_t m = coalesce(r + first, std::min<size_t>(FOLIO_BATCH_SIZE, n - first), merged);
+        contents_touched = true;
+        for (size_t i = 0; i < m; i++) {
+            uint64_t nr = merged[i].end_pfn - merged[i].start_pfn;
+            pm.fill(merged[i].start_pfn, nr, 0);
+            pm.owner().store(merged[i].start_pfn - pm.base_pfn(),
+                             merged[i].end_pfn - pm.base_pfn(), OWNER_HOST);
+            pages_scrubbed += nr;
+        }
     }
 }
 
 void PKVM::guest_mapped(GuestMemfd &f, uint64_t, uint64_t pfn, uint64_t nr, bool priv)
 {
-    PhysMem &pm = f.physmem();
-    uint64_t owner = priv ? OWNER_GUEST : OWNER_SHARED;
-    for (const Run &r : pm.owner().runs(pfn - pm.base_pfn(), pfn + nr - pm.base_pfn()))
-        if (r.value != owner)
-            (priv ? pages_donated : pages_shared) += r.end - r.start;
-    pm.owner().store(pfn - pm.base_pfn(), pfn + nr - pm.base_pfn(), owner);
+    set_owner(f.physmem(), pfn, pfn + nr, priv ? OWNER_GUEST : OWNER_SHARED);
 }
 
 /* The host records the guest's share/unshare hypercall: ownership follows attributes. */
 void PKVM::attributes_set(GuestMemfd &f, uint64_t start, uint64_t end, uint64_t attrs)
 {
-    PhysMem &pm = f.physmem();
     uint64_t owner = (attrs & ATTR_PRIVATE) ? OWNER_GUEST : OWNER_SHARED;
-    f.cache().walk_batches(start, end, [&](const Folio *, const PfnRange *rs, unsigned n) {
-        for (unsigned i = 0; i < n; i++) {
-            uint64_t a = rs[i].start_pfn - pm.base_pfn(), b = rs[i].end_pfn - pm.base_pfn();
-            for (const Run &r : pm.owner().runs(a, b))
-                if (r.value != owner)
-                    (owner == OWNER_GUEST ? pages_donated : pages_shared) += r.end - r.start;
-            pm.owner().store(a, b, owner);
-        }
+    f.cache().walk_extents(start, end, [&](uint64_t, uint64_t pfn, uint64_t nr, bool) {
+        set_owner(f.physmem(), pfn, pfn + nr, owner);
     });
 }
 
@@ -144,7 +169,7 @@ void PKVM::check_freed(const GuestMemfd &f, uint64_t pfn, uint64_t nr,
                        std::vector<Violation> &out) const
 {
     const PhysMem &pm = f.physmem();
-    for (const Run &r : pm.contents(pfn, nr))
+    for (const Run &r : pm.contents(pfn, nr)) // a freed folio holds few runs
         if (r.value != 0)
             out.push_back(Violation{name(), "free-pool-page-scrubbed", NO_PFN, r.start,
                                     std::to_string(r.end - r.start) +

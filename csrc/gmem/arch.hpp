@@ -80,6 +80,9 @@ public:
 
     /// Set by the file that adopts this arch; one arch serves one file.
     GuestMemfd *file = nullptr;
+    /// Set by a hook that wrote page contents (a scrub; any Python hook, which may): the
+    /// conversion then checks the arch kept its promise about contents.
+    bool contents_touched = false;
 };
 
 /// No gmem hooks at all: KVM_X86_SW_PROTECTED_VM.
@@ -152,12 +155,15 @@ public:
     std::map<std::string, uint64_t> stats() const override;
 
     uint64_t pages_scrubbed = 0, pages_donated = 0, pages_shared = 0;
+
+private:
+    void set_owner(PhysMem &pm, uint64_t start_pfn, uint64_t end_pfn, uint64_t owner);
 };
 
 /// One logged hook call: the hook and its integer arguments (a make_shared or free_folio
 /// call logs one entry per range).
 struct HookCall {
-    std::string hook;
+    const char *hook; // a string literal: logging a call allocates nothing
     uint64_t a, b, c;
 };
 

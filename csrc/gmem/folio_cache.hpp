@@ -98,21 +98,65 @@ public:
         Folio folios[FOLIO_BATCH_SIZE];
         PfnRange ranges[FOLIO_BATCH_SIZE];
         unsigned n = 0;
-        if (start >= end)
-            return;
-        for (auto p = first_overlapping(start); p != tree_.end(); p = tree_.next(p)) {
-            Folio f = unpack(tree_.key(p), tree_.val(p));
-            if (f.index >= end)
-                break;
+        for_each_clamped(start, end, [&](const Folio &f, const PfnRange &r) {
             folios[n] = f;
-            ranges[n] = clamp(f, start, end);
+            ranges[n] = r;
             if (++n == FOLIO_BATCH_SIZE) {
                 fn(folios, ranges, n);
                 n = 0;
             }
-        }
+        });
         if (n)
             fn(folios, ranges, n);
+    }
+
+    /// fn(folio, clamped range) for each folio overlapping [start, end), straight over
+    /// the leaf arrays (the loop pfn_ranges is made of).
+    template <class Fn>
+    void for_each_clamped(uint64_t start, uint64_t end, Fn &&fn) const
+    {
+        if (start >= end)
+            return;
+        auto p = first_overlapping(start);
+        for (size_t li = p.leaf; li < tree_.nr_leaves(); li++) {
+            const uint64_t *keys = tree_.leaf_keys(li), *vals = tree_.leaf_vals(li);
+            uint32_t cnt = tree_.leaf_size(li);
+            for (uint32_t s = li == p.leaf ? p.slot : 0; s < cnt; s++) {
+                if (keys[s] >= end)
+                    return;
+                Folio f = unpack(keys[s], vals[s]);
+                fn(f, clamp(f, start, end));
+            }
+        }
+    }
+
+    /*
+     * walk_extents - the populated pages of [start, end) as maximal extents that are
+     * contiguous both in the file and in physical memory and of one uptodate state:
+     * fn(index, pfn, nr_pages, uptodate).  A file populated front to back from a fresh
+     * PhysMem is a handful of extents, so per-extent work costs O(extents), not O(folios).
+     */
+    template <class Fn>
+    void walk_extents(uint64_t start, uint64_t end, Fn &&fn) const
+    {
+        uint64_t index = 0, pfn = 0, nr = 0;
+        bool uptodate = false;
+        for_each_clamped(start, end, [&](const Folio &f, const PfnRange &r) {
+            uint64_t first = f.index > start ? f.index : start;
+            uint64_t len = r.end_pfn - r.start_pfn;
+            if (nr && first == index + nr && r.start_pfn == pfn + nr && f.uptodate == uptodate) {
+                nr += len;
+                return;
+            }
+            if (nr)
+                fn(index, pfn, nr, uptodate);
+            index = first;
+            pfn = r.start_pfn;
+            nr = len;
+            uptodate = f.uptodate;
+        });
+        if (nr)
+            fn(index, pfn, nr, uptodate);
     }
 
     size_t memory_bytes() const { return tree_.memory_bytes(); }
@@ -151,6 +195,20 @@ private:
     Tree::Pos first_overlapping(uint64_t start) const;
     void split_at(const Folio &f, uint64_t cut1, uint64_t cut2);
 };
+
+/// Merge ranges that continue one another (end_pfn == next start_pfn) into @out, which
+/// has room for @n; returns how many.  For arch models whose per-range work is additive.
+inline size_t coalesce(const PfnRange *in, size_t n, PfnRange *out)
+{
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (m && out[m - 1].end_pfn == in[i].start_pfn)
+            out[m - 1].end_pfn = in[i].end_pfn;
+        else
+            out[m++] = in[i];
+    }
+    return m;
+}
 
 /*
  * clamp_folio_ranges - the walk as a pure function over a caller's folio layout, given as

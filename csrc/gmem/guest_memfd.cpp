@@ -429,19 +429,14 @@ void GuestMemfd::convert_contents(uint64_t start, uint64_t end, uint64_t attrs)
     if (policy == Contents::Keep)
         return;
     uint64_t token = policy == Contents::Zero ? 0 : GARBLED;
-    for (const Run &run : attrs_.runs(start, end)) {
-        if (run.value == attrs)
-            continue;
-        cache_.walk_batches(run.start, run.end,
-                            [&](const Folio *fs, const PfnRange *rs, unsigned n) {
-                                for (unsigned i = 0; i < n; i++) {
-                                    uint64_t nr = rs[i].end_pfn - rs[i].start_pfn;
-                                    uint64_t first = std::max(run.start, fs[i].index);
-                                    pm_->fill(rs[i].start_pfn, nr, token);
-                                    expected_.store(first, first + nr, token);
-                                }
-                            });
-    }
+    attrs_.for_each_run(start, end, [&](uint64_t a, uint64_t b, uint64_t value) {
+        if (value == attrs)
+            return; // already of the new kind: nothing changes for these pages
+        cache_.walk_extents(a, b, [&](uint64_t index, uint64_t pfn, uint64_t nr, bool) {
+            pm_->fill(pfn, nr, token);
+            expected_.store(index, index + nr, token);
+        });
+    });
 }
 
 /*
@@ -486,19 +481,33 @@ void GuestMemfd::set_attributes(uint64_t start, uint64_t end, uint64_t attrs)
     // 3. To private: a folio pinned anywhere, or mapped by the host outside the range, is
     //    busy.  Checked before anything changes, then the range is unmapped.
     if (attrs == ATTR_PRIVATE) {
-        if (!pins_.empty() || !mapped_.empty()) {
-            for (const Folio &f : cache_.folios(start, end)) {
-                if (pins_in(f.pfn, f.nr_pages()) ||
-                    mapped_in(f.index, std::max(start, f.index)) ||
-                    mapped_in(std::min(end, f.end()), f.end())) {
-                    uint64_t at = std::max(start, f.index);
-                    stats_.conversions_busy++;
-                    throw ConversionBusy("set_attributes: folio at index " +
-                                             std::to_string(f.index) +
-                                             " is pinned or mapped outside the range (EAGAIN)",
-                                         at);
-                }
+        uint64_t busy = NO_PFN, busy_folio = 0;
+        auto consider = [&](const Folio &f) {
+            uint64_t at = std::max(start, f.index);
+            if (at < busy && (pins_in(f.pfn, f.nr_pages()) ||
+                              mapped_in(f.index, std::max(start, f.index)) ||
+                              mapped_in(std::min(end, f.end()), f.end()))) {
+                busy = at;
+                busy_folio = f.index;
             }
+        };
+        if (!pins_.empty()) { // a pin anywhere in any folio of the range
+            cache_.walk_batches(start, end, [&](const Folio *fs, const PfnRange *, unsigned n) {
+                for (unsigned i = 0; i < n && busy == NO_PFN; i++)
+                    consider(fs[i]);
+            });
+        } else if (!mapped_.empty()) { // only a folio crossing start or end has pages outside
+            Folio f;
+            if (cache_.lookup(start, &f))
+                consider(f);
+            if (cache_.lookup(end - 1, &f))
+                consider(f);
+        }
+        if (busy != NO_PFN) {
+            stats_.conversions_busy++;
+            throw ConversionBusy("set_attributes: folio at index " + std::to_string(busy_folio) +
+                                     " is pinned or mapped outside the range (EAGAIN)",
+                                 busy);
         }
         mapped_.erase(mapped_.lower_bound(start), mapped_.lower_bound(end));
     }
@@ -508,13 +517,20 @@ void GuestMemfd::set_attributes(uint64_t start, uint64_t end, uint64_t attrs)
                             attrs == ATTR_PRIVATE ? FILTER_SHARED : FILTER_PRIVATE);
     convert_contents(start, end, attrs);
     // 5. To shared: the arch gets the clamped PFN ranges.
+    bool hooked = false;
     if (attrs == 0) {
-        if (design_ == HookDesign::Overloaded && (config_ & CONFIG_FREE))
-            hook_walk(start, end, true);
-        else if (design_ == HookDesign::Split && (config_ & CONFIG_FREE_ON_SHARED_CONVERSION))
-            hook_walk(start, end, false);
+        if (design_ == HookDesign::Overloaded)
+            hooked = config_ & CONFIG_FREE;
+        else
+            hooked = config_ & CONFIG_FREE_ON_SHARED_CONVERSION;
+        arch_->contents_touched = false;
+        if (hooked)
+            hook_walk(start, end, design_ == HookDesign::Overloaded);
     }
-    check_contents(start, end, violations_); // did the conversion keep its promise?
+    // Did the hooks keep the arch's promise about contents?  Only hooks that wrote pages
+    // can have broken it: the model sets the expectation along with its own changes.
+    if (hooked && arch_->contents_touched)
+        check_contents(start, end, violations_);
     // 6. Store the new attributes, then let KVM map again.
     attrs_.store(start, end, attrs);
     stats_.conversions++;
@@ -597,18 +613,17 @@ std::vector<Violation> GuestMemfd::check() const
  */
 void GuestMemfd::check_contents(uint64_t start, uint64_t end, std::vector<Violation> &out) const
 {
-    for (const Folio &f : cache_.folios(start, end)) {
-        if (!f.uptodate)
-            continue; // contents are undefined until the first touch zeroes the folio
-        uint64_t from = std::max(start, f.index), to = std::min(end, f.end());
-        auto want = expected_.runs(from, to);
-        auto got = pm_->contents(f.file_pfn(from), to - from);
+    cache_.walk_extents(start, end, [&](uint64_t from, uint64_t pfn, uint64_t nr, bool uptodate) {
+        if (!uptodate)
+            return; // contents are undefined until the first touch zeroes the folio
+        auto want = expected_.runs(from, from + nr);
+        auto got = pm_->contents(pfn, nr);
         size_t i = 0, j = 0;
-        for (uint64_t at = from; at < to;) {
-            uint64_t want_end = want[i].end, got_end = got[j].end - f.pfn + f.index;
+        for (uint64_t at = from; at < from + nr;) {
+            uint64_t want_end = want[i].end, got_end = got[j].end - pfn + from;
             uint64_t stop = std::min(want_end, got_end);
             if (want[i].value != got[j].value)
-                out.push_back(violation(arch_->contents_rule(), at, f.file_pfn(at),
+                out.push_back(violation(arch_->contents_rule(), at, pfn + (at - from),
                                         "pages [" + std::to_string(at) + ", " +
                                             std::to_string(stop) + ") hold " +
                                             hex(got[j].value) + ", expected " +
@@ -617,7 +632,7 @@ void GuestMemfd::check_contents(uint64_t start, uint64_t end, std::vector<Violat
             i += at == want_end;
             j += at == got_end;
         }
-    }
+    });
 }
 
 std::string GuestMemfd::dump() const

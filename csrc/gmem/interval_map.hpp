@@ -47,6 +47,24 @@ public:
     size_t runs(uint64_t start, uint64_t end, Run *out, size_t cap) const;
     std::vector<Run> runs(uint64_t start, uint64_t end) const;
 
+    /// Call fn(start, end, value) for each run overlapping [start, end), clipped to it; no
+    /// allocation, no validation (for callers that validated).  fn must not change the map.
+    template <class Fn>
+    void for_each_run(uint64_t start, uint64_t end, Fn &&fn) const
+    {
+        if (start >= end)
+            return;
+        for (auto p = tree_.floor(start); p != tree_.end();) {
+            uint64_t k = tree_.key(p);
+            if (k >= end)
+                break;
+            auto nx = tree_.next(p);
+            uint64_t run_end = nx == tree_.end() ? nr_pages_ : tree_.key(nx);
+            fn(k < start ? start : k, run_end < end ? run_end : end, tree_.val(p));
+            p = nx;
+        }
+    }
+
     size_t memory_bytes() const { return tree_.memory_bytes(); }
     std::string dump() const;
 

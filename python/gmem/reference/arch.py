@@ -54,6 +54,7 @@ class Arch:
 
     def __init__(self) -> None:
         self._file_ref: weakref.ref[GuestMemfd] | None = None
+        self.contents_touched = False  # set by a hook that wrote page contents
 
     @property
     def file(self) -> GuestMemfd | None:
@@ -243,6 +244,7 @@ class PKVM(Arch):
 
     def free_folio(self, start_pfn: int, end_pfn: int) -> None:
         pm = self._file.physmem
+        self.contents_touched = True
         pm.fill(start_pfn, end_pfn - start_pfn, 0)
         pm.owner.store(start_pfn - pm.base_pfn, end_pfn - pm.base_pfn, self.OWNER_HOST)
         self.pages_scrubbed += end_pfn - start_pfn

@@ -171,8 +171,11 @@ class GuestMemfd:
         return result
 
     def _hook(self, name: str, *args: Any) -> None:
+        method = getattr(self._arch, name)
+        if getattr(method, "__module__", None) != Arch.__module__:
+            self._arch.contents_touched = True  # a user's hook may write pages: check them
         try:
-            getattr(self._arch, name)(*args)
+            method(*args)
         except Exception as exc:
             self._violations.append(
                 Violation(
@@ -513,6 +516,27 @@ class GuestMemfd:
         for first in range(0, len(folios), FOLIO_BATCH_SIZE):
             yield [(f, *f.clamp(start, end)) for f in folios[first : first + FOLIO_BATCH_SIZE]]
 
+    def _extents(self, start: int, end: int) -> Iterator[tuple[int, int, int, bool]]:
+        """(index, pfn, nr_pages, uptodate): populated stretches of [start, end) contiguous
+        in the file and in memory and of one uptodate state (as FolioCache::walk_extents)."""
+        current: list[Any] | None = None
+        for f in self._cache.overlapping(start, end):
+            sp, ep = f.clamp(start, end)
+            first = max(start, f.index)
+            if (
+                current is not None
+                and first == current[0] + current[2]
+                and sp == current[1] + current[2]
+                and f.uptodate == current[3]
+            ):
+                current[2] += ep - sp
+                continue
+            if current is not None:
+                yield tuple(current)  # type: ignore[misc]
+            current = [first, sp, ep - sp, f.uptodate]
+        if current is not None:
+            yield tuple(current)  # type: ignore[misc]
+
     def _convert_contents(self, start: int, end: int, attrs: int) -> None:
         policy = self._arch.CONTENTS
         if policy == "keep":
@@ -521,11 +545,9 @@ class GuestMemfd:
         for a, b, value in self._attrs.runs(start, end).tolist():
             if value == attrs:
                 continue
-            for batch in self._walk(a, b):
-                for f, sp, ep in batch:
-                    first = max(a, f.index)
-                    self._pm.fill(sp, ep - sp, token)
-                    self._expected.store(first, first + ep - sp, token)
+            for index, pfn, nr, _ in self._extents(a, b):
+                self._pm.fill(pfn, nr, token)
+                self._expected.store(index, index + nr, token)
 
     def _hook_walk(self, start: int, end: int, free_hook: bool) -> None:
         for batch in self._walk(start, end):
@@ -577,12 +599,18 @@ class GuestMemfd:
         self._stats["invalidations"] += 1
         self._hook("invalidate_start", s, e, FILTER_SHARED if attrs == PRIVATE else FILTER_PRIVATE)
         self._convert_contents(s, e, attrs)
+        hooked = False
         if attrs == SHARED:  # 5. the arch gets the clamped PFN ranges
-            if self._design == "overloaded" and "FREE" in self._config:
-                self._hook_walk(s, e, free_hook=True)
-            elif self._design == "split" and "FREE_ON_SHARED_CONVERSION" in self._config:
-                self._hook_walk(s, e, free_hook=False)
-        self._check_contents(s, e, self._violations)
+            overloaded = self._design == "overloaded"
+            gate = "FREE" if overloaded else "FREE_ON_SHARED_CONVERSION"
+            hooked = gate in self._config
+            self._arch.contents_touched = False
+            if hooked:
+                self._hook_walk(s, e, free_hook=overloaded)
+        # Did the hooks keep the arch's promise about contents?  Only hooks that wrote
+        # pages can have broken it: the model sets the expectation with its own changes.
+        if hooked and self._arch.contents_touched:
+            self._check_contents(s, e, self._violations)
         self._attrs.store(s, e, attrs)  # 6.
         self._stats["conversions"] += 1
         self._stats["pages_converted"] += e - s
@@ -657,15 +685,12 @@ class GuestMemfd:
 
     def _check_contents(self, start: int, end: int, out: list[Violation]) -> None:
         """Populated, uptodate pages whose contents differ from what is expected."""
-        for f in self._cache.overlapping(start, end):
-            if not f.uptodate:
+        for lo, pfn, nr, uptodate in self._extents(start, end):
+            if not uptodate:
                 continue  # undefined until the first touch zeroes the folio
-            lo, hi = max(start, f.index), min(end, f.end)
+            hi = lo + nr
             want = self._expected.runs(lo, hi).tolist()
-            got = [
-                (a - f.pfn + f.index, b - f.pfn + f.index, v)
-                for a, b, v in self._pm.contents(f.file_pfn(lo), hi - lo)
-            ]
+            got = [(a - pfn + lo, b - pfn + lo, v) for a, b, v in self._pm.contents(pfn, nr)]
             i = j = 0
             at = lo
             while at < hi:
@@ -675,7 +700,7 @@ class GuestMemfd:
                         self._violation(
                             self._arch.CONTENTS_RULE,
                             at,
-                            f.file_pfn(at),
+                            pfn + at - lo,
                             f"pages [{at}, {stop}) hold {got[j][2]:#x}, expected {want[i][2]:#x}",
                         )
                     )
