@@ -166,3 +166,14 @@ def test_expected_ranges_oracle_agrees_with_the_engine() -> None:
             expected_ranges(index, order, pfn, s, e),
             gmem.clamp_folio_ranges(index, order, pfn, s, e),
         )
+
+
+def test_bench_reports_every_target_as_json() -> None:
+    out = run("bench", "--json", "-q")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    names = [t["target"] for t in result["targets"]]
+    assert any("pfn_ranges vs the reference" in n for n in names)
+    assert any("IntervalMap.store vs sortedcontainers" in n for n in names)
+    assert all(t["measured"] > 0 for t in result["targets"])
+    assert {r["series"] for r in result["scaling"]} == {"1 GiB folios", "2 MiB folios"}

@@ -131,6 +131,12 @@ def _check_pfn(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from gmem.bench import main_bench
+
+    return main_bench(args)
+
+
 def _layout(args: argparse.Namespace) -> int:
     """Build a mixed-order folio layout on fragmented memory and print its PFN ranges."""
     pm = gmem.PhysMem(args.pages * 2, seed=args.seed)
@@ -227,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ranges", type=int, default=200, help="random ranges per layout")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=_check_pfn)
+
+    b = sub.add_parser("bench", help="measure the DESIGN.md performance targets side by side")
+    b.add_argument("--full", action="store_true", help="the large sizes (minutes, ~6 GB)")
+    b.add_argument("--plot", metavar="FILE.png", help="draw ratio and scaling plots")
+    b.add_argument("--write-results", metavar="FILE.md", help="write a RESULTS.md")
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_bench)
 
     p = sub.add_parser("layout", help="print the clamped PFN ranges of a random folio layout")
     p.add_argument("--pages", type=int, default=64, help="file size in pages (default 64)")

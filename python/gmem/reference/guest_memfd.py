@@ -519,23 +519,19 @@ class GuestMemfd:
     def _extents(self, start: int, end: int) -> Iterator[tuple[int, int, int, bool]]:
         """(index, pfn, nr_pages, uptodate): populated stretches of [start, end) contiguous
         in the file and in memory and of one uptodate state (as FolioCache::walk_extents)."""
-        current: list[Any] | None = None
+        index = pfn = nr = 0
+        uptodate = False
         for f in self._cache.overlapping(start, end):
             sp, ep = f.clamp(start, end)
             first = max(start, f.index)
-            if (
-                current is not None
-                and first == current[0] + current[2]
-                and sp == current[1] + current[2]
-                and f.uptodate == current[3]
-            ):
-                current[2] += ep - sp
+            if nr and first == index + nr and sp == pfn + nr and f.uptodate == uptodate:
+                nr += ep - sp
                 continue
-            if current is not None:
-                yield tuple(current)  # type: ignore[misc]
-            current = [first, sp, ep - sp, f.uptodate]
-        if current is not None:
-            yield tuple(current)  # type: ignore[misc]
+            if nr:
+                yield index, pfn, nr, uptodate
+            index, pfn, nr, uptodate = first, sp, ep - sp, f.uptodate
+        if nr:
+            yield index, pfn, nr, uptodate
 
     def _convert_contents(self, start: int, end: int, attrs: int) -> None:
         policy = self._arch.CONTENTS

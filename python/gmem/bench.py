@@ -1,0 +1,463 @@
+"""``gmem bench``: the DESIGN.md section 6 targets, measured side by side in one run.
+
+Each measurement is the median of several repeats (time.perf_counter); every ratio is
+between two figures of the same run, since the machines are noisy.  The quick suite runs
+in under a minute here; ``--full`` uses the large sizes (1 TiB of 4 KiB folios, 10**6
+runs).  ``--plot FILE.png`` draws the ratios and the scaling curves (the ``plot`` extra),
+``--write-results FILE.md`` writes bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import gmem
+import gmem.reference as ref
+
+GiB, TiB = 1 << 30, 1 << 40
+
+
+def timeit(fn: Callable[[], Any], repeat: int = 5, setup: Callable[[], Any] | None = None) -> float:
+    """Median seconds of ``repeat`` calls of fn (after setup, untimed, before each)."""
+    times = []
+    for _ in range(repeat):
+        if setup:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@dataclass
+class Target:
+    name: str
+    measured: float
+    limit: float
+    unit: str
+    better: str  # "lower" or "higher"
+    detail: str = ""
+
+    @property
+    def met(self) -> bool:
+        return (
+            self.measured <= self.limit if self.better == "lower" else self.measured >= self.limit
+        )
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "target": self.name,
+            "measured": self.measured,
+            "limit": self.limit,
+            "unit": self.unit,
+            "met": self.met,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Suite:
+    full: bool = False
+    targets: list[Target] = field(default_factory=list)
+    figures: dict[str, float] = field(default_factory=dict)
+    scaling: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, *args: Any, **kw: Any) -> None:
+        self.targets.append(Target(*args, **kw))
+
+
+def _layout(nr: int, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    index = np.arange(nr, dtype=np.uint64) << np.uint64(order)
+    pfn = np.random.default_rng(0).permutation(nr).astype(np.uint64) << np.uint64(order)
+    return index, np.full(nr, order, dtype=np.uint64), pfn
+
+
+def bench_walk(s: Suite) -> None:
+    nr, order = 1 << 19, 9  # 1 TiB of 2 MiB folios, scattered PFNs
+    cols = _layout(nr, order)
+    cache = gmem.FolioCache()
+    cache.add_folios(*cols)
+    start, end = 256, (nr << order) - 256
+    t_engine = timeit(lambda: cache.pfn_ranges(start, end), 9)
+    ends = cols[2] + (np.uint64(1) << cols[1])
+
+    def floor() -> None:
+        out = np.empty((nr, 2), dtype=np.uint64)
+        out[:, 0] = cols[2]
+        out[:, 1] = ends
+
+    t_floor = timeit(floor, 9)
+    oracle = ref.FolioCache()
+    small = 1 << 15
+    oracle.add_folios(*(c[:small] for c in cols))
+    t_ref = timeit(lambda: oracle.pfn_ranges(start, (small << order) - 256), 3) * nr / small
+    s.figures.update(
+        walk_engine_ms=t_engine * 1e3, walk_floor_ms=t_floor * 1e3, walk_ref_ms_scaled=t_ref * 1e3
+    )
+    s.add("pfn_ranges ns per folio (1 TiB of 2 MiB folios)", t_engine / nr * 1e9, 5, "ns", "lower")
+    s.add("pfn_ranges vs numpy writing the same pairs", t_engine / t_floor, 3, "x", "lower")
+    s.add(
+        "pfn_ranges vs the reference",
+        t_ref / t_engine,
+        200,
+        "x",
+        "higher",
+        "reference timed on 2**15 folios, scaled per folio",
+    )
+    s.add("1 TiB of 2 MiB folios walked", t_engine * 1e3, 3, "ms", "lower")
+    t_clamp = timeit(lambda: gmem.clamp_folio_ranges(*cols, start, end), 5)
+    s.figures["clamp_pure_ns_per_folio"] = t_clamp / nr * 1e9
+
+
+def bench_convert(s: Suite) -> None:
+    f = gmem.GuestMemfd(TiB, folio_order=9, arch="snp")
+    f.fallocate(0, f.nr_pages)
+
+    def round_trip(g: Any) -> None:
+        g.set_attributes(0, g.nr_pages, gmem.SHARED)
+        g.set_attributes(0, g.nr_pages, gmem.PRIVATE)
+
+    t_conv = timeit(lambda: round_trip(f), 5)
+    t_walk = timeit(lambda: f.pfn_ranges(0, f.nr_pages), 9)
+    f.close()
+    small = 64 * GiB if not s.full else TiB
+    r = ref.GuestMemfd(small, folio_order=9, arch="snp")
+    r.fallocate(0, r.nr_pages)
+    t_ref = timeit(lambda: round_trip(r), 1) * (TiB // small)
+    r.close()
+    s.figures.update(convert_1tib_ms=t_conv * 1e3, convert_ref_ms_scaled=t_ref * 1e3)
+    s.add(
+        "SNP 1 TiB round trip vs the reference",
+        t_ref / t_conv,
+        100,
+        "x",
+        "higher",
+        f"reference timed on {small // GiB} GiB, scaled per folio",
+    )
+    s.add(
+        "one SNP conversion of 1 TiB vs pfn_ranges of it",
+        t_conv / 2 / t_walk,
+        3,
+        "x",
+        "lower",
+        "a round trip is two conversions",
+    )
+
+
+def bench_scaling(s: Suite) -> None:
+    """Conversion cost against guest size with 1 GiB folios: it follows folios, not pages."""
+    sizes = [1, 16, 256, 4096, 65536] if s.full else [1, 16, 256, 4096]
+    for order, label in [(18, "1 GiB folios"), (9, "2 MiB folios")]:
+        for gib in sizes:
+            if order == 9 and gib > (4096 if s.full else 256):
+                continue  # 2**21 folios and up: the 1 GiB series makes the point
+            f = gmem.GuestMemfd(gib * GiB, folio_order=order, arch="snp")
+            f.fallocate(0, f.nr_pages)
+
+            def round_trip(g: Any = f) -> None:
+                g.set_attributes(0, g.nr_pages, gmem.SHARED)
+                g.set_attributes(0, g.nr_pages, gmem.PRIVATE)
+
+            t = timeit(round_trip, 3)
+            folios = f.nr_pages >> order
+            s.scaling.append(
+                {"series": label, "guest_gib": gib, "folios": folios, "round_trip_us": t * 1e6}
+            )
+            f.close()
+
+
+def _interval_ops(n_pages: int, calls: int, seed: int) -> list[tuple[int, int, int]]:
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n_pages - 16, calls)
+    ends = starts + rng.integers(1, 16, calls)
+    values = rng.choice([0, 8], calls)
+    return list(zip(starts.tolist(), ends.tolist(), values.tolist(), strict=True))
+
+
+def bench_interval_map(s: Suite) -> None:
+    from gmem import benchpeers
+
+    runs = 10**6 if s.full else 10**5
+    n_pages = 10 * runs
+    starts = np.arange(0, n_pages, 2 * n_pages // runs, dtype=np.uint64)
+    ops = _interval_ops(n_pages, 2000, 1)
+    probes = np.random.default_rng(2).integers(0, n_pages, 2000).tolist()
+
+    def per_call(m: Any) -> tuple[float, float]:
+        t_store = timeit(lambda: [m.store(a, b, c) for a, b, c in ops], 3) / len(ops)
+        t_load = timeit(lambda: [m.load(i) for i in probes], 3) / len(probes)
+        return t_store, t_load
+
+    m = gmem.IntervalMap(n_pages)
+    m.store_many(starts, starts + np.uint64(n_pages // runs // 2), np.full(len(starts), 8))
+    t_store, t_load = per_call(m)
+    s.add(f"IntervalMap.store from Python @{runs:.0e} runs", t_store * 1e6, 0.5, "us", "lower")
+    s.add(f"IntervalMap.load from Python @{runs:.0e} runs", t_load * 1e6, 0.2, "us", "lower")
+    peers = {"sortedcontainers": 25, "intervaltree": 100}
+    for name, want in peers.items():
+        try:
+            peer = benchpeers.PEERS[name](n_pages)
+        except ImportError:
+            s.figures[f"{name}_missing"] = 1
+            continue
+        size = runs if name == "sortedcontainers" else min(runs, 10**5 if s.full else 2 * 10**4)
+        for st in starts[:size].tolist():
+            peer.store(st, st + n_pages // runs // 2, 8)
+        p_store, p_load = per_call(peer)
+        s.figures[f"{name}_store_us"] = p_store * 1e6
+        s.figures[f"{name}_load_us"] = p_load * 1e6
+        s.add(
+            f"IntervalMap.store vs {name}",
+            p_store / t_store,
+            want,
+            "x",
+            "higher",
+            f"{name} at {size:.0e} runs",
+        )
+    # The bulk path against a bitmap.
+    bulk_s = np.random.default_rng(3).integers(0, n_pages - 64, 100_000).astype(np.uint64)
+    bulk_e = bulk_s + np.uint64(32)
+    bulk_v = np.where(np.arange(len(bulk_s)) % 2, 8, 0).astype(np.uint64)
+    fresh = gmem.IntervalMap(n_pages)
+    t_bulk = timeit(lambda: fresh.store_many(bulk_s, bulk_e, bulk_v), 3)
+    try:
+        bm = benchpeers.RoaringMap(n_pages)
+        t_bm = timeit(lambda: bm.store_many(bulk_s, bulk_e, bulk_v), 3)
+        s.add("store_many vs pyroaring (10**5 ranges)", t_bm / t_bulk, 1, "x", "higher")
+    except ImportError:
+        s.figures["pyroaring_missing"] = 1
+
+
+def bench_hooks(s: Suite) -> None:
+    class PerRange(gmem.Arch):
+        config = frozenset({"FREE_ON_SHARED_CONVERSION"})
+
+        def make_shared(self, *args: Any) -> None:  # (start_pfn, end_pfn)
+            pass
+
+    class Batched(PerRange):
+        batched = True
+
+        def make_shared(self, *args: Any) -> None:  # (ranges,)
+            pass
+
+    def per_range(arch: Any) -> float:
+        f = gmem.GuestMemfd(1 << 29, folio_order=0, arch=arch)
+        f.fallocate(0, f.nr_pages)
+
+        def setup() -> None:
+            f.set_attributes(0, f.nr_pages, gmem.PRIVATE)
+
+        t = timeit(lambda: f.set_attributes(0, f.nr_pages, gmem.SHARED), 3, setup)
+        f.close()
+        return t / f.nr_pages
+
+    t_one, t_batch = per_range(PerRange()), per_range(Batched())
+    t_cxx = per_range(gmem.arch.Recorder({"FREE_ON_SHARED_CONVERSION"}))
+    s.add(
+        "Python hook, one call per range",
+        t_one * 1e9,
+        150,
+        "ns",
+        "lower",
+        f"C++ Recorder on the same conversion: {t_cxx * 1e9:.1f} ns per range",
+    )
+    s.add("Python hook, batched", t_batch * 1e9, 15, "ns", "lower")
+
+
+def bench_memory(s: Suite) -> None:
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for label, size, order in [
+        ("1 TiB of 2 MiB folios", TiB, 9),
+        ("64 GiB of 4 KiB folios", 64 * GiB, 0),
+    ]:
+        f = gmem.GuestMemfd(size, folio_order=order)
+        f.fallocate(0, f.nr_pages)
+        nr = len(f.folios(0, 1 << order)) and f.nr_pages >> order
+        cache = gmem.FolioCache()
+        cache.add_folios(*_layout(nr, order))
+        s.add(f"metadata per folio, {label}", cache.memory_bytes / nr, 16, "bytes", "lower")
+        f.close()
+    if s.full:
+        f = gmem.GuestMemfd(TiB, folio_order=0)
+        f.fallocate(0, f.nr_pages)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        s.add("peak RSS with 1 TiB of 4 KiB folios", rss / 1e9, 6, "GB", "lower")
+        f.close()
+    s.figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    s.figures["rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+
+
+STEPS = [
+    ("PFN walk", bench_walk),
+    ("conversion", bench_convert),
+    ("scaling", bench_scaling),
+    ("IntervalMap and peers", bench_interval_map),
+    ("Python hooks", bench_hooks),
+    ("memory", bench_memory),
+]
+
+
+def run(full: bool = False, progress: Callable[[int, int, str], None] | None = None) -> Suite:
+    s = Suite(full=full)
+    for n, (label, step) in enumerate(STEPS):
+        if progress:
+            progress(n, len(STEPS), label)
+        step(s)
+    if progress:
+        progress(len(STEPS), len(STEPS), "done")
+    return s
+
+
+def table(s: Suite) -> str:
+    lines = [f"{'target':<52} {'measured':>12} {'limit':>10}  met"]
+    for t in s.targets:
+        op = "<=" if t.better == "lower" else ">="
+        lines.append(
+            f"{t.name:<52} {t.measured:>10.2f} {t.unit:<2}{op}{t.limit:>7g} {t.unit:<5} "
+            f"{'yes' if t.met else 'NO'}" + (f"  ({t.detail})" if t.detail else "")
+        )
+    lines.append("")
+    for series in dict.fromkeys(r["series"] for r in s.scaling):
+        points = ", ".join(
+            f"{r['guest_gib']:g} GiB {r['round_trip_us']:.0f} us"
+            for r in s.scaling
+            if r["series"] == series
+        )
+        lines.append(f"scaling, SNP round trip, {series}: {points}")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import os
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"numpy {np.__version__}, {platform.system()} {platform.release()}"
+    )
+
+
+def markdown(s: Suite, command: str) -> str:
+    rows = "\n".join(
+        f"| {t.name} | {t.measured:.2f} {t.unit} | {'<=' if t.better == 'lower' else '>='} "
+        f"{t.limit:g} {t.unit} | {'met' if t.met else '**not met**'} | {t.detail} |"
+        for t in s.targets
+    )
+    scaling = "\n".join(
+        f"| {r['series']} | {r['guest_gib']:g} GiB | {r['folios']:,} "
+        f"| {r['round_trip_us']:.0f} us |"
+        for r in s.scaling
+    )
+    figures = "\n".join(f"| {k} | {v:.3f} |" for k, v in sorted(s.figures.items()))
+    return f"""# Benchmark results
+
+Generated by `{command}` on {time.strftime("%Y-%m-%d")}; do not edit by hand.
+
+Machine: {machine()}
+
+Every ratio is between two figures measured in the same run.
+
+| target (DESIGN.md section 6) | measured | limit | | note |
+|---|---|---|---|---|
+{rows}
+
+## Scaling: SNP private->shared->private round trip of a fully populated guest
+
+| folios | guest | folio count | time |
+|---|---|---|---|
+{scaling}
+
+## Raw figures
+
+| figure | value |
+|---|---|
+{figures}
+"""
+
+
+def plot(s: Suite, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 2]})
+    names = [t.name for t in s.targets]
+    # How far inside its limit each target is: > 1 means met.
+    margin = [
+        t.limit / t.measured if t.better == "lower" else t.measured / t.limit for t in s.targets
+    ]
+    colors = ["tab:green" if m >= 1 else "tab:red" for m in margin]
+    ax1.barh(names, margin, color=colors)
+    ax1.axvline(1, color="black", linewidth=1)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("margin against the target (>1: met)")
+    ax1.tick_params(axis="y", labelsize=7)
+    ax1.set_title("DESIGN.md targets")
+    for series in dict.fromkeys(r["series"] for r in s.scaling):
+        rows = [r for r in s.scaling if r["series"] == series]
+        ax2.loglog(
+            [r["guest_gib"] for r in rows],
+            [r["round_trip_us"] for r in rows],
+            "o-",
+            label=f"SNP round trip, {series}",
+        )
+    ax2.set_xlabel("guest size (GiB)")
+    ax2.set_ylabel("microseconds")
+    ax2.set_title("conversion cost follows folios, not pages")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main_bench(args: Any) -> int:
+    from gmem.cli import Progress
+
+    s = run(args.full, Progress(not args.quiet and not args.json))
+    if args.json:
+        import json
+
+        json.dump(
+            {
+                "targets": [t.row() for t in s.targets],
+                "figures": s.figures,
+                "scaling": s.scaling,
+                "machine": machine(),
+            },
+            sys.stdout,
+            indent=1,
+        )
+        print()
+    else:
+        print(table(s))
+    if args.plot:
+        plot(s, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if args.write_results:
+        command = (
+            "gmem bench"
+            + (" --full" if args.full else "")
+            + f" --write-results {args.write_results}"
+        )
+        with open(args.write_results, "w") as f:
+            f.write(markdown(s, command))
+        print(f"wrote {args.write_results}", file=sys.stderr)
+    return 0
