@@ -32,9 +32,10 @@ def test_convert_1tib_engine(benchmark, arch, design) -> None:
     benchmark.group = f"convert 1TiB-2MiB round trip: {arch}"
     with populated(gmem, *TIB_2M, arch, design) as f:
         benchmark.pedantic(round_trip, args=(f,), rounds=5, iterations=1)
-        assert f.stats["conversions"] == 10
+        trips = f.stats["conversions"] // 2  # 5, or 1 with --benchmark-disable
+        assert trips >= 1 and f.stats["conversions"] == 2 * trips
         if arch == "snp" and design == "split":
-            assert f.stats["make_shared_calls"] == 5 * (1 << 19)
+            assert f.stats["make_shared_calls"] == trips * (1 << 19)
 
 
 def test_convert_1tib_pfn_ranges_floor(benchmark) -> None:
@@ -58,7 +59,7 @@ def test_convert_64gib_4k(benchmark, impl) -> None:
     size = 64 << 30 if impl is gmem else 1 << 30  # the reference at 1/64th: scaled below
     with populated(impl, size, 0, "snp") as f:
         benchmark.pedantic(round_trip, args=(f,), rounds=3 if impl is gmem else 1, iterations=1)
-        assert f.stats["make_shared_calls"] == (3 if impl is gmem else 1) * f.nr_pages
+        assert f.stats["make_shared_calls"] == f.stats["conversions"] // 2 * f.nr_pages
         benchmark.extra_info["pages"] = f.nr_pages
 
 
@@ -98,5 +99,6 @@ def test_python_hooks(benchmark, hook) -> None:
 
         f.set_attributes(0, f.nr_pages, gmem.SHARED)
         benchmark.pedantic(convert, rounds=3, iterations=1)
-        want = 0 if hook == "no-hook" else 4 * (1 << 17)
-        assert f.stats["make_shared_calls"] == want
+        to_shared = (f.stats["conversions"] + 1) // 2
+        want = 0 if hook == "no-hook" else to_shared * (1 << 17)
+        assert to_shared >= 2 and f.stats["make_shared_calls"] == want
