@@ -1,4 +1,5 @@
-"""IntervalMap.store / load at 10**5 live runs: the engine against the pure-Python reference.
+"""IntervalMap.store / load at 10**5 live runs: the engine against the pure-Python reference
+and the range maps a user would otherwise pick (gmem.benchpeers).
 
 Each round replays the same 1000 random stores (or loads), so the map stays near 10**5 runs;
 the time per call is the round time / 1000.
@@ -76,3 +77,86 @@ def test_loop_floor(benchmark) -> None:
             noop(s, e, v)
 
     benchmark(run)
+
+
+PEER_RUNS = {"sortedcontainers": RUNS, "intervaltree": 10_000, "portion": 500, "engine": RUNS}
+
+
+def peer(name):
+    if name == "engine":
+        return populated(gmem)
+    from gmem import benchpeers
+
+    m = benchpeers.PEERS[name](NR_PAGES)
+    step = NR_PAGES // PEER_RUNS[name]
+    for s in range(0, NR_PAGES, step):
+        m.store(s, s + step // 2, PRIVATE)
+    return m
+
+
+WORKLOADS = {
+    "random-stores": lambda: workload(),
+    "2MiB-toggles": lambda: [
+        (s, s + 512, v) for s, v in zip(range(0, 512 * 500, 512), [PRIVATE, 0] * 250, strict=True)
+    ],
+    "page-toggles": lambda: [(s, s + 1, PRIVATE if s % 2 else 0) for s in range(1, 2001, 2)],
+}
+
+
+@pytest.mark.parametrize("workload_name", list(WORKLOADS))
+@pytest.mark.parametrize("name", ["engine", "sortedcontainers", "intervaltree", "portion"])
+def test_store_against_peers(benchmark, name, workload_name) -> None:
+    benchmark.group = f"store x{len(WORKLOADS[workload_name]())}: {workload_name}"
+    m = peer(name)
+    ops = WORKLOADS[workload_name]()
+    if name == "portion":
+        ops = ops[:100]  # portion takes milliseconds per store: a sample
+
+    def run():
+        for s, e, v in ops:
+            m.store(s, e, v)
+
+    benchmark.pedantic(run, rounds=3 if name == "engine" else 1, iterations=1)
+    s, e, v = ops[-1]
+    assert m.range_has(s, e, v) and m.load(s) == v
+
+
+@pytest.mark.parametrize("name", ["engine", "sortedcontainers", "intervaltree", "portion"])
+def test_lookups_against_peers(benchmark, name) -> None:
+    benchmark.group = "load + range_has x1000"
+    m = peer(name)
+    probes = np.random.default_rng(7).integers(0, NR_PAGES - 4, 500).tolist()
+
+    def run():
+        return [m.load(i) for i in probes] + [m.range_has(i, i + 4, PRIVATE) for i in probes]
+
+    got = benchmark.pedantic(run, rounds=3, iterations=1)
+    assert len(got) == 1000
+
+
+def test_store_many_against_a_bitmap(benchmark) -> None:
+    """Bulk stores of the one-bit case: store_many from numpy against pyroaring."""
+    from gmem import benchpeers
+
+    benchmark.group = "store_many 10**5 ranges"
+    rng = np.random.default_rng(8)
+    starts = rng.integers(0, NR_PAGES - 64, 100_000).astype(np.uint64)
+    ends = starts + np.uint64(32)
+    values = np.where(np.arange(len(starts)) % 2, PRIVATE, 0).astype(np.uint64)
+    m, bm = gmem.IntervalMap(NR_PAGES), benchpeers.RoaringMap(NR_PAGES)
+    benchmark(m.store_many, starts, ends, values)
+    bm.store_many(starts, ends, values)
+    probes = rng.integers(0, NR_PAGES, 2000).tolist()
+    assert [m.load(i) for i in probes] == [bm.load(i) for i in probes]
+
+
+def test_store_many_pyroaring(benchmark) -> None:
+    from gmem import benchpeers
+
+    benchmark.group = "store_many 10**5 ranges"
+    rng = np.random.default_rng(8)
+    starts = rng.integers(0, NR_PAGES - 64, 100_000).astype(np.uint64)
+    ends = starts + np.uint64(32)
+    values = np.where(np.arange(len(starts)) % 2, PRIVATE, 0).astype(np.uint64)
+    bm = benchpeers.RoaringMap(NR_PAGES)
+    benchmark.pedantic(bm.store_many, args=(starts, ends, values), rounds=3, iterations=1)

@@ -13,24 +13,27 @@ import gmem
 import gmem.reference as ref
 
 LAYOUTS = {
-    # name: (number of folios, order)
-    "1TiB-2MiB-folios": (1 << 19, 9),
-    "2^24-order0-folios": (1 << 24, 0),
+    # name: (number of folios, order, scattered PFNs)
+    "1TiB-1GiB-folios": (1 << 10, 18, True),
+    "1TiB-2MiB-folios-scattered": (1 << 19, 9, True),
+    "1TiB-2MiB-folios-contiguous": (1 << 19, 9, False),
+    "2^24-order0-folios": (1 << 24, 0, True),
 }
 
 
-def build(nr_folios: int, order: int):
+def build(nr_folios: int, order: int, scattered: bool = True):
     index = np.arange(nr_folios, dtype=np.uint64) << np.uint64(order)
     # Scatter the folios over physical memory: a fixed shuffle of aligned slots.
-    pfn = np.random.default_rng(0).permutation(nr_folios).astype(np.uint64) << np.uint64(order)
+    slots = np.random.default_rng(0).permutation(nr_folios) if scattered else np.arange(nr_folios)
+    pfn = slots.astype(np.uint64) << np.uint64(order)
     orders = np.full(nr_folios, order, dtype=np.uint64)
     return index, orders, pfn
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def layout(request):
-    nr, order = LAYOUTS[request.param]
-    index, orders, pfn = build(nr, order)
+    nr, order, scattered = LAYOUTS[request.param]
+    index, orders, pfn = build(nr, order, scattered)
     cache = gmem.FolioCache()
     cache.add_folios(index, orders, pfn)
     # Walk from the middle of the first folio to the middle of the last: clamping at both ends.
@@ -71,9 +74,9 @@ def test_walk_numpy_floor(benchmark, layout) -> None:
 
 def test_walk_reference(benchmark) -> None:
     # Only on the 2 MiB layout: 16M Python folio objects would take minutes and gigabytes.
-    name = "1TiB-2MiB-folios"
-    nr, order = LAYOUTS[name]
-    cols = build(nr, order)
+    name = "1TiB-2MiB-folios-scattered"
+    nr, order, scattered = LAYOUTS[name]
+    cols = build(nr, order, scattered)
     cache, oracle = gmem.FolioCache(), ref.FolioCache()
     cache.add_folios(*cols)
     oracle.add_folios(*cols)
@@ -81,3 +84,42 @@ def test_walk_reference(benchmark) -> None:
     benchmark.group = f"pfn_ranges {name}"
     out = benchmark.pedantic(oracle.pfn_ranges, args=(start, end), rounds=3, iterations=1)
     assert np.array_equal(out, cache.pfn_ranges(start, end))
+
+
+def mixed_layout(nr_pages: int, seed: int):
+    """Folios of random orders 0..9 (and holes) from a fragmented PhysMem."""
+    rng = np.random.default_rng(seed)
+    pm = gmem.PhysMem(2 * nr_pages, seed=seed)
+    pm.fragment(0.001)
+    rows, index = [], 0
+    while index < nr_pages:
+        order = int(rng.integers(0, 10))
+        while order and index % (1 << order):
+            order -= 1
+        if rng.random() > 0.05:
+            rows.append((index, order, pm.alloc(order)))
+        index += 1 << order
+    cols = np.array(rows, dtype=np.uint64)
+    return cols[:, 0].copy(), cols[:, 1].copy(), cols[:, 2].copy()
+
+
+@pytest.mark.parametrize("impl", [gmem, ref], ids=["engine", "reference"])
+def test_walk_mixed_orders_unaligned_ranges(benchmark, impl) -> None:
+    """Mixed orders with holes, 1000 ranges with unaligned ends over a 4 GiB file."""
+    benchmark.group = "pfn_ranges mixed orders, 1000 unaligned ranges"
+    cols = mixed_layout(1 << 20, 3)
+    cache = impl.FolioCache()
+    cache.add_folios(*cols)
+    rng = np.random.default_rng(4)
+    starts = rng.integers(0, 1 << 20, 1000)
+    ranges = [(int(s), int(s + rng.integers(1, 1 << 14))) for s in starts]
+    if impl is ref:
+        ranges = ranges[:50]  # the reference walks in Python: a sample, per range below
+
+    def walk():
+        return [cache.pfn_ranges(s, e) for s, e in ranges]
+
+    out = benchmark.pedantic(walk, rounds=3, iterations=1)
+    benchmark.extra_info["ranges"] = len(ranges)
+    for (s, e), got in zip(ranges[:50], out[:50], strict=True):
+        assert np.array_equal(got, gmem.clamp_folio_ranges(*cols, s, e))
