@@ -1,0 +1,205 @@
+"""Stateful fuzzing: one hypothesis state machine drives the C++ engine and the reference
+together through every public operation, on several files sharing one PhysMem, and checks
+after every step that both hold the same state, contents, arch state and hook log, and
+that check() is empty wherever the design keeps the arch's contract.
+
+Long run:  GMEM_HYPOTHESIS_PROFILE=long python -m pytest tests/test_stateful.py
+Replay a failure: hypothesis prints the seed and a @reproduce_failure line; rerun with
+python -m pytest tests/test_stateful.py --hypothesis-seed=SEED (the database under
+.hypothesis/ also replays the last failure by itself).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+from model import snapshot, violations
+
+import gmem
+import gmem.reference as ref
+
+P = gmem.PAGE_SIZE
+PM_PAGES = 256
+ARCHS = ["sw_protected", "snp", "tdx", "pkvm", "recorder"]
+LONG = os.environ.get("GMEM_HYPOTHESIS_PROFILE") == "long"
+STEPS = {"n": 0}
+
+
+def outcome(fn: Any, *args: Any) -> Any:
+    try:
+        result = fn(*args)
+    except (ValueError, TypeError, RuntimeError, gmem.GmemError) as exc:
+        return ("raises", type(exc).__name__, getattr(exc, "error_index", None))
+    return ("ok", result.tolist() if hasattr(result, "tolist") else result)
+
+
+class Pair:
+    """One file in both implementations."""
+
+    def __init__(
+        self, arch: str, design: str, pages: int, flags: int, order: int, pms: tuple[Any, Any]
+    ) -> None:
+        self.arch, self.design, self.pages = arch, design, pages
+        self.files = []
+        for impl, pm in zip((gmem, ref), pms, strict=True):
+            a = (
+                impl.arch.Recorder({"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"})
+                if arch == "recorder"
+                else arch
+            )
+            self.files.append(
+                impl.GuestMemfd(
+                    pages * P,
+                    flags=flags,
+                    folio_order=order,
+                    physmem=pm,
+                    arch=a,
+                    hook_design=design,
+                )
+            )
+        self.pinned: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"Pair({self.arch}/{self.design}, {self.pages} pages)"
+
+
+class Model(RuleBasedStateMachine):
+    files = Bundle("files")
+
+    @initialize(seed=st.integers(0, 3), fragment=st.sampled_from([0.0, 0.0, 0.05]))
+    def physmem(self, seed: int, fragment: float) -> None:
+        self.pms = (gmem.PhysMem(PM_PAGES, seed=seed), ref.PhysMem(PM_PAGES, seed=seed))
+        for pm in self.pms:
+            pm.fragment(fragment)
+        self.pairs: list[Pair] = []
+
+    def both(self, pair: Pair, method: str, *args: Any) -> Any:
+        STEPS["n"] += 1
+        got = [outcome(getattr(f, method), *args) for f in pair.files]
+        assert got[0] == got[1], f"{pair} {method}{args}: {got[0]} != {got[1]}"
+        return got[0]
+
+    @rule(
+        target=files,
+        arch=st.sampled_from(ARCHS),
+        design=st.sampled_from(["split", "overloaded"]),
+        pages=st.integers(1, 96),
+        flags=st.sampled_from([0, gmem.FLAG_MMAP, 3]),
+        order=st.sampled_from([0, 1, 2, 4, 9]),
+    )
+    def create(self, arch: str, design: str, pages: int, flags: int, order: int) -> Pair:
+        pair = Pair(arch, design, pages, flags, order, self.pms)
+        self.pairs.append(pair)
+        return pair
+
+    index = st.integers(0, 100)
+
+    @rule(pair=files, s=index, e=index)
+    def fallocate(self, pair: Pair, s: int, e: int) -> None:
+        self.both(pair, "fallocate", s, e)
+
+    @rule(pair=files, s=index, e=index | st.just(1000))
+    def punch_hole(self, pair: Pair, s: int, e: int) -> None:
+        self.both(pair, "punch_hole", s, e)
+
+    @rule(pair=files, i=index, token=st.integers(1, 2**64 - 1))
+    def guest_write(self, pair: Pair, i: int, token: int) -> None:
+        self.both(pair, "guest_write", i, token)
+
+    @rule(pair=files, i=index, token=st.integers(1, 2**64 - 1))
+    def host_write(self, pair: Pair, i: int, token: int) -> None:
+        self.both(pair, "host_write", i, token)
+
+    @rule(pair=files, i=index, host=st.booleans())
+    def read(self, pair: Pair, i: int, host: bool) -> None:
+        self.both(pair, "host_read" if host else "guest_read", i)
+
+    @rule(pair=files, i=index)
+    def get_pfn(self, pair: Pair, i: int) -> None:
+        self.both(pair, "get_pfn", i)
+
+    @rule(pair=files, i=index)
+    def pin(self, pair: Pair, i: int) -> None:
+        got = self.both(pair, "pin", i)
+        if got[0] == "ok":
+            pair.pinned.append(got[1])
+
+    @rule(pair=files, i=index)
+    def unpin(self, pair: Pair, i: int) -> None:
+        self.both(pair, "unpin", i)
+
+    @precondition(lambda self: any(p.pinned for p in self.pairs))
+    @rule(data=st.data())
+    def unpin_pfn(self, data: st.DataObject) -> None:
+        pair = data.draw(st.sampled_from([p for p in self.pairs if p.pinned]))
+        pfn = pair.pinned.pop(data.draw(st.integers(0, len(pair.pinned) - 1)))
+        self.both(pair, "unpin_pfn", pfn)
+
+    @rule(pair=files, s=index, e=index, attrs=st.sampled_from([0, 8, 8, 1]))
+    def set_attributes(self, pair: Pair, s: int, e: int, attrs: int) -> None:
+        self.both(pair, "set_attributes", s, e, attrs)
+
+    @rule(pair=files, page=index, other=index, pin=st.booleans())
+    def busy_probe(self, pair: Pair, page: int, other: int, pin: bool) -> None:
+        """Map or pin a page, then take the range next to it private."""
+        got = self.both(pair, "pin" if pin else "host_fault", page)
+        if pin and got[0] == "ok":
+            pair.pinned.append(got[1])
+        self.both(pair, "set_attributes", min(page, other), page, 8)
+
+    @rule(
+        pair=files,
+        offset=st.integers(0, 100).map(lambda i: i * P) | st.just(100),
+        size=st.integers(0, 100).map(lambda i: i * P),
+        attrs=st.sampled_from([0, 8, 16]),
+        flags=st.sampled_from([0, 0, 0, 1]),
+    )
+    def set_memory_attributes2(
+        self, pair: Pair, offset: int, size: int, attrs: int, flags: int
+    ) -> None:
+        self.both(pair, "set_memory_attributes2", offset, size, attrs, flags)
+
+    @rule(pair=files, i=index, order=st.integers(0, 3), pfn=st.integers(0, PM_PAGES + 8))
+    def add_folio(self, pair: Pair, i: int, order: int, pfn: int) -> None:
+        self.both(pair, "add_folio", i, order, pfn)
+
+    @rule(pair=consumes(files))
+    def close(self, pair: Pair) -> None:
+        self.both(pair, "close")
+
+    @invariant()
+    def same_state_and_contracts_kept(self) -> None:
+        for pair in getattr(self, "pairs", []):
+            a, b = (snapshot(f) for f in pair.files)
+            assert a == b, pair
+            if not (pair.arch == "pkvm" and pair.design == "overloaded"):
+                assert violations(pair.files[0]) == [], pair
+
+    def teardown(self) -> None:
+        for pair in getattr(self, "pairs", []):
+            for f in pair.files:
+                f.close()
+        if getattr(self, "pairs", None):
+            assert self.pms[0].nr_free == self.pms[1].nr_free
+            assert self.pms[0].nr_free + self.pms[0].nr_kept == PM_PAGES
+            assert self.pms[0].rmp_runs().tolist() == [[0, PM_PAGES, 0]]  # nothing assigned
+
+
+TestModel = Model.TestCase
+TestModel.settings = settings(
+    max_examples=1000 if LONG else 40,
+    stateful_step_count=100 if LONG else 40,
+    deadline=None,
+)
