@@ -4,11 +4,15 @@
 // One check_<feature>() per behaviour, in the style of lib/test_xarray.c: each compares the
 // core against a naive model and, on a mismatch, prints the whole structure and exits 1.
 // Usage: test_core [pages]   (pages: size of the exhaustive PFN-walk file, default 16)
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <vector>
 
+#include "gmem/arch.hpp"
 #include "gmem/errors.hpp"
+#include "gmem/guest_memfd.hpp"
 #include "gmem/folio_cache.hpp"
 #include "gmem/interval_map.hpp"
 #include "gmem/pfn_check.hpp"
@@ -176,6 +180,86 @@ static void check_physmem()
     std::printf("check_physmem: 20000 alloc/free, %zu free blocks\n", pm.nr_free_blocks());
 }
 
+/*
+ * check_guest_memfd - random operations on files of every arch and design, two files per
+ * PhysMem: the page cache stays consistent with its own page-by-page view after every
+ * step, failed calls leave the state alone, and teardown returns every page unassigned.
+ */
+static void check_guest_memfd()
+{
+    const char *names[] = {"sw_protected", "snp", "tdx", "pkvm", "recorder"};
+    unsigned long ops = 0, failed = 0;
+    for (int round = 0; round < 40; round++) {
+        auto pm = std::make_shared<PhysMem>(1024, 0, round);
+        if (round % 3 == 0)
+            pm->fragment(0.02);
+        const uint64_t free_at_start = pm->nr_free();
+        std::vector<std::unique_ptr<GuestMemfd>> files;
+        for (int k = 0; k < 2; k++) {
+            int a = int(rnd(5));
+            std::shared_ptr<Arch> arch;
+            if (a == 0)
+                arch = std::make_shared<SwProtected>();
+            else if (a == 1)
+                arch = std::make_shared<SNP>();
+            else if (a == 2)
+                arch = std::make_shared<TDX>();
+            else if (a == 3)
+                arch = std::make_shared<PKVM>();
+            else
+                arch = std::make_shared<Recorder>(7);
+            HookDesign d = rnd(2) ? HookDesign::Split : HookDesign::Overloaded;
+            uint64_t flags = rnd(2) ? FLAG_MMAP | FLAG_INIT_SHARED : FLAG_MMAP;
+            files.push_back(std::make_unique<GuestMemfd>((64 + rnd(256)) * PAGE_SIZE, flags,
+                                                         unsigned(rnd(10)), pm, arch, d));
+            (void)names;
+        }
+        for (int step = 0; step < 300; step++) {
+            GuestMemfd &f = *files[rnd(files.size())];
+            uint64_t n = f.nr_pages(), i = rnd(n + 4), j = rnd(n + 4);
+            ops++;
+            try {
+                switch (rnd(11)) {
+                case 0: f.fallocate(std::min(i, j), std::max(i, j)); break;
+                case 1: f.punch_hole(std::min(i, j), std::max(i, j) + 1); break;
+                case 2: f.guest_write(i, rnd(1000) + 1); break;
+                case 3: f.host_write(i, rnd(1000) + 1); break;
+                case 4: f.get_pfn(i); break;
+                case 5: f.pin(i); break;
+                case 6: f.unpin(i); break;
+                case 7: f.set_attributes(std::min(i, j), std::max(i, j), rnd(2) ? 0 : ATTR_PRIVATE); break;
+                case 8: f.set_memory_attributes2(i * PAGE_SIZE, (j + 1) * PAGE_SIZE, rnd(2) * ATTR_PRIVATE, 0); break;
+                case 9: f.add_folio(i & ~uint64_t(3), 2, rnd(1024) & ~uint64_t(3)); break;
+                case 10: f.host_read(i); break;
+                }
+            } catch (const InvalidArgument &) {
+                failed++;
+            } catch (const SigBus &) {
+                failed++;
+            } catch (const ConversionBusy &) {
+                failed++;
+            } catch (const OutOfMemory &) {
+                failed++;
+            }
+            std::vector<PfnRange> got(f.cache().count(0, n));
+            got.resize(f.cache().pfn_ranges(0, n, got.data()));
+            std::vector<PfnRange> want = ranges_from_pages(f.cache(), 0, n);
+            CHECK(got.size() == want.size(), f.dump());
+            for (size_t r = 0; r < got.size(); r++)
+                CHECK(got[r].start_pfn == want[r].start_pfn && got[r].end_pfn == want[r].end_pfn,
+                      f.dump());
+        }
+        for (auto &f : files) {
+            bool lossy = f->arch().name() == "pkvm" && f->hook_design() == HookDesign::Overloaded;
+            f->close();
+            CHECK(lossy || f->check().empty(), f->check()[0].str() + "\n" + f->dump());
+        }
+        CHECK(pm->nr_free() == free_at_start, pm->dump());
+        CHECK(pm->rmp().nr_runs() == 1 && pm->rmp().load(0) == 0, pm->dump());
+    }
+    std::printf("check_guest_memfd: %lu operations (%lu refused), 40 PhysMems\n", ops, failed);
+}
+
 int main(int argc, char **argv)
 {
     unsigned size_order = 4;
@@ -187,6 +271,7 @@ int main(int argc, char **argv)
     }
     check_interval_map();
     check_physmem();
+    check_guest_memfd();
     check_pfn_walk_exhaustive(size_order);
     PfnCheckReport rep = check_pfn_exhaustive(size_order);
     CHECK(rep.ok && rep.layouts > 0, rep.what);
