@@ -992,22 +992,25 @@ auto file_op(GuestMemfd &f, Mode mode, bool long_op, Fn &&fn)
 {
     Guard g(f.physmem().lock(), mode);
     PyHookState *hs = hook_state(f.arch());
-    struct Busy {
-        GuestMemfd *f;
-        ~Busy()
-        {
-            if (f)
-                f->set_in_operation(false);
-        }
-    } busy{nullptr};
-    if (mode == Mode::Write) {
-        if (f.in_operation())
-            throw Reentrant("an arch hook may read the file it serves, not change it");
-        f.set_in_operation(true);
-        busy.f = &f;
-    }
+    if (mode == Mode::Write && f.in_operation())
+        throw Reentrant("an arch hook may read the file it serves, not change it");
+    // The busy mark is set and cleared inside the locked region: nogil() gives the lock
+    // back as soon as the body returns, and the next thread must not see a stale mark.
+    auto body = [&] {
+        struct Busy {
+            GuestMemfd *f;
+            ~Busy()
+            {
+                if (f)
+                    f->set_in_operation(false);
+            }
+        } busy{mode == Mode::Write ? &f : nullptr};
+        if (busy.f)
+            f.set_in_operation(true);
+        return fn();
+    };
     try {
-        auto result = (hs || !long_op) ? fn() : g.nogil(fn);
+        auto result = (hs || !long_op) ? body() : g.nogil(body);
         if (hs && hs->pending) {
             py::error_already_set e = std::move(*hs->pending);
             hs->pending.reset();

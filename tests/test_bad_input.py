@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import IMPLS
-from model import snapshot
 
 import gmem
+
+from conftest import IMPLS
+from model import snapshot
 
 P = gmem.PAGE_SIZE
 HOOKS = {"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"}
@@ -144,7 +145,7 @@ def test_bad_call_on_a_file_changes_nothing(impl, method, args, exc, arg) -> Non
 
 
 @IMPLS
-@pytest.mark.parametrize(("method", "good", "names"), FILE_CALLS + [("unpin_pfn", (0,), ("pfn",))])
+@pytest.mark.parametrize(("method", "good", "names"), [*FILE_CALLS, ("unpin_pfn", (0,), ("pfn",))])
 def test_every_call_on_a_closed_file_raises(impl, method, good, names) -> None:
     f = file_under_test(impl)
     f.close()
@@ -190,9 +191,8 @@ def test_bad_arch_config_and_reuse(impl) -> None:
     with pytest.raises(TypeError, match="^config:"):
         impl.arch.Recorder("FREE")
     rec = impl.arch.Recorder(HOOKS)
-    with impl.GuestMemfd(P, arch=rec):
-        with pytest.raises(ValueError, match="^arch:"):
-            impl.GuestMemfd(P, arch=rec)
+    with impl.GuestMemfd(P, arch=rec), pytest.raises(ValueError, match="^arch:"):
+        impl.GuestMemfd(P, arch=rec)
 
 
 PHYSMEM_BAD = [

@@ -25,10 +25,11 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from model import snapshot, violations
 
 import gmem
 import gmem.reference as ref
+
+from model import snapshot, violations
 
 P = gmem.PAGE_SIZE
 PM_PAGES = 256
