@@ -50,14 +50,23 @@ static uint64_t checked_nr_pages(uint64_t size, uint64_t flags, unsigned folio_o
     return size / PAGE_SIZE;
 }
 
+static std::shared_ptr<PhysMem> default_physmem(uint64_t nr_pages, unsigned folio_order)
+{
+    // Its free lists start with one block per 1 GiB: beyond 4 PiB that is millions.
+    if (nr_pages > DEFAULT_PHYSMEM_LIMIT)
+        throw invalid("physmem", "a file of " + std::to_string(nr_pages) +
+                                     " pages needs an explicit PhysMem (the default one is "
+                                     "the file's size, up to 2**40 pages)");
+    uint64_t nr = pages(folio_order);
+    return std::make_shared<PhysMem>((nr_pages + nr - 1) & ~(nr - 1));
+}
+
 GuestMemfd::GuestMemfd(uint64_t size, uint64_t flags, unsigned folio_order,
                        std::shared_ptr<PhysMem> physmem, std::shared_ptr<Arch> arch,
                        HookDesign design)
     : nr_pages_(checked_nr_pages(size, flags, folio_order, arch.get())), flags_(flags),
       folio_order_(folio_order), config_(arch->config()), design_(design),
-      pm_(physmem ? std::move(physmem)
-                  : std::make_shared<PhysMem>((nr_pages_ + pages(folio_order) - 1) &
-                                              ~(pages(folio_order) - 1))),
+      pm_(physmem ? std::move(physmem) : default_physmem(nr_pages_, folio_order)),
       arch_(std::move(arch)), attrs_(nr_pages_, (flags & FLAG_INIT_SHARED) ? 0 : ATTR_PRIVATE),
       expected_(nr_pages_, 0)
 {

@@ -39,6 +39,8 @@
 namespace gmem {
 
 constexpr uint64_t PAGE_SIZE = 4096;
+/// The largest file (in pages) that gets a PhysMem of its own when none is given.
+constexpr uint64_t DEFAULT_PHYSMEM_LIMIT = uint64_t(1) << 40;
 enum : uint64_t { FLAG_MMAP = 1, FLAG_INIT_SHARED = 2 };
 
 /// EAGAIN from a to-private conversion: a folio in the range is pinned or mapped elsewhere.

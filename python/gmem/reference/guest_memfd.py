@@ -120,6 +120,11 @@ class GuestMemfd:
         self._flags, self._folio_order, self._design = fl, order, hook_design
         self._config, self._batched = config, batched
         if physmem is None:
+            if self._nr_pages > 1 << 40:
+                raise ValueError(
+                    f"physmem: a file of {self._nr_pages} pages needs an explicit PhysMem "
+                    "(the default one is the file's size, up to 2**40 pages)"
+                )
             nr = 1 << order
             physmem = PhysMem((self._nr_pages + nr - 1) // nr * nr)
         self._pm = physmem
