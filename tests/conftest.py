@@ -17,6 +17,9 @@ settings.register_profile(
     "default", deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile(
+    "ci", deadline=None, max_examples=600, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
     "long", deadline=None, max_examples=3000, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("GMEM_HYPOTHESIS_PROFILE", "default"))

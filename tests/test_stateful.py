@@ -34,7 +34,7 @@ from model import snapshot, violations
 P = gmem.PAGE_SIZE
 PM_PAGES = 256
 ARCHS = ["sw_protected", "snp", "tdx", "pkvm", "recorder"]
-LONG = os.environ.get("GMEM_HYPOTHESIS_PROFILE") == "long"
+PROFILE = os.environ.get("GMEM_HYPOTHESIS_PROFILE", "default")
 STEPS = {"n": 0}
 
 
@@ -199,8 +199,6 @@ class Model(RuleBasedStateMachine):
 
 
 TestModel = Model.TestCase
-TestModel.settings = settings(
-    max_examples=1000 if LONG else 40,
-    stateful_step_count=100 if LONG else 40,
-    deadline=None,
-)
+# default: ~1,000 steps (seconds); ci: ~15,000; long: ~80,000 (about a minute)
+EXAMPLES, STEP_COUNT = {"long": (1000, 100), "ci": (250, 60)}.get(PROFILE, (40, 40))
+TestModel.settings = settings(max_examples=EXAMPLES, stateful_step_count=STEP_COUNT, deadline=None)
