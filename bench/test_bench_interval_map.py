@@ -134,19 +134,23 @@ def test_lookups_against_peers(benchmark, name) -> None:
     assert len(got) == 1000
 
 
+def bulk_ranges():
+    rng = np.random.default_rng(8)
+    starts = rng.integers(0, NR_PAGES - 64, 100_000).astype(np.uint64)
+    values = np.where(np.arange(len(starts)) % 2, PRIVATE, 0).astype(np.uint64)
+    return starts, starts + np.uint64(32), values
+
+
 def test_store_many_against_a_bitmap(benchmark) -> None:
     """Bulk stores of the one-bit case: store_many from numpy against pyroaring."""
     from gmem import benchpeers
 
     benchmark.group = "store_many 10**5 ranges"
-    rng = np.random.default_rng(8)
-    starts = rng.integers(0, NR_PAGES - 64, 100_000).astype(np.uint64)
-    ends = starts + np.uint64(32)
-    values = np.where(np.arange(len(starts)) % 2, PRIVATE, 0).astype(np.uint64)
+    starts, ends, values = bulk_ranges()
     m, bm = gmem.IntervalMap(NR_PAGES), benchpeers.RoaringMap(NR_PAGES)
     benchmark(m.store_many, starts, ends, values)
     bm.store_many(starts, ends, values)
-    probes = rng.integers(0, NR_PAGES, 2000).tolist()
+    probes = np.random.default_rng(9).integers(0, NR_PAGES, 2000).tolist()
     assert [m.load(i) for i in probes] == [bm.load(i) for i in probes]
 
 
@@ -154,9 +158,6 @@ def test_store_many_pyroaring(benchmark) -> None:
     from gmem import benchpeers
 
     benchmark.group = "store_many 10**5 ranges"
-    rng = np.random.default_rng(8)
-    starts = rng.integers(0, NR_PAGES - 64, 100_000).astype(np.uint64)
-    ends = starts + np.uint64(32)
-    values = np.where(np.arange(len(starts)) % 2, PRIVATE, 0).astype(np.uint64)
+    starts, ends, values = bulk_ranges()
     bm = benchpeers.RoaringMap(NR_PAGES)
     benchmark.pedantic(bm.store_many, args=(starts, ends, values), rounds=3, iterations=1)

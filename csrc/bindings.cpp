@@ -13,7 +13,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <climits>
+#include <type_traits>
+#include <utility>
 #include <cstring>
 #include <optional>
 #include <mutex>
@@ -1070,10 +1073,52 @@ void close_unclosed(GuestMemfd *f) noexcept
     delete f;
 }
 
+using GuestMemfdClass = py::class_<GuestMemfd, std::shared_ptr<GuestMemfd>>;
+
+/* Bind a file operation whose arguments are all u64, named @names, run by file_op(). */
+template <class R, class... A, size_t... I>
+void def_file_op(GuestMemfdClass &cls, const char *name, R (GuestMemfd::*method)(A...),
+                 std::array<const char *, sizeof...(A)> names, bool long_op,
+                 std::index_sequence<I...>)
+{
+    cls.def(
+        name,
+        [method, names, long_op](GuestMemfd &f, std::conditional_t<true, py::handle, A>... args) {
+            const uint64_t v[] = {to_u64(args, names[I])...}; // converted left to right
+            if constexpr (std::is_void_v<R>) {
+                file_op(f, Mode::Write, long_op, [&] {
+                    (f.*method)(A(v[I])...);
+                    return 0;
+                });
+            } else {
+                return file_op(f, Mode::Write, long_op, [&] { return (f.*method)(A(v[I])...); });
+            }
+        },
+        py::arg(names[I])...);
+}
+
+template <class R, class... A>
+void def_file_op(GuestMemfdClass &cls, const char *name, R (GuestMemfd::*method)(A...),
+                 std::array<const char *, sizeof...(A)> names, bool long_op = false)
+{
+    def_file_op(cls, name, method, names, long_op, std::index_sequence_for<A...>{});
+}
+
 void bind_guest_memfd(py::module_ &m)
 {
     using GM = GuestMemfd;
-    py::class_<GM, std::shared_ptr<GM>> cls(m, "GuestMemfd");
+    GuestMemfdClass cls(m, "GuestMemfd");
+    def_file_op(cls, "fallocate", &GM::fallocate, {"start", "end"}, true);
+    def_file_op(cls, "punch_hole", &GM::punch_hole, {"start", "end"}, true);
+    def_file_op(cls, "set_attributes", &GM::set_attributes, {"start", "end", "attrs"}, true);
+    def_file_op(cls, "host_fault", &GM::host_fault, {"index"});
+    def_file_op(cls, "guest_read", &GM::guest_read, {"index"});
+    def_file_op(cls, "guest_write", &GM::guest_write, {"index", "token"});
+    def_file_op(cls, "host_read", &GM::host_read, {"index"});
+    def_file_op(cls, "host_write", &GM::host_write, {"index", "token"});
+    def_file_op(cls, "pin", &GM::pin, {"index"});
+    def_file_op(cls, "unpin", &GM::unpin, {"index"});
+    def_file_op(cls, "unpin_pfn", &GM::unpin_pfn, {"pfn"});
     cls.def(py::init([](py::handle size, py::handle flags, py::handle folio_order,
                         py::handle physmem, py::handle arch, py::handle hook_design) {
                 uint64_t sz = to_u64(size, "size_bytes"), fl = to_u64(flags, "flags");
@@ -1120,26 +1165,6 @@ void bind_guest_memfd(py::module_ &m)
                                    return stats_dict(
                                        file_op(f, Mode::Read, false, [&] { return f.stats(); }));
                                })
-        .def(
-            "fallocate",
-            [](GM &f, py::handle s, py::handle e) {
-                uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
-                file_op(f, Mode::Write, true, [&] {
-                    f.fallocate(start, end);
-                    return 0;
-                });
-            },
-            py::arg("start"), py::arg("end"))
-        .def(
-            "punch_hole",
-            [](GM &f, py::handle s, py::handle e) {
-                uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
-                file_op(f, Mode::Write, true, [&] {
-                    f.punch_hole(start, end);
-                    return 0;
-                });
-            },
-            py::arg("start"), py::arg("end"))
         .def("close",
              [](GM &f) {
                  file_op(f, Mode::Write, true, [&] {
@@ -1175,85 +1200,6 @@ void bind_guest_memfd(py::module_ &m)
                 return py::make_tuple(r.first, r.second);
             },
             py::arg("index"))
-        .def(
-            "host_fault",
-            [](GM &f, py::handle i) {
-                uint64_t index = to_u64(i, "index");
-                return file_op(f, Mode::Write, false, [&] { return f.host_fault(index); });
-            },
-            py::arg("index"))
-        .def(
-            "guest_read",
-            [](GM &f, py::handle i) {
-                uint64_t index = to_u64(i, "index");
-                return file_op(f, Mode::Write, false, [&] { return f.guest_read(index); });
-            },
-            py::arg("index"))
-        .def(
-            "guest_write",
-            [](GM &f, py::handle i, py::handle t) {
-                uint64_t index = to_u64(i, "index"), token = to_u64(t, "token");
-                file_op(f, Mode::Write, false, [&] {
-                    f.guest_write(index, token);
-                    return 0;
-                });
-            },
-            py::arg("index"), py::arg("token"))
-        .def(
-            "host_read",
-            [](GM &f, py::handle i) {
-                uint64_t index = to_u64(i, "index");
-                return file_op(f, Mode::Write, false, [&] { return f.host_read(index); });
-            },
-            py::arg("index"))
-        .def(
-            "host_write",
-            [](GM &f, py::handle i, py::handle t) {
-                uint64_t index = to_u64(i, "index"), token = to_u64(t, "token");
-                file_op(f, Mode::Write, false, [&] {
-                    f.host_write(index, token);
-                    return 0;
-                });
-            },
-            py::arg("index"), py::arg("token"))
-        .def(
-            "pin",
-            [](GM &f, py::handle i) {
-                uint64_t index = to_u64(i, "index");
-                return file_op(f, Mode::Write, false, [&] { return f.pin(index); });
-            },
-            py::arg("index"))
-        .def(
-            "unpin",
-            [](GM &f, py::handle i) {
-                uint64_t index = to_u64(i, "index");
-                file_op(f, Mode::Write, false, [&] {
-                    f.unpin(index);
-                    return 0;
-                });
-            },
-            py::arg("index"))
-        .def(
-            "unpin_pfn",
-            [](GM &f, py::handle p) {
-                uint64_t pfn = to_u64(p, "pfn");
-                file_op(f, Mode::Write, false, [&] {
-                    f.unpin_pfn(pfn);
-                    return 0;
-                });
-            },
-            py::arg("pfn"))
-        .def(
-            "set_attributes",
-            [](GM &f, py::handle s, py::handle e, py::handle a) {
-                uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
-                uint64_t attrs = to_u64(a, "attrs");
-                file_op(f, Mode::Write, true, [&] {
-                    f.set_attributes(start, end, attrs);
-                    return 0;
-                });
-            },
-            py::arg("start"), py::arg("end"), py::arg("attrs"))
         .def(
             "set_memory_attributes2",
             [](GM &f, py::handle o, py::handle s, py::handle a, py::handle fl) {

@@ -35,25 +35,6 @@ static unsigned long nr_checks;
 static uint64_t rng_state = 42;
 static uint64_t rnd(uint64_t n) { return SplitMix64{rng_state++}.next() % n; }
 
-/* Every layout of aligned folios (or order-0 holes) in [base, base + 2**order). */
-static void layouts(uint64_t base, unsigned order, std::vector<std::vector<Folio>> &out)
-{
-    out.push_back({Folio{base, 0, order, false}});
-    if (order == 0) {
-        out.push_back({});
-        return;
-    }
-    std::vector<std::vector<Folio>> lo, hi;
-    layouts(base, order - 1, lo);
-    layouts(base + (uint64_t(1) << (order - 1)), order - 1, hi);
-    for (const auto &h : hi)
-        for (const auto &l : lo) {
-            std::vector<Folio> v = l;
-            v.insert(v.end(), h.begin(), h.end());
-            out.push_back(v);
-        }
-}
-
 /*
  * check_pfn_walk_exhaustive - every layout of a @size-page file and every [start, end):
  * the clamped ranges are non-empty, each inside its folio, and expand to exactly the PFNs
@@ -63,7 +44,7 @@ static void check_pfn_walk_exhaustive(unsigned size_order)
 {
     const uint64_t size = uint64_t(1) << size_order;
     std::vector<std::vector<Folio>> all;
-    layouts(0, size_order, all);
+    enumerate_layouts(0, size_order, all);
     std::vector<PfnRange> ranges(size);
     std::vector<uint64_t> pages(size);
     for (auto &layout : all) {
