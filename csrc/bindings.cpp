@@ -641,14 +641,13 @@ void bind_clamp(py::module_ &m)
             {
                 // Safe without the GIL: the three arrays are contiguous and referenced here.
                 py::gil_scoped_release nogil;
-                check_folio_layout(ip, op, pp, n);
                 count = count_clamped(ip, op, n, start, end, &first);
             }
             auto out = new_u64_2d(count, 2);
             auto *ranges = reinterpret_cast<PfnRange *>(out.mutable_data());
             {
                 py::gil_scoped_release nogil;
-                clamp_folio_ranges(ip, op, pp, first, count, start, end, ranges);
+                clamp_folio_ranges(ip, op, pp, n, first, count, start, end, ranges);
             }
             return out;
         },

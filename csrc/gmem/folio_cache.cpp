@@ -255,37 +255,55 @@ std::string FolioCache::dump() const
     return os.str();
 }
 
+/* Why folio @i of a layout is wrong (throws), given the folio before it was right. */
+static void check_layout_folio(const uint64_t *index, const uint64_t *order, const uint64_t *pfn,
+                               size_t i)
+{
+    auto bad = [&](const char *arg, const std::string &why) {
+        return invalid(arg, "folio " + std::to_string(i) + " " +
+                                folio_str(index[i], unsigned(order[i] > 99 ? 99 : order[i]),
+                                          pfn[i]) +
+                                ": " + why);
+    };
+    if (order[i] > MAX_ORDER)
+        throw bad("order", "order must be in 0..18");
+    uint64_t nr = uint64_t(1) << order[i];
+    if (index[i] & (nr - 1))
+        throw bad("index", "index is not a multiple of 2**order");
+    if (index[i] > ~uint64_t(0) - nr)
+        throw bad("index", "folio ends past 2**64 - 1");
+    if (pfn[i] & (nr - 1))
+        throw bad("pfn", "pfn is not a multiple of 2**order");
+    if (pfn[i] > ~uint64_t(0) - nr)
+        throw bad("pfn", "PFN range ends past 2**64 - 1");
+    if (i > 0) {
+        uint64_t prev_end = index[i - 1] + (uint64_t(1) << order[i - 1]);
+        if (index[i] < index[i - 1])
+            throw bad("index", "not sorted: index below the previous folio's " +
+                                   std::to_string(index[i - 1]));
+        if (index[i] < prev_end)
+            throw bad("index", "overlaps the previous folio, which ends at " +
+                                   std::to_string(prev_end));
+    }
+}
+
+static inline bool layout_folio_ok(const uint64_t *index, const uint64_t *order,
+                                   const uint64_t *pfn, size_t i)
+{
+    if (order[i] > MAX_ORDER)
+        return false;
+    uint64_t nr = uint64_t(1) << order[i];
+    return !((index[i] | pfn[i]) & (nr - 1)) && index[i] <= ~uint64_t(0) - nr &&
+           pfn[i] <= ~uint64_t(0) - nr &&
+           (i == 0 || index[i] >= index[i - 1] + (uint64_t(1) << order[i - 1]));
+}
+
 void check_folio_layout(const uint64_t *index, const uint64_t *order, const uint64_t *pfn,
                         size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
-        auto bad = [&](const char *arg, const std::string &why) {
-            return invalid(arg, "folio " + std::to_string(i) + " " +
-                                    folio_str(index[i], unsigned(order[i] > 99 ? 99 : order[i]),
-                                              pfn[i]) +
-                                    ": " + why);
-        };
-        if (order[i] > MAX_ORDER)
-            throw bad("order", "order must be in 0..18");
-        uint64_t nr = uint64_t(1) << order[i];
-        if (index[i] & (nr - 1))
-            throw bad("index", "index is not a multiple of 2**order");
-        if (index[i] > ~uint64_t(0) - nr)
-            throw bad("index", "folio ends past 2**64 - 1");
-        if (pfn[i] & (nr - 1))
-            throw bad("pfn", "pfn is not a multiple of 2**order");
-        if (pfn[i] > ~uint64_t(0) - nr)
-            throw bad("pfn", "PFN range ends past 2**64 - 1");
-        if (i > 0) {
-            uint64_t prev_end = index[i - 1] + (uint64_t(1) << order[i - 1]);
-            if (index[i] < index[i - 1])
-                throw bad("index", "not sorted: index below the previous folio's " +
-                                       std::to_string(index[i - 1]));
-            if (index[i] < prev_end)
-                throw bad("index", "overlaps the previous folio, which ends at " +
-                                       std::to_string(prev_end));
-        }
-    }
+    for (size_t i = 0; i < n; i++)
+        if (!layout_folio_ok(index, order, pfn, i))
+            check_layout_folio(index, order, pfn, i);
 }
 
 size_t count_clamped(const uint64_t *index, const uint64_t *order, size_t n, uint64_t start,
@@ -295,7 +313,8 @@ size_t count_clamped(const uint64_t *index, const uint64_t *order, size_t n, uin
     size_t lo = 0, hi = n;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        if (index[mid] + (uint64_t(1) << order[mid]) <= start)
+        // Not validated yet: an order past 18 must not make the shift undefined.
+        if (index[mid] + (uint64_t(1) << (order[mid] & 63)) <= start)
             lo = mid + 1;
         else
             hi = mid;
@@ -306,16 +325,20 @@ size_t count_clamped(const uint64_t *index, const uint64_t *order, size_t n, uin
 }
 
 void clamp_folio_ranges(const uint64_t *index, const uint64_t *order, const uint64_t *pfn,
-                        size_t first, size_t count, uint64_t start, uint64_t end,
+                        size_t n, size_t first, size_t count, uint64_t start, uint64_t end,
                         PfnRange *out)
 {
-    for (size_t i = 0; i < count; i++) {
-        size_t j = first + i;
-        uint64_t nr = uint64_t(1) << order[j];
-        uint64_t si = index[j] > start ? index[j] : start;
-        uint64_t ei = index[j] + nr < end ? index[j] + nr : end;
-        uint64_t sp = pfn[j] + (si & (nr - 1));
-        out[i] = PfnRange{sp, sp + (ei - si)};
+    // One pass validates every folio and clamps those in [first, first + count).
+    for (size_t i = 0; i < n; i++) {
+        if (!layout_folio_ok(index, order, pfn, i))
+            check_layout_folio(index, order, pfn, i);
+        if (i - first < count) {
+            uint64_t nr = uint64_t(1) << order[i];
+            uint64_t si = index[i] > start ? index[i] : start;
+            uint64_t ei = index[i] + nr < end ? index[i] + nr : end;
+            uint64_t sp = pfn[i] + (si & (nr - 1));
+            out[i - first] = PfnRange{sp, sp + (ei - si)};
+        }
     }
 }
 

@@ -212,16 +212,17 @@ inline size_t coalesce(const PfnRange *in, size_t n, PfnRange *out)
 
 /*
  * clamp_folio_ranges - the walk as a pure function over a caller's folio layout, given as
- * parallel arrays sorted by index.  Validates the layout first (orders 0..18, index and
- * pfn aligned, sorted, non-overlapping) and throws InvalidArgument naming the first bad
- * folio.  count_clamped() sizes the output for clamp_folio_ranges().
+ * parallel arrays sorted by index.  count_clamped() finds the folios that overlap
+ * [start, end) (first, count) to size the output; clamp_folio_ranges() then validates the
+ * whole layout (orders 0..18, index and pfn aligned, sorted, non-overlapping), throwing
+ * InvalidArgument naming the first bad folio, and clamps those folios in the same pass.
  */
 void check_folio_layout(const uint64_t *index, const uint64_t *order, const uint64_t *pfn,
                         size_t n);
 size_t count_clamped(const uint64_t *index, const uint64_t *order, size_t n, uint64_t start,
                      uint64_t end, size_t *first);
 void clamp_folio_ranges(const uint64_t *index, const uint64_t *order, const uint64_t *pfn,
-                        size_t first, size_t count, uint64_t start, uint64_t end,
+                        size_t n, size_t first, size_t count, uint64_t start, uint64_t end,
                         PfnRange *out);
 
 } // namespace gmem
