@@ -40,6 +40,12 @@ using u64_array = py::array_t<uint64_t, py::array::c_style | py::array::forcecas
 /* An integer argument (anything with __index__) as u64: TypeError or ValueError naming it. */
 uint64_t to_u64(py::handle h, const char *name)
 {
+    if (PyLong_CheckExact(h.ptr())) { // the common case, without a new reference
+        unsigned long long v = PyLong_AsUnsignedLongLong(h.ptr());
+        if (!(v == (unsigned long long)-1 && PyErr_Occurred()))
+            return v;
+        PyErr_Clear(); // negative or too large: the path below says which
+    }
     PyObject *idx = PyNumber_Index(h.ptr());
     if (!idx) {
         PyErr_Clear();
