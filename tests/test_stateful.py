@@ -199,6 +199,6 @@ class Model(RuleBasedStateMachine):
 
 
 TestModel = Model.TestCase
-# default: ~1,000 steps (seconds); ci: ~15,000; long: ~80,000 (about a minute)
+# default: ~1,000 steps (a second); ci: ~12,000 (8 s); long: ~80,000 (about a minute)
 EXAMPLES, STEP_COUNT = {"long": (1000, 100), "ci": (250, 60)}.get(PROFILE, (40, 40))
 TestModel.settings = settings(max_examples=EXAMPLES, stateful_step_count=STEP_COUNT, deadline=None)
