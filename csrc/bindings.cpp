@@ -672,6 +672,16 @@ struct PyHookState {
     unsigned config_bits = 0;
     std::string py_name;
     std::optional<py::error_already_set> pending;
+    // The Python overrides of the two range hooks, looked up once per operation rather
+    // than once per folio batch; forget() drops them (GIL held) when the operation ends.
+    py::object make_shared_fn, free_folio_fn;
+    bool make_shared_known = false, free_folio_known = false;
+    void forget()
+    {
+        make_shared_fn = py::object();
+        free_folio_fn = py::object();
+        make_shared_known = free_folio_known = false;
+    }
 };
 
 PyHookState *hook_state(Arch &a) { return dynamic_cast<PyHookState *>(&a); }
@@ -787,7 +797,13 @@ private:
                      Fallback &&fallback)
     {
         py::gil_scoped_acquire gil;
-        py::function fn = py::get_override(static_cast<const Base *>(this), hook);
+        bool ms = hook[0] == 'm';
+        py::object &fn = ms ? make_shared_fn : free_folio_fn;
+        bool &known = ms ? make_shared_known : free_folio_known;
+        if (!known) {
+            fn = py::get_override(static_cast<const Base *>(this), hook);
+            known = true;
+        }
         if (!fn)
             return fallback();
         if (batched) {
@@ -1019,15 +1035,20 @@ auto file_op(GuestMemfd &f, Mode mode, bool long_op, Fn &&fn)
     };
     try {
         auto result = (hs || !long_op) ? body() : g.nogil(body);
-        if (hs && hs->pending) {
-            py::error_already_set e = std::move(*hs->pending);
-            hs->pending.reset();
-            throw e;
+        if (hs) {
+            hs->forget();
+            if (hs->pending) {
+                py::error_already_set e = std::move(*hs->pending);
+                hs->pending.reset();
+                throw e;
+            }
         }
         return result;
     } catch (...) {
-        if (hs)
+        if (hs) {
+            hs->forget();
             hs->pending.reset();
+        }
         throw;
     }
 }
