@@ -96,6 +96,15 @@ Folio FolioCache::remove(uint64_t index)
     return f;
 }
 
+void FolioCache::remove_consecutive(const Folio *folios, size_t n)
+{
+    if (!n)
+        return;
+    tree_.erase_range(folios[0].index, folios[n - 1].index + 1); // one memmove per leaf
+    for (size_t i = 0; i < n; i++)
+        nr_pages_ -= folios[i].nr_pages();
+}
+
 void FolioCache::set_uptodate(uint64_t index, bool uptodate)
 {
     auto p = tree_.floor(index);

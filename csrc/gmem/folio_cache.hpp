@@ -69,6 +69,14 @@ public:
     /// Remove the folio that starts at @index (which must exist) and return it.
     Folio remove(uint64_t index);
     void set_uptodate(uint64_t index, bool uptodate);
+    /// Remove @n folios that are consecutive in the cache (as folios() returned them).
+    void remove_consecutive(const Folio *folios, size_t n);
+    /// Move every folio into @into (which must be empty), leaving this cache empty: O(1).
+    void move_all_to(FolioCache &into)
+    {
+        std::swap(tree_, into.tree_);
+        std::swap(nr_pages_, into.nr_pages_);
+    }
 
     /// Split the folio covering @index into 2**(order - new_order) folios of @new_order.
     void split(uint64_t index, unsigned new_order);

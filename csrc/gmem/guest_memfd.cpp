@@ -333,11 +333,59 @@ void GuestMemfd::free_pieces(const std::vector<Folio> &pieces)
     }
 }
 
+/*
+ * release_range - truncate_inode_pages_range(): take the folios of [start, end), which
+ * all lie inside it, out of the page cache (RELEASE_CHUNK folios at a time; a whole-file
+ * teardown empties the cache at once), then free them, free_folio in batches of up to 31
+ * freed folios.  A pinned folio leaves the cache but is freed at its last unpin;
+ * @with_orphans (teardown) frees those too.  Memory stays bounded however many folios.
+ */
+void GuestMemfd::release_range(uint64_t start, uint64_t end, bool with_orphans)
+{
+    std::vector<Folio> batch;
+    batch.reserve(FOLIO_BATCH_SIZE);
+    auto add = [&](const Folio &f) {
+        batch.push_back(f);
+        if (batch.size() == FOLIO_BATCH_SIZE) {
+            free_pieces(batch);
+            batch.clear();
+        }
+    };
+    auto release = [&](const Folio &f) {
+        if (pins_in(f.pfn, f.nr_pages()))
+            orphans_[f.pfn] = f.order; // freed at its last unpin_pfn()
+        else
+            add(f);
+    };
+    if (start == 0 && end == nr_pages_) {
+        FolioCache taken;
+        cache_.move_all_to(taken);
+        taken.for_each_clamped(0, nr_pages_, [&](const Folio &f, const PfnRange &) { release(f); });
+    } else {
+        std::vector<Folio> chunk(std::min<uint64_t>(RELEASE_CHUNK, cache_.nr_folios()));
+        for (size_t n; !chunk.empty() && (n = cache_.folios(start, end, chunk.data(), chunk.size()));) {
+            cache_.remove_consecutive(chunk.data(), n);
+            for (size_t i = 0; i < n; i++)
+                release(chunk[i]);
+        }
+    }
+    if (with_orphans) {
+        for (const auto &o : orphans_)
+            add(Folio{NO_PFN, o.first, o.second, true});
+        orphans_.clear();
+    }
+    if (!batch.empty())
+        free_pieces(batch);
+}
+
 void GuestMemfd::fallocate(uint64_t start, uint64_t end)
 {
     check_open();
     check_range(start, end);
-    std::vector<Folio> got;
+    // What this call allocated, as runs of index-contiguous new folios: O(holes) memory
+    // even for 2**28 folios, and enough to give them all back.
+    std::vector<std::pair<uint64_t, uint64_t>> got;
+    uint64_t allocated = 0;
     for (uint64_t i = start; i < end;) {
         Folio f;
         if (cache_.lookup(i, &f)) {
@@ -347,17 +395,26 @@ void GuestMemfd::fallocate(uint64_t start, uint64_t end)
         bool oom;
         f = alloc_folio(i, &oom);
         if (oom) {
-            // Stricter than the kernel: give back what this call took, newest first, so
-            // the buddy allocator coalesces back to exactly the state it had.
-            for (auto g = got.rbegin(); g != got.rend(); ++g) {
-                cache_.remove(g->index);
-                pm_->free(g->pfn, g->order);
-            }
-            stats_.folios_allocated -= got.size();
+            // Stricter than the kernel: give back everything this call took.  The buddy
+            // allocator's free state depends only on which pages are free, so freeing in
+            // any order restores it exactly.
+            Folio chunk[FOLIO_BATCH_SIZE];
+            for (const auto &run : got)
+                for (size_t n; (n = cache_.folios(run.first, run.second, chunk,
+                                                  FOLIO_BATCH_SIZE));) {
+                    cache_.remove_consecutive(chunk, n);
+                    for (size_t k = 0; k < n; k++)
+                        pm_->free(chunk[k].pfn, chunk[k].order);
+                }
+            stats_.folios_allocated -= allocated;
             throw OutOfMemory("fallocate: physical memory ran out at index " +
                               std::to_string(i) + "; nothing was allocated");
         }
-        got.push_back(f);
+        allocated++;
+        if (!got.empty() && got.back().second == f.index)
+            got.back().second = f.end();
+        else
+            got.push_back({f.index, f.end()});
         i = f.end();
     }
 }
@@ -396,16 +453,8 @@ void GuestMemfd::punch_hole(uint64_t start, uint64_t end)
     arch_->invalidate_start(*this, start, end, FILTER_SHARED | FILTER_PRIVATE);
     mapped_.erase(mapped_.lower_bound(start), mapped_.lower_bound(end));
     cache_.split_range(start, end);
-    std::vector<Folio> to_free;
-    for (const Folio &f : cache_.folios(start, end)) {
-        cache_.remove(f.index);
-        if (pins_in(f.pfn, f.nr_pages()))
-            orphans_[f.pfn] = f.order; // freed at its last unpin_pfn()
-        else
-            to_free.push_back(f);
-    }
     expected_.store(start, end, 0);
-    free_pieces(to_free);
+    release_range(start, end, false);
     arch_->invalidate_end(*this, start, end);
 }
 
@@ -417,12 +466,7 @@ void GuestMemfd::close()
     arch_->invalidate_start(*this, 0, nr_pages_, FILTER_SHARED | FILTER_PRIVATE);
     mapped_.clear();
     pins_.clear(); // the pinning devices go away with the VM
-    std::vector<Folio> to_free = cache_.folios(0, nr_pages_);
-    for (const auto &o : orphans_)
-        to_free.push_back(Folio{NO_PFN, o.first, o.second, true});
-    cache_.clear();
-    orphans_.clear();
-    free_pieces(to_free);
+    release_range(0, nr_pages_, true);
     arch_->invalidate_end(*this, 0, nr_pages_);
     closed_ = true;
 }
@@ -652,7 +696,11 @@ std::string GuestMemfd::dump() const
        << cache_.nr_folios() << ", attribute runs=" << attrs_.nr_runs()
        << (closed_ ? ", closed" : "") << ")";
     size_t shown = 0;
-    for (const FolioInfo &fi : folios(0, nr_pages_)) {
+    Folio first[33];
+    size_t n = cache_.folios(0, nr_pages_, first, 33);
+    for (size_t k = 0; k < n; k++) {
+        FolioInfo fi{first[k], uint32_t(pins_in(first[k].pfn, first[k].nr_pages())),
+                     uint32_t(mapped_in(first[k].index, first[k].end()))};
         if (shown++ == 32) {
             os << "\n  ...";
             break;

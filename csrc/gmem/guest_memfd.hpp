@@ -39,6 +39,8 @@
 namespace gmem {
 
 constexpr uint64_t PAGE_SIZE = 4096;
+/// Folios a punch takes out of the page cache at a time (bounds its memory).
+constexpr size_t RELEASE_CHUNK = 65536;
 /// The largest file (in pages) that gets a PhysMem of its own when none is given.
 constexpr uint64_t DEFAULT_PHYSMEM_LIMIT = uint64_t(1) << 40;
 enum : uint64_t { FLAG_MMAP = 1, FLAG_INIT_SHARED = 2 };
@@ -159,6 +161,7 @@ private:
     void zero_folio(Folio &f);
     unsigned max_order(const Folio &f, uint64_t index, uint64_t *block) const;
     void free_pieces(const std::vector<Folio> &pieces);
+    void release_range(uint64_t start, uint64_t end, bool with_orphans);
     void release(uint64_t pfn, unsigned order);
     void hook_walk(uint64_t start, uint64_t end, bool free_hook);
     void convert_contents(uint64_t start, uint64_t end, uint64_t attrs);

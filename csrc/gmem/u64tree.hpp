@@ -255,6 +255,13 @@ public:
         size_ = 0;
     }
 
+    friend void swap(U64Tree &a, U64Tree &b) noexcept
+    {
+        a.first_.swap(b.first_);
+        a.leaves_.swap(b.leaves_);
+        std::swap(a.size_, b.size_);
+    }
+
     /// Bytes this tree holds on the heap (leaves and the leaf index).
     size_t memory_bytes() const
     {

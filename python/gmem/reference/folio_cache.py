@@ -102,6 +102,16 @@ class FolioCache:
         found = [self._folios[i] for i in self._indexes[lo:hi]]
         return ([first] if first is not None and first.index < start else []) + found
 
+    def first_overlapping(self, start: int, end: int, count: int) -> list[Folio]:
+        """Up to ``count`` folios overlapping [start, end), in index order."""
+        if start >= end:
+            return []
+        first = self.lookup_folio(start)
+        head = [first] if first is not None and first.index < start else []
+        lo = bisect_left(self._indexes, start)
+        hi = min(bisect_left(self._indexes, end), lo + count - len(head))
+        return head + [self._folios[i] for i in self._indexes[lo:hi]]
+
     def check_new(self, index: int, order: int, pfn: int) -> None:
         nr = 1 << order
         if index % nr:

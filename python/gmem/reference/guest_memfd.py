@@ -38,6 +38,8 @@ from gmem.reference.folio_cache import Folio, FolioCache, folio_rows, ranges_arr
 from gmem.reference.interval_map import IntervalMap
 from gmem.reference.physmem import PhysMem
 
+RELEASE_CHUNK = 65536  # folios a punch takes out of the page cache at a time
+
 STAT_KEYS = (
     "folios_allocated",
     "folios_freed",
@@ -404,6 +406,41 @@ class GuestMemfd:
                 self._pm.free(f.pfn, f.order)
                 self._stats["folios_freed"] += 1
 
+    def _release_range(self, start: int, end: int, with_orphans: bool) -> None:
+        """truncate_inode_pages_range(): the folios of [start, end) leave the cache (all at
+        once on teardown, else RELEASE_CHUNK at a time), then are freed in batches of up to
+        31; a pinned one waits for its last unpin."""
+        batch: list[Folio] = []
+
+        def add(f: Folio) -> None:
+            batch.append(f)
+            if len(batch) == FOLIO_BATCH_SIZE:
+                self._free_pieces(batch)
+                batch.clear()
+
+        def release(f: Folio) -> None:
+            if self._pins_in(f.pfn, f.nr_pages):
+                self._orphans[f.pfn] = f.order  # freed at its last unpin_pfn()
+            else:
+                add(f)
+
+        if start == 0 and end == self._nr_pages:  # teardown: the cache empties at once
+            taken, self._cache = self._cache, FolioCache()
+            for f in taken.overlapping(start, end):
+                release(f)
+        else:  # a punch: RELEASE_CHUNK folios at a time
+            while chunk := self._cache.first_overlapping(start, end, RELEASE_CHUNK):
+                for f in chunk:
+                    self._cache.pop(f.index)
+                for f in chunk:
+                    release(f)
+        if with_orphans:
+            for pfn, order in sorted(self._orphans.items()):
+                add(Folio(pfn, order, pfn, True))
+            self._orphans.clear()
+        if batch:
+            self._free_pieces(batch)
+
     def fallocate(self, start: Any, end: Any) -> None:
         s, e = u64(start, "start"), u64(end, "end")
 
@@ -466,15 +503,8 @@ class GuestMemfd:
             self._hook("invalidate_start", s, stop, FILTER_SHARED | FILTER_PRIVATE)
             self._unmap(s, stop)
             self._cache.split_range_pages(s, stop)
-            to_free = []
-            for f in self._cache.overlapping(s, stop):
-                self._cache.pop(f.index)
-                if self._pins_in(f.pfn, f.nr_pages):
-                    self._orphans[f.pfn] = f.order  # freed at its last unpin_pfn()
-                else:
-                    to_free.append(f)
             self._expected.store(s, stop, 0)
-            self._free_pieces(to_free)
+            self._release_range(s, stop, with_orphans=False)
             self._hook("invalidate_end", s, stop)
 
         self._operation(punch)
@@ -486,12 +516,7 @@ class GuestMemfd:
         self._hook("invalidate_start", 0, self._nr_pages, FILTER_SHARED | FILTER_PRIVATE)
         self._mapped.clear()
         self._pins.clear()  # the pinning devices go away with the VM
-        to_free = self._cache.overlapping(0, self._nr_pages)
-        to_free += [Folio(p, o, p, True) for p, o in sorted(self._orphans.items())]
-        for f in self._cache.overlapping(0, self._nr_pages):
-            self._cache.pop(f.index)
-        self._orphans.clear()
-        self._free_pieces(to_free)
+        self._release_range(0, self._nr_pages, with_orphans=True)
         self._hook("invalidate_end", 0, self._nr_pages)
         self._closed = True
 
