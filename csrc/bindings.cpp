@@ -118,6 +118,26 @@ u64_array to_u64_array(py::handle obj, const char *name)
     return u64_array::ensure(a);
 }
 
+/* Three parallel 1-D arrays of one length, as u64: (starts, ends, values) or (index, order,
+ * pfn).  A length mismatch is a ValueError naming the second array. */
+struct Columns {
+    u64_array a, b, c;
+    size_t n;
+};
+
+Columns to_columns(py::handle a, py::handle b, py::handle c, const char *na, const char *nb,
+                   const char *nc)
+{
+    Columns cols{to_u64_array(a, na), to_u64_array(b, nb), to_u64_array(c, nc), 0};
+    cols.n = size_t(cols.a.size());
+    if (size_t(cols.b.size()) != cols.n || size_t(cols.c.size()) != cols.n)
+        throw invalid(nb, std::string(na) + ", " + nb + " and " + nc +
+                              " must have one length, got " + std::to_string(cols.n) + ", " +
+                              std::to_string(cols.b.size()) + ", " +
+                              std::to_string(cols.c.size()));
+    return cols;
+}
+
 /*
  * Guard - holds a ModelLock for one bound call, shared (Read) or exclusive (Write).
  * A thread that already holds the lock exclusively is inside an operation of that model
@@ -293,18 +313,11 @@ void bind_interval_map(py::module_ &m)
         .def(
             "store_many",
             [](IntervalMap &im, py::handle s, py::handle e, py::handle v) {
-                u64_array starts = to_u64_array(s, "starts"), ends = to_u64_array(e, "ends");
-                u64_array values = to_u64_array(v, "values");
-                size_t n = size_t(starts.size());
-                if (size_t(ends.size()) != n || size_t(values.size()) != n)
-                    throw invalid("ends", "starts, ends and values must have one length, got " +
-                                              std::to_string(n) + ", " +
-                                              std::to_string(ends.size()) + ", " +
-                                              std::to_string(values.size()));
+                Columns cols = to_columns(s, e, v, "starts", "ends", "values");
                 Guard lk(im.lock(), Mode::Write);
                 // The arrays are our own contiguous copies or views we hold references to.
                 lk.nogil([&] {
-                    im.store_many(starts.data(), ends.data(), values.data(), n);
+                    im.store_many(cols.a.data(), cols.b.data(), cols.c.data(), cols.n);
                     return 0;
                 });
             },
@@ -479,17 +492,10 @@ void bind_folio_cache(py::module_ &m)
         .def(
             "add_folios",
             [](FolioCache &c, py::handle i, py::handle o, py::handle p) {
-                u64_array index = to_u64_array(i, "index"), order = to_u64_array(o, "order");
-                u64_array pfn = to_u64_array(p, "pfn");
-                size_t n = size_t(index.size());
-                if (size_t(order.size()) != n || size_t(pfn.size()) != n)
-                    throw invalid("order", "index, order and pfn must have one length, got " +
-                                               std::to_string(n) + ", " +
-                                               std::to_string(order.size()) + ", " +
-                                               std::to_string(pfn.size()));
+                Columns cols = to_columns(i, o, p, "index", "order", "pfn");
                 Guard lk(c.lock(), Mode::Write);
                 lk.nogil([&] {
-                    c.add_many(index.data(), order.data(), pfn.data(), n);
+                    c.add_many(cols.a.data(), cols.b.data(), cols.c.data(), cols.n);
                     return 0;
                 });
             },
@@ -632,17 +638,11 @@ void bind_clamp(py::module_ &m)
     m.def(
         "clamp_folio_ranges",
         [](py::handle i, py::handle o, py::handle p, py::handle s, py::handle e) {
-            u64_array index = to_u64_array(i, "index"), order = to_u64_array(o, "order");
-            u64_array pfn = to_u64_array(p, "pfn");
+            Columns cols = to_columns(i, o, p, "index", "order", "pfn");
             uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
             check_start_end(start, end);
-            size_t n = size_t(index.size());
-            if (size_t(order.size()) != n || size_t(pfn.size()) != n)
-                throw invalid("order", "index, order and pfn must have one length, got " +
-                                           std::to_string(n) + ", " +
-                                           std::to_string(order.size()) + ", " +
-                                           std::to_string(pfn.size()));
-            const uint64_t *ip = index.data(), *op = order.data(), *pp = pfn.data();
+            size_t n = cols.n;
+            const uint64_t *ip = cols.a.data(), *op = cols.b.data(), *pp = cols.c.data();
             size_t first = 0, count = 0;
             {
                 // Safe without the GIL: the three arrays are contiguous and referenced here.
