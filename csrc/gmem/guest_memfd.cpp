@@ -169,17 +169,16 @@ Folio GuestMemfd::alloc_folio(uint64_t index, bool *oom)
     return Folio{};
 }
 
-Folio GuestMemfd::fault_in(uint64_t index, bool *allocated)
+/* The folio of @index, allocated if it is a hole; OutOfMemory changes nothing. */
+Folio GuestMemfd::fault_in(uint64_t index)
 {
     Folio f;
-    *allocated = false;
     if (cache_.lookup(index, &f))
         return f;
     bool oom;
     f = alloc_folio(index, &oom);
     if (oom)
         throw OutOfMemory("guest_memfd: no free page for index " + std::to_string(index));
-    *allocated = true;
     return f;
 }
 
@@ -214,8 +213,7 @@ std::pair<uint64_t, unsigned> GuestMemfd::get_pfn(uint64_t index)
 {
     check_open();
     check_index(index);
-    bool allocated;
-    Folio f = fault_in(index, &allocated);
+    Folio f = fault_in(index);
     zero_folio(f);
     uint64_t block;
     unsigned order = max_order(f, index, &block);
@@ -244,8 +242,7 @@ uint64_t GuestMemfd::host_fault(uint64_t index)
     if (attrs_.load(index) & ATTR_PRIVATE)
         throw SigBus("host fault at index " + std::to_string(index) + ": the page is private",
                      index);
-    bool allocated;
-    Folio f = fault_in(index, &allocated);
+    Folio f = fault_in(index);
     zero_folio(f);
     mapped_.insert(index);
     return f.file_pfn(index);

@@ -129,8 +129,6 @@ public:
 
     std::vector<FolioInfo> folios(uint64_t start, uint64_t end) const;
     std::vector<Violation> check() const;
-    /// Violations recorded during calls so far (check() adds the scans of current state).
-    const std::vector<Violation> &recorded() const { return violations_; }
     void record(Violation v) { violations_.push_back(std::move(v)); }
     std::string dump() const;
 
@@ -157,12 +155,11 @@ private:
     bool closed_ = false, in_operation_ = false;
 
     Folio alloc_folio(uint64_t index, bool *oom);
-    Folio fault_in(uint64_t index, bool *allocated);
+    Folio fault_in(uint64_t index);
     void zero_folio(Folio &f);
     unsigned max_order(const Folio &f, uint64_t index, uint64_t *block) const;
     void free_pieces(const std::vector<Folio> &pieces);
     void release_range(uint64_t start, uint64_t end, bool with_orphans);
-    void release(uint64_t pfn, unsigned order);
     void hook_walk(uint64_t start, uint64_t end, bool free_hook);
     void convert_contents(uint64_t start, uint64_t end, uint64_t attrs);
     void check_contents(uint64_t start, uint64_t end, std::vector<Violation> &out) const;
