@@ -34,6 +34,14 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64G, 2M, 4K)") from None
 
 
+def _human(n: int) -> str:
+    """4096 -> 4K, 2097152 -> 2M, 68719476736 -> 64G (exact powers only, else bytes)."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n} bytes"
+
+
 class Progress:
     """A progress bar on stderr: redrawn in place on a terminal, one line per step elsewhere."""
 
@@ -96,8 +104,8 @@ def _demo(args: argparse.Namespace) -> int:
     _print_results(
         results,
         args.json,
-        f"gmem demo: a boot-like run of a {args.size >> 20} MiB guest with "
-        f"{folio_bytes >> 10} KiB folios ({len(records)} operations per run)",
+        f"gmem demo: a boot-like run of a {_human(args.size)} guest with "
+        f"{_human(folio_bytes)} folios ({len(records)} operations per run)",
     )
     return 0
 
