@@ -45,6 +45,15 @@ def test_demo_json_and_filters() -> None:
     assert rows[0]["stats"]["conversions_busy"] == 1
 
 
+@pytest.mark.parametrize(("size", "folio"), [("64M", "4K"), ("256M", "64K"), ("32G", "1G")])
+def test_demo_runs_at_every_folio_size(size: str, folio: str) -> None:
+    out = run("demo", "--size", size, "--folio-size", folio, "-q", "--seed", "2")
+    assert out.returncode == 0, out.stderr
+    assert f"guest with {folio} folios" in out.stdout
+    rows = {tuple(line.split()[:2]): line.split() for line in out.stdout.splitlines()[3:11]}
+    assert rows[("pkvm", "overloaded")][-2] != "0" and rows[("snp", "split")][-2] == "0"
+
+
 def test_demo_rejects_a_bad_folio_size() -> None:
     out = run("demo", "--folio-size", "3K")
     assert out.returncode == 2 and "folio-size" in out.stderr

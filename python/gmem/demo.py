@@ -30,14 +30,18 @@ def boot_trace(
     """The operations of one boot-like run of a guest of ``size_bytes``, as trace lines."""
     nr_pages = size_bytes // PAGE_SIZE
     block = 1 << folio_order
-    if size_bytes % PAGE_SIZE or nr_pages < 16 * max(block, HUGE):
+    # Four 2 MiB I/O buffers, each at the start of its own folio when folios are larger:
+    # a page the host maps in a folio makes a to-private conversion of the rest of that
+    # folio busy, and buffers 0-1 (host-mapped) must not share a folio with 2-3.
+    stride = max(block, HUGE)
+    if size_bytes % PAGE_SIZE or nr_pages < 32 * stride:
         raise ValueError(
             f"size: the demo needs a page-aligned guest of at least "
-            f"{16 * max(block, HUGE) * PAGE_SIZE} bytes with these folios"
+            f"{32 * stride * PAGE_SIZE} bytes with these folios"
         )
     rng = random.Random(seed)
-    io_start = rng.randrange(nr_pages // 2, nr_pages - 8 * HUGE, HUGE)
-    io_end = io_start + 4 * HUGE
+    io_start = rng.randrange(nr_pages // 2, nr_pages - 8 * stride, stride)
+    buffers = [io_start + k * stride for k in range(4)]
 
     def share(s: int, e: int, attrs: int) -> dict[str, Any]:
         return {
@@ -62,31 +66,35 @@ def boot_trace(
     ]
     # The guest fills its I/O buffers, then shares them with the host in 2 MiB pieces.
     ops += [
-        {"op": "guest_write", "index": i, "token": 0x10000 + i} for i in range(io_start, io_end, 64)
+        {"op": "guest_write", "index": i, "token": 0x10000 + i}
+        for b in buffers
+        for i in range(b, b + HUGE, 64)
     ]
-    ops += [share(s, s + HUGE, SHARED) for s in range(io_start, io_end, HUGE)]
+    ops += [share(b, b + HUGE, SHARED) for b in buffers]
     # The host reads the first two buffers (what it finds depends on the arch: check()
     # says whether that is what the arch promises) and writes its replies into them.
-    ops += [{"op": "host_read", "index": i} for i in range(io_start, io_start + 2 * HUGE, 64)]
+    ops += [{"op": "host_read", "index": i} for b in buffers[:2] for i in range(b, b + HUGE, 64)]
     ops += [
         {"op": "host_write", "index": i, "token": 0x20000 + i}
-        for i in range(io_start + 1, io_start + 2 * HUGE, 64)
+        for b in buffers[:2]
+        for i in range(b + 1, b + HUGE, 64)
     ]
     # 4 KiB pieces in the last buffer, which the host has not mapped (a page mapped
     # elsewhere in its folio would make each of these conversions busy).
-    for i in range(io_start + 3 * HUGE + 3, io_start + 3 * HUGE + 3 + 8 * 17, 17):
+    for i in range(buffers[3] + 3, buffers[3] + 3 + 8 * 17, 17):
         ops += [
             share(i, i + 1, PRIVATE),
             {"op": "guest_write", "index": i, "token": 0x30000 + i},
             share(i, i + 1, SHARED),
         ]
     # A device pins a shared page for DMA: taking its 2 MiB back fails until it is unpinned.
-    pinned = io_start + 2 * HUGE + rng.randrange(HUGE)
+    pinned = buffers[2] + rng.randrange(HUGE)
     piece = pinned & ~(HUGE - 1)
+    busy_at = max(piece, pinned & ~(block - 1))  # max(start, index of the pinned folio)
     ops += [
         {"op": "pin", "index": pinned},
         share(piece, piece + HUGE, PRIVATE),
-        {"op": "expect", "error": "ConversionBusy", "error_offset": piece * PAGE_SIZE},
+        {"op": "expect", "error": "ConversionBusy", "error_offset": busy_at * PAGE_SIZE},
         {"op": "unpin", "index": pinned},
         share(piece, piece + HUGE, PRIVATE),
     ]
