@@ -843,6 +843,7 @@ void bind_hook_methods(Cls &cls)
                 PfnRange r{to_u64(s, "start_pfn"), to_u64(e, "end_pfn")};
                 Guard lk(f.physmem().lock(), Mode::Write);
                 a.T::make_shared(f, &r, 1);
+                a.T::flush(f); // a direct call is done when it returns
             },
             py::arg("start_pfn"), py::arg("end_pfn"))
         .def(
@@ -852,6 +853,7 @@ void bind_hook_methods(Cls &cls)
                 PfnRange r{to_u64(s, "start_pfn"), to_u64(e, "end_pfn")};
                 Guard lk(f.physmem().lock(), Mode::Write);
                 a.T::free_folio(f, &r, 1);
+                a.T::flush(f);
             },
             py::arg("start_pfn"), py::arg("end_pfn"))
         .def(

@@ -77,21 +77,31 @@ void SNP::rmp_make_shared(GuestMemfd &f, uint64_t start_pfn, uint64_t end_pfn)
 }
 
 /*
- * The kernel calls these once per folio.  Ranges of neighbouring folios that continue
- * one another are given back in one step: a 2 MiB RMP entry never spans two folios (it
- * is only made for a block of a folio of at least 2 MiB), so this changes no count.
+ * The kernel calls these once per folio.  Ranges that continue one another are given back
+ * in one step, across batches, until a gap or flush(): a 2 MiB RMP entry never spans two
+ * folios (it is only made for a block of a folio of at least 2 MiB), so merging changes
+ * no count, and a conversion of contiguous folios costs O(extents) RMP updates.
  */
 void SNP::make_shared(GuestMemfd &f, const PfnRange *r, size_t n)
 {
-    PfnRange merged[FOLIO_BATCH_SIZE];
-    for (size_t first = 0; first < n; first += FOLIO_BATCH_SIZE) {
-        size_t m = coalesce(r + first, std::min<size_t>(FOLIO_BATCH_SIZE, n - first), merged);
-        for (size_t i = 0; i < m; i++)
-            rmp_make_shared(f, merged[i].start_pfn, merged[i].end_pfn);
+    for (size_t i = 0; i < n; i++) {
+        if (pending_.end_pfn > pending_.start_pfn && pending_.end_pfn == r[i].start_pfn) {
+            pending_.end_pfn = r[i].end_pfn;
+            continue;
+        }
+        flush(f);
+        pending_ = r[i];
     }
 }
 
 void SNP::free_folio(GuestMemfd &f, const PfnRange *r, size_t n) { make_shared(f, r, n); }
+
+void SNP::flush(GuestMemfd &f)
+{
+    if (pending_.end_pfn > pending_.start_pfn)
+        rmp_make_shared(f, pending_.start_pfn, pending_.end_pfn);
+    pending_ = PfnRange{0, 0};
+}
 
 void SNP::check_freed(const GuestMemfd &f, uint64_t pfn, uint64_t nr,
                       std::vector<Violation> &out) const

@@ -60,6 +60,9 @@ public:
     virtual void invalidate_start(GuestMemfd &, uint64_t, uint64_t, unsigned /*kinds*/) {}
     virtual void invalidate_end(GuestMemfd &, uint64_t, uint64_t) {}
 
+    /// The model is done handing out ranges for now (end of a conversion's walk, or of a
+    /// batch of frees): an arch that defers work across ranges finishes it here.
+    virtual void flush(GuestMemfd &) {}
     /// Model notifications, not KVM hooks: the guest mapped a block; attributes changed.
     virtual void guest_mapped(GuestMemfd &, uint64_t, uint64_t, uint64_t, bool /*priv*/) {}
     virtual void attributes_set(GuestMemfd &, uint64_t, uint64_t, uint64_t /*attrs*/) {}
@@ -109,6 +112,7 @@ public:
     void prepare(GuestMemfd &f, uint64_t index, uint64_t pfn, uint64_t nr) override;
     void make_shared(GuestMemfd &f, const PfnRange *r, size_t n) override;
     void free_folio(GuestMemfd &f, const PfnRange *r, size_t n) override;
+    void flush(GuestMemfd &f) override;
     void check_freed(const GuestMemfd &f, uint64_t pfn, uint64_t nr,
                      std::vector<Violation> &out) const override;
     void check_host_reach(const GuestMemfd &f, uint64_t index, uint64_t pfn,
@@ -119,6 +123,9 @@ public:
     void rmp_make_shared(GuestMemfd &f, uint64_t start_pfn, uint64_t end_pfn);
 
     uint64_t rmp_updates = 0, psmash = 0, cache_flushes = 0;
+
+private:
+    PfnRange pending_{0, 0}; // ranges given back but not yet applied: they continue
 };
 
 /*

@@ -320,6 +320,7 @@ void GuestMemfd::free_pieces(const std::vector<Folio> &pieces)
             stats_.free_calls += n;
             stats_.hook_ranges += n;
             arch_->free_folio(*this, ranges, n);
+            arch_->flush(*this); // the pages are checked and go back right after
         }
         for (size_t i = 0; i < n; i++) {
             const Folio &f = pieces[first + i];
@@ -496,25 +497,32 @@ void GuestMemfd::convert_contents(uint64_t start, uint64_t end, uint64_t attrs)
  */
 void GuestMemfd::hook_walk(uint64_t start, uint64_t end, bool free_hook)
 {
-    cache_.walk_batches(start, end, [&](const Folio *fs, const PfnRange *rs, unsigned n) {
-        for (unsigned i = 0; i < n; i++) {
-            const Folio &f = fs[i];
-            const PfnRange &r = rs[i];
-            uint64_t first = std::max(start, f.index);
-            if (!(r.start_pfn < r.end_pfn && r.start_pfn >= f.pfn &&
-                  r.end_pfn <= f.pfn + f.nr_pages() && first + (r.end_pfn - r.start_pfn) <= end))
-                violations_.push_back(violation("hook-range-inside-folio-and-range", first,
-                                                r.start_pfn, "range leaves its folio or range"));
-        }
+    PfnRange ranges[FOLIO_BATCH_SIZE];
+    unsigned n = 0;
+    auto deliver = [&] {
         if (free_hook) {
             stats_.free_calls += n;
-            arch_->free_folio(*this, rs, n);
+            arch_->free_folio(*this, ranges, n);
         } else {
             stats_.make_shared_calls += n;
-            arch_->make_shared(*this, rs, n);
+            arch_->make_shared(*this, ranges, n);
         }
         stats_.hook_ranges += n;
+        n = 0;
+    };
+    cache_.for_each_clamped(start, end, [&](const Folio &f, const PfnRange &r) {
+        uint64_t first = std::max(start, f.index);
+        if (!(r.start_pfn < r.end_pfn && r.start_pfn >= f.pfn &&
+              r.end_pfn <= f.pfn + f.nr_pages() && first + (r.end_pfn - r.start_pfn) <= end))
+            violations_.push_back(violation("hook-range-inside-folio-and-range", first,
+                                            r.start_pfn, "range leaves its folio or range"));
+        ranges[n++] = r;
+        if (n == FOLIO_BATCH_SIZE)
+            deliver();
     });
+    if (n)
+        deliver();
+    arch_->flush(*this);
 }
 
 void GuestMemfd::set_attributes(uint64_t start, uint64_t end, uint64_t attrs)
