@@ -337,18 +337,32 @@ void clamp_folio_ranges(const uint64_t *index, const uint64_t *order, const uint
                         size_t n, size_t first, size_t count, uint64_t start, uint64_t end,
                         PfnRange *out)
 {
-    // One pass validates every folio and clamps those in [first, first + count).
-    for (size_t i = 0; i < n; i++) {
-        if (!layout_folio_ok(index, order, pfn, i))
+    // One pass validates every folio and clamps those in [first, first + count).  The
+    // common case is one cheap test per folio; anything unusual (a bad folio, or values
+    // near 2**64 that need the overflow checks) goes to the exact check, which throws
+    // naming the folio when it really is wrong.
+    uint64_t prev_end = 0;
+    auto check = [&](size_t i) -> uint64_t { // returns the folio's page count
+        uint64_t o = order[i], idx = index[i], p = pfn[i];
+        if (o > MAX_ORDER)
+            check_layout_folio(index, order, pfn, i); // throws
+        uint64_t nr = uint64_t(1) << o;
+        if ((((idx | p) & (nr - 1)) | ((idx | p) >> 62)) || (i && idx < prev_end))
             check_layout_folio(index, order, pfn, i);
-        if (i - first < count) {
-            uint64_t nr = uint64_t(1) << order[i];
-            uint64_t si = index[i] > start ? index[i] : start;
-            uint64_t ei = index[i] + nr < end ? index[i] + nr : end;
-            uint64_t sp = pfn[i] + (si & (nr - 1));
-            out[i - first] = PfnRange{sp, sp + (ei - si)};
-        }
+        prev_end = idx + nr;
+        return nr;
+    };
+    for (size_t i = 0; i < first; i++)
+        check(i);
+    for (size_t i = first; i < first + count; i++) {
+        uint64_t nr = check(i);
+        uint64_t si = index[i] > start ? index[i] : start;
+        uint64_t ei = prev_end < end ? prev_end : end;
+        uint64_t sp = pfn[i] + (si & (nr - 1));
+        out[i - first] = PfnRange{sp, sp + (ei - si)};
     }
+    for (size_t i = first + count; i < n; i++)
+        check(i);
 }
 
 } // namespace gmem
