@@ -264,3 +264,14 @@ def test_bad_input_raises_and_changes_nothing(impl, method, args, exc, arg) -> N
     with pytest.raises(exc, match=f"^{arg}:"):
         getattr(c, method)(*args)
     assert norm(c.folios()) == before
+
+
+@IMPLS
+def test_clamp_folio_ranges_near_the_top_of_u64(impl) -> None:
+    top = 2**63
+    out = impl.clamp_folio_ranges([top, top + 8], [3, 0], [2**62, 2**62 + 8], top + 2, top + 9)
+    assert out.tolist() == [[2**62 + 2, 2**62 + 8], [2**62 + 8, 2**62 + 9]]
+    with pytest.raises(ValueError, match="folio 0 .*ends past 2\\*\\*64 - 1"):
+        impl.clamp_folio_ranges([2**64 - 1], [0], [0], 0, 1)
+    with pytest.raises(ValueError, match="folio 1 .*overlaps"):
+        impl.clamp_folio_ranges([top, top + 4], [3, 0], [0, 0], 0, 1)
