@@ -87,7 +87,7 @@ def bench_walk(s: Suite) -> None:
     cache = gmem.FolioCache()
     cache.add_folios(*cols)
     start, end = 256, (nr << order) - 256
-    t_engine = timeit(lambda: cache.pfn_ranges(start, end), 9)
+    t_engine = timeit(lambda: cache.pfn_ranges(start, end), 25)
     ends = cols[2] + (np.uint64(1) << cols[1])
 
     def floor() -> None:
@@ -95,7 +95,7 @@ def bench_walk(s: Suite) -> None:
         out[:, 0] = cols[2]
         out[:, 1] = ends
 
-    t_floor = timeit(floor, 9)
+    t_floor = timeit(floor, 25)
     oracle = ref.FolioCache()
     small = 1 << 15
     oracle.add_folios(*(c[:small] for c in cols))
@@ -114,7 +114,7 @@ def bench_walk(s: Suite) -> None:
         "reference timed on 2**15 folios, scaled per folio",
     )
     s.add("1 TiB of 2 MiB folios walked", t_engine * 1e3, 3, "ms", "lower")
-    t_clamp = timeit(lambda: gmem.clamp_folio_ranges(*cols, start, end), 9)
+    t_clamp = timeit(lambda: gmem.clamp_folio_ranges(*cols, start, end), 25)
     s.add("clamp_folio_ranges ns per folio (validates too)", t_clamp / nr * 1e9, 5, "ns", "lower")
     s.add("clamp_folio_ranges vs numpy writing the same pairs", t_clamp / t_floor, 3, "x", "lower")
 
