@@ -119,7 +119,7 @@ public:
     }
 
     /// fn(folio, clamped range) for each folio overlapping [start, end), straight over
-    /// the leaf arrays (the loop pfn_ranges is made of).
+    /// the leaf arrays: the one loop every walk (pfn_ranges, batches, extents) is made of.
     template <class Fn>
     void for_each_clamped(uint64_t start, uint64_t end, Fn &&fn) const
     {
@@ -147,39 +147,22 @@ public:
     template <class Fn>
     void walk_extents(uint64_t start, uint64_t end, Fn &&fn) const
     {
-        if (start >= end)
-            return;
         uint64_t index = 0, pfn = 0, nr = 0;
         bool uptodate = false;
-        // Straight over the leaf arrays, as pfn_ranges: this runs for every conversion
-        // whose arch changes contents or ownership.
-        auto p = first_overlapping(start);
-        for (size_t li = p.leaf; li < tree_.nr_leaves(); li++) {
-            const uint64_t *keys = tree_.leaf_keys(li), *vals = tree_.leaf_vals(li);
-            uint32_t cnt = tree_.leaf_size(li);
-            for (uint32_t s = li == p.leaf ? p.slot : 0; s < cnt; s++) {
-                uint64_t idx = keys[s];
-                if (idx >= end)
-                    goto done;
-                uint64_t v = vals[s];
-                uint64_t fnr = uint64_t(1) << ((v >> ORDER_SHIFT) & 31);
-                uint64_t first = idx > start ? idx : start;
-                uint64_t last = idx + fnr < end ? idx + fnr : end;
-                uint64_t fpfn = (v & PFN_MASK) + (first - idx);
-                bool up = (v & UPTODATE) != 0;
-                if (nr && first == index + nr && fpfn == pfn + nr && up == uptodate) {
-                    nr += last - first;
-                    continue;
-                }
-                if (nr)
-                    fn(index, pfn, nr, uptodate);
-                index = first;
-                pfn = fpfn;
-                nr = last - first;
-                uptodate = up;
+        for_each_clamped(start, end, [&](const Folio &f, const PfnRange &r) {
+            uint64_t first = f.index > start ? f.index : start;
+            uint64_t len = r.end_pfn - r.start_pfn;
+            if (nr && first == index + nr && r.start_pfn == pfn + nr && f.uptodate == uptodate) {
+                nr += len;
+                return;
             }
-        }
-    done:
+            if (nr)
+                fn(index, pfn, nr, uptodate);
+            index = first;
+            pfn = r.start_pfn;
+            nr = len;
+            uptodate = f.uptodate;
+        });
         if (nr)
             fn(index, pfn, nr, uptodate);
     }
