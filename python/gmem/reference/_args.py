@@ -51,3 +51,16 @@ def u64_array(obj: Any, name: str) -> npt.NDArray[np.uint64]:
         i = int(np.argmax(a < 0))
         raise ValueError(f"{name}: must be >= 0, got {a[i]} at position {i}")
     return np.ascontiguousarray(a, dtype=np.uint64)
+
+
+def u64_columns(
+    a: Any, b: Any, c: Any, names: tuple[str, str, str]
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Three parallel arrays of one length (a mismatch is a ValueError naming the second)."""
+    cols = u64_array(a, names[0]), u64_array(b, names[1]), u64_array(c, names[2])
+    if not len(cols[0]) == len(cols[1]) == len(cols[2]):
+        raise ValueError(
+            f"{names[1]}: {names[0]}, {names[1]} and {names[2]} must have one length, got "
+            f"{len(cols[0])}, {len(cols[1])}, {len(cols[2])}"
+        )
+    return cols

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gmem._consts import FOLIO_BATCH_SIZE, FOLIO_DTYPE, MAX_ORDER, NO_PFN, PFN_LIMIT, U64_MAX
-from gmem.reference._args import check_start_end, end_arg, order_arg, u64, u64_array
+from gmem.reference._args import check_start_end, end_arg, order_arg, u64, u64_columns
 
 
 @dataclass
@@ -142,12 +142,7 @@ class FolioCache:
         self.insert(Folio(i, o, p, bool(uptodate)))
 
     def add_folios(self, index: Any, order: Any, pfn: Any) -> None:
-        idx, o, p = u64_array(index, "index"), u64_array(order, "order"), u64_array(pfn, "pfn")
-        if not len(idx) == len(o) == len(p):
-            raise ValueError(
-                f"order: index, order and pfn must have one length, got "
-                f"{len(idx)}, {len(o)}, {len(p)}"
-            )
+        idx, o, p = u64_columns(index, order, pfn, ("index", "order", "pfn"))
         rows = list(zip(idx.tolist(), o.tolist(), p.tolist(), strict=True))
         check_folio_layout(idx.tolist(), o.tolist(), p.tolist())
         for n, (i, od, pf) in enumerate(rows):
@@ -278,13 +273,9 @@ def clamp_folio_ranges(
     index: Any, order: Any, pfn: Any, start: Any, end: Any
 ) -> npt.NDArray[np.uint64]:
     """The walk as a pure function over a sorted folio layout given as three arrays."""
-    idx, o, p = u64_array(index, "index"), u64_array(order, "order"), u64_array(pfn, "pfn")
+    idx, o, p = u64_columns(index, order, pfn, ("index", "order", "pfn"))
     s, e = u64(start, "start"), u64(end, "end")
     check_start_end(s, e)
-    if not len(idx) == len(o) == len(p):
-        raise ValueError(
-            f"order: index, order and pfn must have one length, got {len(idx)}, {len(o)}, {len(p)}"
-        )
     check_folio_layout(idx.tolist(), o.tolist(), p.tolist())
     folios = zip(idx.tolist(), o.tolist(), p.tolist(), strict=True)
     return ranges_array(

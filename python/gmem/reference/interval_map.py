@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from gmem.reference._args import end_arg, u64, u64_array
+from gmem.reference._args import end_arg, u64, u64_columns
 
 
 class IntervalMap:
@@ -72,12 +72,7 @@ class IntervalMap:
         self._store(s, e, v)
 
     def store_many(self, starts: Any, ends: Any, values: Any) -> None:
-        s, e, v = u64_array(starts, "starts"), u64_array(ends, "ends"), u64_array(values, "values")
-        if not len(s) == len(e) == len(v):
-            raise ValueError(
-                f"ends: starts, ends and values must have one length, got "
-                f"{len(s)}, {len(e)}, {len(v)}"
-            )
+        s, e, v = u64_columns(starts, ends, values, ("starts", "ends", "values"))
         rows = list(zip(s.tolist(), e.tolist(), v.tolist(), strict=True))
         for i, (a, b, _) in enumerate(rows):
             try:
