@@ -143,17 +143,10 @@ public:
         size_++;
     }
 
-    /// First entry whose key is > @k.
+    /// First entry whose key is > @k: the keys are integers, so the first one >= k + 1.
     Pos upper_bound(uint64_t k) const
     {
-        if (leaves_.empty())
-            return end();
-        size_t li = leaf_for(k);
-        const Leaf &l = *leaves_[li];
-        uint32_t s = uint32_t(std::upper_bound(l.key, l.key + l.n, k) - l.key);
-        if (s == l.n)
-            return Pos{li + 1, 0};
-        return Pos{li, s};
+        return k == ~uint64_t(0) ? end() : lower_bound(k + 1);
     }
 
     /// The entries with @lo <= key <= @hi: [a, b).  One search when they share a leaf.
