@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <utility>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <mutex>
 #include <shared_mutex>
@@ -673,7 +674,8 @@ struct PyHookState {
     std::string py_name;
     std::optional<py::error_already_set> pending;
     // The Python overrides of the two range hooks, looked up once per operation rather
-    // than once per folio batch; forget() drops them (GIL held) when the operation ends.
+    // than once per folio batch.  forget() drops them (GIL held) when the outermost
+    // operation ends: a hook that reads its file runs a nested operation, which must not.
     py::object make_shared_fn, free_folio_fn;
     bool make_shared_known = false, free_folio_known = false;
     void forget()
@@ -686,6 +688,10 @@ struct PyHookState {
 
 PyHookState *hook_state(Arch &a) { return dynamic_cast<PyHookState *>(&a); }
 
+/* The hooks a Python Arch may override. */
+const char *const HOOK_NAMES[] = {"prepare", "make_shared", "free_folio", "invalidate_start",
+                                  "invalidate_end"};
+
 const std::pair<const char *, unsigned> CONFIG_NAMES[] = {
     {"PREPARE", CONFIG_PREPARE},
     {"FREE", CONFIG_FREE},
@@ -697,7 +703,10 @@ unsigned config_bits(py::handle obj)
         throw py::type_error("config: must be a set of hook names, got " +
                              std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
     unsigned bits = 0;
+    size_t seen = 0;
     for (py::handle item : obj) {
+        if (++seen > 64) // an endless iterator would spin here holding the GIL
+            throw invalid("config", "more than 64 items; allowed: a set of hook names");
         std::string name = py::isinstance<py::str>(item) ? item.cast<std::string>() : "";
         unsigned bit = 0;
         for (const auto &c : CONFIG_NAMES)
@@ -737,9 +746,12 @@ public:
     void prepare(GuestMemfd &f, uint64_t index, uint64_t pfn, uint64_t nr) override
     {
         py::gil_scoped_acquire gil;
-        py::function fn = py::get_override(static_cast<const Base *>(this), "prepare");
-        if (!fn)
-            return Base::prepare(f, index, pfn, nr);
+        py::object fn;
+        if (Lookup l = lookup(f, "prepare", fn); l != Lookup::Found) {
+            if (l == Lookup::Absent)
+                Base::prepare(f, index, pfn, nr);
+            return;
+        }
         call(f, "prepare", [&] { fn(index, pfn, nr); });
     }
     void make_shared(GuestMemfd &f, const PfnRange *r, size_t n) override
@@ -753,17 +765,23 @@ public:
     void invalidate_start(GuestMemfd &f, uint64_t start, uint64_t end, unsigned kinds) override
     {
         py::gil_scoped_acquire gil;
-        py::function fn = py::get_override(static_cast<const Base *>(this), "invalidate_start");
-        if (!fn)
-            return Base::invalidate_start(f, start, end, kinds);
+        py::object fn;
+        if (Lookup l = lookup(f, "invalidate_start", fn); l != Lookup::Found) {
+            if (l == Lookup::Absent)
+                Base::invalidate_start(f, start, end, kinds);
+            return;
+        }
         call(f, "invalidate_start", [&] { fn(start, end, kinds); });
     }
     void invalidate_end(GuestMemfd &f, uint64_t start, uint64_t end) override
     {
         py::gil_scoped_acquire gil;
-        py::function fn = py::get_override(static_cast<const Base *>(this), "invalidate_end");
-        if (!fn)
-            return Base::invalidate_end(f, start, end);
+        py::object fn;
+        if (Lookup l = lookup(f, "invalidate_end", fn); l != Lookup::Found) {
+            if (l == Lookup::Absent)
+                Base::invalidate_end(f, start, end);
+            return;
+        }
         call(f, "invalidate_end", [&] { fn(start, end); });
     }
 
@@ -776,20 +794,62 @@ private:
             return Base::name();
     }
 
+    /* Record what a Python hook raised, and keep the first to re-raise at the end. */
+    void hook_raised(GuestMemfd &f, const char *hook, py::error_already_set &e)
+    {
+        std::string what = py::str(e.type().attr("__name__"));
+        what += ": " + std::string(py::str(e.value()));
+        f.record(Violation{name(), "hook-raised", NO_PFN, NO_PFN,
+                           std::string(hook) + " raised " + what});
+        if (!pending)
+            pending = e;
+    }
+
     template <class Body>
     void call(GuestMemfd &f, const char *hook, Body &&body)
     {
-        this->contents_touched = true; // Python may write PhysMem: check what it did
         try {
             body();
         } catch (py::error_already_set &e) {
-            std::string what = py::str(e.type().attr("__name__"));
-            what += ": " + std::string(py::str(e.value()));
-            f.record(Violation{name(), "hook-raised", NO_PFN, NO_PFN,
-                               std::string(hook) + " raised " + what});
-            if (!pending)
-                pending = e;
+            hook_raised(f, hook, e);
+        } catch (py::builtin_exception &e) { // a conversion pybind11 refused, as TypeError
+            e.set_error();
+            py::error_already_set err;
+            hook_raised(f, hook, err);
         }
+    }
+
+    enum class Lookup { Absent, Found, Failed };
+
+    /*
+     * The Python override of @hook.  Looking it up runs Python (a property, __getattr__)
+     * and may find something that cannot be called: either is the hook failing (recorded,
+     * re-raised at the end: Failed), never a silent fall-through to Base.
+     */
+    Lookup lookup(GuestMemfd &f, const char *hook, py::object &fn)
+    {
+        const py::detail::type_info *ti = py::detail::get_type_info(typeid(Base));
+        py::handle self =
+            ti ? py::detail::get_object_handle(static_cast<const Base *>(this), ti) : nullptr;
+        if (!self)
+            return Lookup::Absent;
+        Lookup result = Lookup::Failed;
+        call(f, hook, [&] {
+            py::object o = self.attr(hook);
+            if (!PyCallable_Check(o.ptr()))
+                throw py::type_error(std::string(hook) + " is not callable (it is " +
+                                     std::string(py::str(py::type::handle_of(o).attr(
+                                         "__name__"))) +
+                                     ")");
+            if (py::reinterpret_borrow<py::function>(o).is_cpp_function()) {
+                result = Lookup::Absent; // the C++ method itself: not overridden
+                return;
+            }
+            fn = std::move(o);
+            this->contents_touched = true; // Python may write PhysMem: check what it did
+            result = Lookup::Found;
+        });
+        return result;
     }
 
     template <class Fallback>
@@ -798,14 +858,20 @@ private:
     {
         py::gil_scoped_acquire gil;
         bool ms = hook[0] == 'm';
-        py::object &fn = ms ? make_shared_fn : free_folio_fn;
+        py::object &cached = ms ? make_shared_fn : free_folio_fn;
         bool &known = ms ? make_shared_known : free_folio_known;
         if (!known) {
-            fn = py::get_override(static_cast<const Base *>(this), hook);
+            Lookup l = lookup(f, hook, cached);
             known = true;
+            if (l == Lookup::Failed)
+                cached = py::none(); // looked up, failed: deliver nothing this operation
         }
+        // Our own reference: a hook may run a nested operation, or replace its override.
+        py::object fn = cached;
         if (!fn)
             return fallback();
+        if (fn.is_none())
+            return;
         if (batched) {
             auto a = new_u64_2d(n, 2);
             std::memcpy(a.mutable_data(), r, n * sizeof(PfnRange));
@@ -817,60 +883,123 @@ private:
     }
 };
 
-GuestMemfd &file_of(const Arch &a)
+/*
+ * FileRef - the file an Arch serves, for a direct hook call: held by a strong reference,
+ * so that nothing the call runs can free it.  A file being closed by its deleter (dropped
+ * without close()) has no strong reference left; it is still safe to use from inside its
+ * own operation (this thread holds its lock), which is where its hooks run.
+ */
+struct FileRef {
+    std::shared_ptr<GuestMemfd> keep;
+    GuestMemfd *file = nullptr;
+    GuestMemfd *operator->() const { return file; }
+    GuestMemfd &operator*() const { return *file; }
+};
+
+FileRef file_of(const Arch &a)
 {
-    if (!a.file)
-        throw invalid("self", "this Arch serves no open file yet");
-    return *a.file;
+    FileRef ref;
+    if (a.file) {
+        ref.keep = a.file->weak_from_this().lock();
+        if (ref.keep || a.file->physmem().lock().held_by_me())
+            ref.file = a.file;
+    }
+    if (!ref.file || ref.file->closed())
+        throw invalid("self", "this Arch serves no open file");
+    return ref;
 }
 
-/* The hooks as methods, so that Python can call them directly or through super(). */
+/* A direct hook call's PFN range: inside the file's PhysMem and not empty. */
+void check_hook_pfns(const GuestMemfd &f, uint64_t start_pfn, uint64_t end_pfn,
+                     const char *start_name = "start_pfn", const char *end_name = "end_pfn")
+{
+    const PhysMem &pm = f.physmem();
+    if (start_pfn < pm.base_pfn() || start_pfn >= pm.end_pfn())
+        throw invalid(start_name, "must be in [" + hex(pm.base_pfn()) + ", " + hex(pm.end_pfn()) +
+                                      ") (the file's PhysMem), got " + hex(start_pfn));
+    if (end_pfn <= start_pfn || end_pfn > pm.end_pfn())
+        throw invalid(end_name, "must be in (" + hex(start_pfn) + ", " + hex(pm.end_pfn()) +
+                                    "], got " + hex(end_pfn));
+}
+
+/* A direct hook call's range of file pages: not empty, inside the file. */
+void check_hook_range(const GuestMemfd &f, uint64_t start, uint64_t end)
+{
+    if (start >= end)
+        throw invalid("start", "must be < end, got start=" + std::to_string(start) +
+                                   " end=" + std::to_string(end));
+    if (end > f.nr_pages())
+        throw invalid("end", "must be <= nr_pages (" + std::to_string(f.nr_pages()) +
+                                 "), got " + std::to_string(end));
+}
+
+/*
+ * The hooks as methods, so that Python can call them directly or through super().  Every
+ * argument is converted (which may run Python: __index__) before the file is looked up,
+ * and checked before anything changes: a direct call that fails changes nothing.
+ */
 template <class T, class Cls>
 void bind_hook_methods(Cls &cls)
 {
     cls.def(
            "prepare",
            [](T &a, py::handle i, py::handle p, py::handle n) {
-               GuestMemfd &f = file_of(a);
-               Guard lk(f.physmem().lock(), Mode::Write);
-               a.T::prepare(f, to_u64(i, "index"), to_u64(p, "pfn"), to_u64(n, "nr_pages"));
+               uint64_t index = to_u64(i, "index"), pfn = to_u64(p, "pfn");
+               uint64_t nr = to_u64(n, "nr_pages");
+               FileRef f = file_of(a);
+               Guard lk(f->physmem().lock(), Mode::Write);
+               if (nr == 0 || nr > f->nr_pages())
+                   throw invalid("nr_pages", "must be in 1.." + std::to_string(f->nr_pages()) +
+                                                 ", got " + std::to_string(nr));
+               check_hook_range(*f, index, index + nr);
+               check_hook_pfns(*f, pfn, pfn + nr, "pfn", "nr_pages");
+               a.T::prepare(*f, index, pfn, nr);
            },
            py::arg("index"), py::arg("pfn"), py::arg("nr_pages"))
         .def(
             "make_shared",
             [](T &a, py::handle s, py::handle e) {
-                GuestMemfd &f = file_of(a);
                 PfnRange r{to_u64(s, "start_pfn"), to_u64(e, "end_pfn")};
-                Guard lk(f.physmem().lock(), Mode::Write);
-                a.T::make_shared(f, &r, 1);
-                a.T::flush(f); // a direct call is done when it returns
+                FileRef f = file_of(a);
+                Guard lk(f->physmem().lock(), Mode::Write);
+                check_hook_pfns(*f, r.start_pfn, r.end_pfn);
+                a.T::make_shared(*f, &r, 1);
+                a.T::flush(*f); // a direct call is done when it returns
             },
             py::arg("start_pfn"), py::arg("end_pfn"))
         .def(
             "free_folio",
             [](T &a, py::handle s, py::handle e) {
-                GuestMemfd &f = file_of(a);
                 PfnRange r{to_u64(s, "start_pfn"), to_u64(e, "end_pfn")};
-                Guard lk(f.physmem().lock(), Mode::Write);
-                a.T::free_folio(f, &r, 1);
-                a.T::flush(f);
+                FileRef f = file_of(a);
+                Guard lk(f->physmem().lock(), Mode::Write);
+                check_hook_pfns(*f, r.start_pfn, r.end_pfn);
+                a.T::free_folio(*f, &r, 1);
+                a.T::flush(*f);
             },
             py::arg("start_pfn"), py::arg("end_pfn"))
         .def(
             "invalidate_start",
             [](T &a, py::handle s, py::handle e, py::handle k) {
-                GuestMemfd &f = file_of(a);
-                Guard lk(f.physmem().lock(), Mode::Write);
-                a.T::invalidate_start(f, to_u64(s, "start"), to_u64(e, "end"),
-                                      unsigned(to_u64(k, "kinds") & 3));
+                uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
+                uint64_t kinds = to_u64(k, "kinds");
+                FileRef f = file_of(a);
+                Guard lk(f->physmem().lock(), Mode::Write);
+                check_hook_range(*f, start, end);
+                if (kinds == 0 || kinds > (FILTER_SHARED | FILTER_PRIVATE))
+                    throw invalid("kinds", "must be FILTER_SHARED (1), FILTER_PRIVATE (2) or "
+                                           "both (3), got " + std::to_string(kinds));
+                a.T::invalidate_start(*f, start, end, unsigned(kinds));
             },
             py::arg("start"), py::arg("end"), py::arg("kinds"))
         .def(
             "invalidate_end",
             [](T &a, py::handle s, py::handle e) {
-                GuestMemfd &f = file_of(a);
-                Guard lk(f.physmem().lock(), Mode::Write);
-                a.T::invalidate_end(f, to_u64(s, "start"), to_u64(e, "end"));
+                uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
+                FileRef f = file_of(a);
+                Guard lk(f->physmem().lock(), Mode::Write);
+                check_hook_range(*f, start, end);
+                a.T::invalidate_end(*f, start, end);
             },
             py::arg("start"), py::arg("end"));
 }
@@ -914,16 +1043,24 @@ void bind_arch(py::module_ &m)
     arch.def(py::init<>())
         .def_property_readonly("config", [](Arch &a) { return config_set(a.config()); })
         .def_property_readonly("name", &Arch::name)
+        // A strong reference, or None: a file dropped without close() is closed by its
+        // deleter when nothing can own it any more; its hooks then see no file.
         .def_property_readonly("file",
                                [](const Arch &a) -> py::object {
-                                   if (!a.file)
+                                   std::shared_ptr<GuestMemfd> f;
+                                   if (a.file)
+                                       f = a.file->weak_from_this().lock();
+                                   if (!f)
                                        return py::none();
-                                   return py::cast(a.file, py::return_value_policy::reference);
+                                   return py::cast(f);
                                })
         .def_property_readonly("stats", [](const Arch &a) {
-            if (!a.file)
+            std::shared_ptr<GuestMemfd> f;
+            if (a.file)
+                f = a.file->weak_from_this().lock();
+            if (!f)
                 return a.stats();
-            Guard lk(a.file->physmem().lock(), Mode::Read);
+            Guard lk(f->physmem().lock(), Mode::Read);
             return a.stats();
         });
     arch.attr("batched") = false;
@@ -950,19 +1087,20 @@ void bind_arch(py::module_ &m)
         .def_property_readonly("calls",
                                [](const Recorder &r) {
                                    py::list out;
-                                   for (const HookCall &c : r.calls)
+                                   for (const HookCall &c : r.calls())
                                        out.append(call_tuple(c));
                                    return out;
                                })
         .def(
             "ranges",
             [](const Recorder &r, const std::string &hook) {
+                std::vector<HookCall> calls = r.calls();
                 size_t n = 0;
-                for (const HookCall &c : r.calls)
+                for (const HookCall &c : calls)
                     n += hook == c.hook;
                 auto out = new_u64_2d(n, 2);
                 uint64_t *p = out.mutable_data();
-                for (const HookCall &c : r.calls)
+                for (const HookCall &c : calls)
                     if (hook == c.hook) {
                         *p++ = c.a;
                         *p++ = c.b;
@@ -970,7 +1108,7 @@ void bind_arch(py::module_ &m)
                 return out;
             },
             py::arg("hook"))
-        .def("clear", [](Recorder &r) { r.calls.clear(); });
+        .def("clear", [](Recorder &r) { r.clear(); });
     bind_hook_methods<Recorder>(rec);
 }
 
@@ -995,17 +1133,73 @@ std::shared_ptr<Arch> make_arch(py::handle obj)
         throw py::type_error("arch: must be a name or a gmem.Arch, got " +
                              std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
     auto arch = obj.cast<std::shared_ptr<Arch>>();
-    if (PyHookState *hs = hook_state(*arch)) {
-        if (arch->file)
-            throw invalid("arch", "this Arch already serves another file; create one per file");
-        unsigned bits = config_bits(py::getattr(obj, "config"));
-        hs->batched = py::bool_(py::getattr(obj, "batched", py::bool_(false)));
-        hs->py_name = py::str(py::type::handle_of(obj).attr("__name__"));
-        hs->config_bits = bits;
-        hs->configured = true;
-    }
+    if (arch->file)
+        throw invalid("arch", "this Arch already serves another file; create one per file");
     return arch;
 }
+
+/* Read attribute @name of a Python arch; what reading it raises is a TypeError naming it. */
+py::object arch_attr(py::handle obj, const char *name)
+{
+    try {
+        return obj.attr(name);
+    } catch (py::error_already_set &e) {
+        throw py::type_error(std::string(name) + ": reading it raised " +
+                             std::string(py::str(e.type().attr("__name__"))) + ": " +
+                             std::string(py::str(e.value())));
+    }
+}
+
+/*
+ * ArchConfig - what a Python arch's class says, read and checked when its file is created
+ * (config, batched, every hook callable), and applied only once the file's own arguments
+ * are known good: a GuestMemfd() that fails leaves its arch as it was.
+ */
+struct ArchConfig {
+    PyHookState *hs = nullptr;
+    unsigned bits = 0;
+    bool batched = false;
+    std::string name;
+
+    explicit ArchConfig(Arch &arch, py::handle obj) : hs(hook_state(arch))
+    {
+        if (!hs)
+            return;
+        bits = config_bits(arch_attr(obj, "config"));
+        py::object b = arch_attr(obj, "batched");
+        if (!py::isinstance<py::bool_>(b) && !py::isinstance<py::int_>(b))
+            throw py::type_error("batched: must be a bool, got " +
+                                 std::string(py::str(py::type::handle_of(b).attr("__name__"))));
+        batched = PyObject_IsTrue(b.ptr()) == 1;
+        for (const char *hook : HOOK_NAMES) {
+            py::object fn = arch_attr(obj, hook);
+            if (!PyCallable_Check(fn.ptr()))
+                throw py::type_error(std::string(hook) + ": must be a method, got " +
+                                     std::string(py::str(py::type::handle_of(fn).attr(
+                                         "__name__"))));
+        }
+        name = py::str(py::type::handle_of(obj).attr("__name__"));
+    }
+    /// Configure the arch; returns an undo for a file that fails to be created after all.
+    std::function<void()> apply()
+    {
+        if (!hs)
+            return [] {};
+        PyHookState *h = hs;
+        auto undo = [h, bits = h->config_bits, batched = h->batched, name = h->py_name,
+                     configured = h->configured] {
+            h->config_bits = bits;
+            h->batched = batched;
+            h->py_name = name;
+            h->configured = configured;
+        };
+        hs->config_bits = bits;
+        hs->batched = batched;
+        hs->py_name = name;
+        hs->configured = true;
+        return undo;
+    }
+};
 
 /*
  * file_op - run one GuestMemfd operation under the model lock.  A changing operation
@@ -1016,8 +1210,11 @@ std::shared_ptr<Arch> make_arch(py::handle obj)
 template <class Fn>
 auto file_op(GuestMemfd &f, Mode mode, bool long_op, Fn &&fn)
 {
+    // An operation run from one of this model's hooks (this thread holds the lock) is
+    // nested: the outer operation owns the hook state and re-raises what its hooks raised.
+    bool nested = f.physmem().lock().held_by_me();
     Guard g(f.physmem().lock(), mode);
-    PyHookState *hs = hook_state(f.arch());
+    PyHookState *hs = nested ? nullptr : hook_state(f.arch());
     if (mode == Mode::Write && f.in_operation())
         throw Reentrant("an arch hook may read the file it serves, not change it");
     // The busy mark is set and cleared inside the locked region: nogil() gives the lock
@@ -1035,8 +1232,10 @@ auto file_op(GuestMemfd &f, Mode mode, bool long_op, Fn &&fn)
             f.set_in_operation(true);
         return fn();
     };
+    // Python hooks need the GIL anyway; a nested operation keeps what its caller holds.
+    bool keep_gil = nested || !long_op || hook_state(f.arch());
     try {
-        auto result = (hs || !long_op) ? body() : g.nogil(body);
+        auto result = keep_gil ? body() : g.nogil(body);
         if (hs) {
             hs->forget();
             if (hs->pending) {
@@ -1164,11 +1363,19 @@ void bind_guest_memfd(py::module_ &m)
                     throw invalid("hook_design", "must be 'split' or 'overloaded', got '" +
                                                      design + "'");
                 std::shared_ptr<Arch> a = make_arch(arch);
+                ArchConfig cfg(*a, arch);
                 std::unique_ptr<Guard> g;
                 if (pm)
                     g = std::make_unique<Guard>(pm->lock(), Mode::Write);
-                auto *file = new GM(sz, fl, order, pm, a,
-                                    design == "split" ? HookDesign::Split : HookDesign::Overloaded);
+                std::function<void()> undo = cfg.apply();
+                GM *file;
+                try {
+                    file = new GM(sz, fl, order, pm, a,
+                                  design == "split" ? HookDesign::Split : HookDesign::Overloaded);
+                } catch (...) {
+                    undo();
+                    throw;
+                }
                 return std::shared_ptr<GM>(file, close_unclosed);
             }),
             py::arg("size_bytes"), py::kw_only(), py::arg("flags") = 0,

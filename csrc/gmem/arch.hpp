@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -174,7 +175,13 @@ struct HookCall {
     uint64_t a, b, c;
 };
 
-/// Logs every hook call; does nothing else.  Its config is whatever it is given.
+/*
+ * Recorder - logs every hook call; does nothing else.  Its config is whatever it is given.
+ *
+ * The log has a lock of its own: an operation appends to it under the model lock, possibly
+ * with the GIL released, while another thread reads or clears it without that lock (the
+ * reader may not even know which file the Recorder serves any more).
+ */
 class Recorder : public Arch {
 public:
     explicit Recorder(unsigned config) : config_(config) {}
@@ -182,32 +189,56 @@ public:
     unsigned config() const override { return config_; }
     void prepare(GuestMemfd &, uint64_t index, uint64_t pfn, uint64_t nr) override
     {
-        calls.push_back({"prepare", index, pfn, nr});
+        std::lock_guard<std::mutex> lk(log_lock_);
+        calls_.push_back({"prepare", index, pfn, nr});
     }
     void make_shared(GuestMemfd &, const PfnRange *r, size_t n) override
     {
-        for (size_t i = 0; i < n; i++)
-            calls.push_back({"make_shared", r[i].start_pfn, r[i].end_pfn, 0});
+        log_ranges("make_shared", r, n);
     }
     void free_folio(GuestMemfd &, const PfnRange *r, size_t n) override
     {
-        for (size_t i = 0; i < n; i++)
-            calls.push_back({"free_folio", r[i].start_pfn, r[i].end_pfn, 0});
+        log_ranges("free_folio", r, n);
     }
     void invalidate_start(GuestMemfd &, uint64_t start, uint64_t end, unsigned kinds) override
     {
-        calls.push_back({"invalidate_start", start, end, kinds});
+        std::lock_guard<std::mutex> lk(log_lock_);
+        calls_.push_back({"invalidate_start", start, end, kinds});
     }
     void invalidate_end(GuestMemfd &, uint64_t start, uint64_t end) override
     {
-        calls.push_back({"invalidate_end", start, end, 0});
+        std::lock_guard<std::mutex> lk(log_lock_);
+        calls_.push_back({"invalidate_end", start, end, 0});
     }
-    std::map<std::string, uint64_t> stats() const override { return {{"calls", calls.size()}}; }
+    std::map<std::string, uint64_t> stats() const override
+    {
+        std::lock_guard<std::mutex> lk(log_lock_);
+        return {{"calls", calls_.size()}};
+    }
 
-    std::vector<HookCall> calls;
+    /// A copy of the log, taken under its lock.
+    std::vector<HookCall> calls() const
+    {
+        std::lock_guard<std::mutex> lk(log_lock_);
+        return calls_;
+    }
+    void clear()
+    {
+        std::lock_guard<std::mutex> lk(log_lock_);
+        calls_.clear();
+    }
 
 private:
     unsigned config_;
+    mutable std::mutex log_lock_;
+    std::vector<HookCall> calls_;
+
+    void log_ranges(const char *hook, const PfnRange *r, size_t n)
+    {
+        std::lock_guard<std::mutex> lk(log_lock_);
+        for (size_t i = 0; i < n; i++)
+            calls_.push_back({hook, r[i].start_pfn, r[i].end_pfn, 0});
+    }
 };
 
 } // namespace gmem

@@ -76,7 +76,9 @@ struct FolioInfo {
     uint32_t pins, mapped;
 };
 
-class GuestMemfd {
+/// Shared ownership (enable_shared_from_this) lets a binding tell a live file from one
+/// whose last owner is gone and which is being closed by its deleter.
+class GuestMemfd : public std::enable_shared_from_this<GuestMemfd> {
 public:
     /// @physmem null: a private PhysMem of the file's size rounded up to whole folios.
     GuestMemfd(uint64_t size, uint64_t flags, unsigned folio_order,
