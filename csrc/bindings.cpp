@@ -14,6 +14,9 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <chrono>
+#include <thread>
+#include <unordered_map>
 #include <climits>
 #include <type_traits>
 #include <utility>
@@ -140,9 +143,61 @@ Columns to_columns(py::handle a, py::handle b, py::handle c, const char *na, con
 }
 
 /*
+ * WaitGraph - which thread waits for which model lock, kept for the threads that wait while
+ * holding one: a hook (its operation holds its PhysMem's lock) that calls into a file on
+ * another PhysMem.  Only they can close a cycle, since every other holder of a model lock
+ * runs C++ to completion without waiting for anything.  A waiter follows the chain
+ * lock -> its exclusive owner -> the lock that owner waits for -> ...; coming back to
+ * itself means a deadlock, and it gives up with an error instead.
+ */
+class WaitGraph {
+public:
+    void wait_for(const ModelLock *m)
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        waiting_[std::this_thread::get_id()] = m;
+    }
+    void done()
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        waiting_.erase(std::this_thread::get_id());
+    }
+    bool closes_cycle(const ModelLock *m)
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        const std::thread::id me = std::this_thread::get_id();
+        for (size_t hops = 0; hops <= waiting_.size(); hops++) {
+            std::thread::id owner = m->owner();
+            if (owner == me)
+                return true;
+            auto it = waiting_.find(owner);
+            if (owner == std::thread::id() || it == waiting_.end())
+                return false;
+            m = it->second;
+        }
+        return false;
+    }
+
+private:
+    std::mutex mu_;
+    std::unordered_map<std::thread::id, const ModelLock *> waiting_;
+};
+
+WaitGraph &wait_graph()
+{
+    static WaitGraph *g = new WaitGraph; // never destroyed: threads may outlive statics
+    return *g;
+}
+
+/* How many model locks this thread holds exclusively (through Guards). */
+thread_local unsigned held_exclusive = 0;
+
+/*
  * Guard - holds a ModelLock for one bound call, shared (Read) or exclusive (Write).
  * A thread that already holds the lock exclusively is inside an operation of that model
- * (an arch hook calling back); it proceeds without locking again.
+ * (an arch hook calling back); it proceeds without locking again.  A thread that has to
+ * wait does so without the GIL, a few milliseconds at a time, looking for Ctrl-C (and,
+ * if it holds another model lock, for a deadlock) in between.
  */
 enum class Mode { Read, Write };
 
@@ -152,11 +207,10 @@ public:
     {
         if (m.held_by_me())
             return;
-        if (shared_ ? !m.try_lock_shared() : !m.try_lock()) {
-            py::gil_scoped_release nogil; // wait for the lock without blocking Python
-            shared_ ? m.lock_shared() : m.lock();
-        }
+        if (shared_ ? !m.try_lock_shared() : !m.try_lock())
+            wait();
         owned_ = true;
+        held_exclusive += !shared_;
     }
     ~Guard() { unlock(); }
     Guard(const Guard &) = delete;
@@ -179,12 +233,44 @@ public:
         if (!owned_)
             return;
         owned_ = false;
+        held_exclusive -= !shared_;
         shared_ ? m_.unlock_shared() : m_.unlock();
     }
 
 private:
     ModelLock &m_;
     bool shared_, owned_ = false;
+
+    void wait()
+    {
+        const bool watch = held_exclusive > 0;
+        if (watch)
+            wait_graph().wait_for(&m_);
+        struct Done {
+            bool on;
+            ~Done()
+            {
+                if (on)
+                    wait_graph().done();
+            }
+        } done{watch};
+        for (;;) {
+            bool got;
+            {
+                py::gil_scoped_release nogil;
+                auto slice = std::chrono::milliseconds(10);
+                got = shared_ ? m_.try_lock_shared_for(slice) : m_.try_lock_for(slice);
+            }
+            if (got)
+                return;
+            if (watch && wait_graph().closes_cycle(&m_))
+                throw Reentrant("deadlock: this thread holds one PhysMem's lock (an arch "
+                                "hook is running) and waits for another's, whose holder "
+                                "waits for this one; the call is refused");
+            if (PyErr_CheckSignals() != 0)
+                throw py::error_already_set();
+        }
+    }
 };
 
 py::array_t<uint64_t> new_u64_2d(size_t rows, size_t cols)
@@ -360,7 +446,7 @@ void bind_physmem(py::module_ &m)
             [](PhysMem &pm, py::handle o) {
                 unsigned order = to_order(o);
                 Guard lk(pm.lock(), Mode::Write);
-                return pm.alloc(order);
+                return pm.user_alloc(order);
             },
             py::arg("order"))
         .def(
@@ -369,7 +455,7 @@ void bind_physmem(py::module_ &m)
                 uint64_t pfn = to_u64(p, "pfn");
                 unsigned order = to_order(o);
                 Guard lk(pm.lock(), Mode::Write);
-                pm.free(pfn, order);
+                pm.user_free(pfn, order);
             },
             py::arg("pfn"), py::arg("order"))
         .def(
@@ -378,7 +464,7 @@ void bind_physmem(py::module_ &m)
                 uint64_t pfn = to_u64(p, "pfn");
                 unsigned order = to_order(o);
                 Guard lk(pm.lock(), Mode::Write);
-                pm.take(pfn, order);
+                pm.user_take(pfn, order);
             },
             py::arg("pfn"), py::arg("order"))
         .def(

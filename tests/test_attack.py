@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from typing import Any
 
 import pytest
@@ -176,3 +175,160 @@ def test_direct_hook_call_whose_argument_drops_the_file(call: str) -> None:
             assert "self" in str(exc), exc
         """
     )
+
+
+# ---- major ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        ("make_shared", (10**9, 10**9 + 5)),
+        ("free_folio", (10**9, 10**9 + 5)),
+        ("make_shared", (5, 5)),
+        ("prepare", (0, 10**9, 1)),
+        ("prepare", (0, 60, 512)),  # runs past the PhysMem of 64 pages
+        ("invalidate_start", (0, 1, 4)),
+        ("invalidate_end", (3, 1)),
+    ],
+)
+@pytest.mark.parametrize("model", ["SNP", "PKVM", "Recorder"])
+@IMPLS
+def test_a_failed_direct_hook_call_changes_nothing(impl: Any, model: str, call: Any) -> None:
+    cls = getattr(impl.arch, model)
+    a = cls(HOOKS) if model == "Recorder" else cls()
+    f = impl.GuestMemfd(64 * P, flags=gmem.FLAG_MMAP, folio_order=2, arch=a)
+    f.guest_write(0, 1)
+    f.set_attributes(8, 16, gmem.SHARED)
+    before = snapshot(f)
+    name, args = call
+    with pytest.raises(ValueError, match=r"^(start_pfn|end_pfn|pfn|nr_pages|kinds|start|end):"):
+        getattr(a, name)(*args)
+    assert snapshot(f) == before
+    f.set_attributes(0, 64, gmem.SHARED)  # the next conversion is whole
+    f.close()
+    f.close()
+    assert f.physmem.nr_free == 64
+    assert not [v for v in f.check() if v.rule != "hook-raised"]
+
+
+@pytest.mark.parametrize("hook", ["free_folio", "invalidate_start", "prepare"])
+@pytest.mark.parametrize("value", [None, "todo", 3])
+def test_a_hook_attribute_that_is_not_callable_is_refused_at_creation(
+    hook: str, value: Any
+) -> None:
+    cls = type("A", (gmem.Arch,), {"config": HOOKS, hook: value})
+    a = cls()
+    with pytest.raises(TypeError, match=f"^{hook}: must be a method"):
+        gmem.GuestMemfd(16 * P, arch=a)
+    assert a.file is None
+
+
+@pytest.mark.parametrize("attr", ["make_shared", "batched", "config"])
+def test_a_hook_attribute_that_raises_is_refused_at_creation(attr: str) -> None:
+    def boom(self: Any) -> Any:
+        raise KeyError("nope")
+
+    cls = type("A", (gmem.Arch,), {"config": HOOKS, attr: property(boom)})
+    with pytest.raises(TypeError, match=f"^{attr}: reading it raised KeyError"):
+        gmem.GuestMemfd(16 * P, arch=cls())
+
+
+def test_a_hook_replaced_by_a_non_callable_later_takes_the_hook_raised_path() -> None:
+    class A(gmem.Arch):
+        config = {"FREE"}
+
+        def free_folio(self, start_pfn: int, end_pfn: int) -> None:
+            pass
+
+    a = A()
+    f = gmem.GuestMemfd(16 * P, arch=a)
+    f.fallocate(0, 16)
+    a.free_folio = None  # type: ignore[assignment,method-assign]
+    with pytest.raises(TypeError, match="free_folio is not callable"):
+        f.punch_hole(0, 16)
+    assert f.physmem.nr_free == 16  # the punched pages were freed all the same
+    assert [v.rule for v in f.check()] == ["hook-raised"]
+    f.close()
+    assert f.closed
+
+
+@IMPLS
+def test_a_failed_guest_memfd_leaves_its_arch_as_it_was(impl: Any) -> None:
+    class A(impl.Arch):  # type: ignore[name-defined,misc]
+        config = {"FREE"}
+
+    a = A()
+    name = a.name
+    with pytest.raises(ValueError, match="^size"):
+        impl.GuestMemfd(4097, arch=a)
+    assert a.name == name
+    assert a.file is None
+    f = impl.GuestMemfd(16 * P, arch=a)  # and it can serve a file afterwards
+    assert f.config == {"FREE"}
+    f.close()
+
+
+def test_hooks_reading_each_others_file_across_two_physmems_do_not_deadlock() -> None:
+    # Two threads, each in a hook of its own file (holding its PhysMem's lock), each reading
+    # the other's file: one of them must get an error instead of both waiting forever.
+    proc = isolated(
+        """
+        import threading, gmem
+        barrier = threading.Barrier(2, timeout=10)
+        files = {}
+        class A(gmem.Arch):
+            config = {"FREE"}
+            def __init__(self, other):
+                super().__init__()
+                self.other = other
+            def invalidate_start(self, start, end, kinds):
+                if not barrier.broken:  # the punches meet here; the closes do not
+                    barrier.wait()
+                    files[self.other].get_attributes(0)
+        files["a"] = gmem.GuestMemfd(16 * gmem.PAGE_SIZE, arch=A("b"), physmem=gmem.PhysMem(64))
+        files["b"] = gmem.GuestMemfd(16 * gmem.PAGE_SIZE, arch=A("a"), physmem=gmem.PhysMem(64))
+        errors = []
+        def go(name):
+            try:
+                files[name].punch_hole(0, 16)
+            except RuntimeError as exc:
+                errors.append(str(exc))
+        ts = [threading.Thread(target=go, args=(n,)) for n in "ab"]
+        [t.start() for t in ts]
+        [t.join(30) for t in ts]
+        assert not any(t.is_alive() for t in ts), "deadlock"
+        barrier.abort()
+        assert errors and all("deadlock" in e for e in errors), errors
+        for f in files.values():
+            assert [v.rule for v in f.check()] in ([], ["hook-raised"])
+            f.close()
+        print(errors[0])
+        """,
+        timeout=60,
+    )
+    assert "deadlock" in proc.stdout
+
+
+@IMPLS
+def test_physmem_free_refuses_pages_a_file_holds(impl: Any) -> None:
+    pm = impl.PhysMem(64)
+    f = impl.GuestMemfd(16 * P, physmem=pm)
+    f.fallocate(0, 16)
+    pfn = f.get_pfn(3)[0]
+    before = snapshot(f)
+    with pytest.raises(ValueError, match="^pfn: .*held by a guest_memfd"):
+        pm.free(pfn, 0)
+    with pytest.raises(ValueError, match="^pfn: .*held by a guest_memfd"):
+        pm.free(pfn & ~3, 2)
+    assert snapshot(f) == before
+    mine = pm.alloc(2)  # what PhysMem.alloc/take handed out can be freed, in pieces too
+    pm.free(mine, 1)
+    pm.free(mine + 2, 0)
+    pm.free(mine + 3, 0)
+    with pytest.raises(ValueError, match="^pfn: .*already free"):
+        pm.free(mine, 0)
+    pm.take(32, 0)
+    pm.free(32, 0)
+    f.close()
+    assert pm.nr_free == 64

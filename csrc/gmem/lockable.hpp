@@ -36,6 +36,20 @@ public:
         owner_.store(std::thread::id(), std::memory_order_relaxed);
         m_.unlock();
     }
+    /// Timed variants, for a waiter that must look around now and then (deadlock, signals).
+    template <class Duration>
+    bool try_lock_for(Duration d)
+    {
+        if (!m_.try_lock_for(d))
+            return false;
+        owner_.store(std::this_thread::get_id(), std::memory_order_relaxed);
+        return true;
+    }
+    template <class Duration>
+    bool try_lock_shared_for(Duration d)
+    {
+        return m_.try_lock_shared_for(d);
+    }
     void lock_shared() { m_.lock_shared(); }
     bool try_lock_shared() { return m_.try_lock_shared(); }
     void unlock_shared() { m_.unlock_shared(); }
@@ -44,9 +58,11 @@ public:
     {
         return owner_.load(std::memory_order_relaxed) == std::this_thread::get_id();
     }
+    /// The thread holding the lock exclusively, or std::thread::id() (none, or readers).
+    std::thread::id owner() const { return owner_.load(std::memory_order_relaxed); }
 
 private:
-    std::shared_mutex m_;
+    std::shared_timed_mutex m_;
     std::atomic<std::thread::id> owner_{};
 };
 

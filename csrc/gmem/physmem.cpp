@@ -24,7 +24,7 @@ static uint64_t checked_size(uint64_t nr_pages, uint64_t base_pfn)
 
 PhysMem::PhysMem(uint64_t nr_pages, uint64_t base_pfn, uint64_t seed)
     : base_(base_pfn), nr_pages_(checked_size(nr_pages, base_pfn)), seed_(seed), rng_{seed},
-      tokens_(nr_pages), rmp_(nr_pages), owner_(nr_pages)
+      tokens_(nr_pages), rmp_(nr_pages), owner_(nr_pages), user_(nr_pages)
 {
     add_free_range(base_, base_ + nr_pages_);
 }
@@ -174,6 +174,42 @@ void PhysMem::free(uint64_t pfn, unsigned order)
     free_[order].insert(pfn);
 }
 
+uint64_t PhysMem::user_alloc(unsigned order)
+{
+    uint64_t pfn = alloc(order);
+    user_.store(pfn - base_, pfn - base_ + pages(order), 1);
+    return pfn;
+}
+
+void PhysMem::user_take(uint64_t pfn, unsigned order)
+{
+    take(pfn, order);
+    user_.store(pfn - base_, pfn - base_ + pages(order), 1);
+}
+
+void PhysMem::user_free(uint64_t pfn, unsigned order)
+{
+    check_block(pfn, order);
+    uint64_t end = pfn + pages(order);
+    if (!user_.range_has(pfn - base_, end - base_, 1)) {
+        uint64_t b;
+        unsigned bo;
+        bool some_free = find_free_container(pfn, order, &b, &bo);
+        for (unsigned o = 0; o < order && !some_free; o++) {
+            auto it = free_[o].lower_bound(pfn);
+            some_free = it != free_[o].end() && *it < end;
+        }
+        if (some_free)
+            throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " + std::to_string(end) +
+                                     ") are already free (double free)");
+        throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " + std::to_string(end) +
+                                 ") are held by a guest_memfd file; only pages from "
+                                 "PhysMem.alloc, take or fragment can be freed here");
+    }
+    free(pfn, order);
+    user_.store(pfn - base_, end - base_, 0);
+}
+
 std::vector<FreeBlock> PhysMem::free_blocks() const
 {
     std::vector<FreeBlock> v;
@@ -224,6 +260,8 @@ void PhysMem::fragment(double fraction)
         }
         add_free_range(from, fb.pfn + pages(fb.order));
         kept_.insert(kept_.end(), taken.begin(), taken.end());
+        for (uint64_t p : taken)
+            user_.store(p - base_, p - base_ + 1, 1);
     }
 }
 

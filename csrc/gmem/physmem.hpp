@@ -75,6 +75,12 @@ public:
     bool is_free(uint64_t pfn, unsigned order) const;
     /// Take the specific block [pfn, pfn + 2**order), which must be free.
     void take(uint64_t pfn, unsigned order);
+    /// The same, for blocks held through the public API (PhysMem.alloc/take/free in
+    /// Python): they are marked, and user_free() frees only marked pages, never a page
+    /// that a file holds.
+    uint64_t user_alloc(unsigned order);
+    void user_take(uint64_t pfn, unsigned order);
+    void user_free(uint64_t pfn, unsigned order);
     /// Keep a seeded random @fraction (0..1) of the free pages as order-0 blocks.
     void fragment(double fraction);
 
@@ -106,6 +112,7 @@ private:
     SplitMix64 rng_;
     std::array<std::set<uint64_t>, MAX_ORDER + 1> free_;
     IntervalMap tokens_, rmp_, owner_; // indexed by pfn - base_
+    IntervalMap user_;                 // 1: held through the public API (or kept)
     std::vector<uint64_t> kept_;
 
     void add_free_range(uint64_t start, uint64_t end);

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gmem._consts import PRIVATE
+from gmem.reference._args import u64
 
 if TYPE_CHECKING:
     from gmem.reference.guest_memfd import GuestMemfd
@@ -74,21 +75,21 @@ class Arch:
     def stats(self) -> dict[str, int]:
         return {}
 
-    # The KVM hooks.
+    # The KVM hooks: they do nothing but check what a direct call passes them.
     def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
-        pass
+        self._prepare_args(index, pfn, nr_pages)
 
     def make_shared(self, start_pfn: int, end_pfn: int) -> None:
-        pass
+        self._pfns(start_pfn, end_pfn)
 
     def free_folio(self, start_pfn: int, end_pfn: int) -> None:
-        pass
+        self._pfns(start_pfn, end_pfn)
 
     def invalidate_start(self, start: int, end: int, kinds: int) -> None:
-        pass
+        self._kinds(start, end, kinds)
 
     def invalidate_end(self, start: int, end: int) -> None:
-        pass
+        self._range(start, end)
 
     # The model's notifications and contract checks (not KVM hooks).
     def _guest_mapped(self, index: int, pfn: int, nr: int, private: bool) -> None:
@@ -105,9 +106,52 @@ class Arch:
 
     @property
     def _file(self) -> GuestMemfd:
-        if self.file is None:
-            raise ValueError("self: this Arch serves no open file yet")
+        if self.file is None or self.file.closed:
+            raise ValueError("self: this Arch serves no open file")
         return self.file
+
+    # Argument checks of the built-in models' hooks, which Python may call directly: a
+    # direct call that fails changes nothing.  (The file always passes good arguments.)
+    def _pfns(
+        self, start_pfn: Any, end_pfn: Any, names: tuple[str, str] = ("start_pfn", "end_pfn")
+    ) -> tuple[int, int]:
+        s, e = u64(start_pfn, names[0]), u64(end_pfn, names[1])
+        pm = self._file.physmem
+        if not pm.base_pfn <= s < pm.end_pfn:
+            raise ValueError(
+                f"{names[0]}: must be in [{pm.base_pfn:#x}, {pm.end_pfn:#x}) (the file's "
+                f"PhysMem), got {s:#x}"
+            )
+        if not s < e <= pm.end_pfn:
+            raise ValueError(f"{names[1]}: must be in ({s:#x}, {pm.end_pfn:#x}], got {e:#x}")
+        return s, e
+
+    def _range(self, start: Any, end: Any) -> tuple[int, int]:
+        s, e = u64(start, "start"), u64(end, "end")
+        f = self._file
+        if s >= e:
+            raise ValueError(f"start: must be < end, got start={s} end={e}")
+        if e > f.nr_pages:
+            raise ValueError(f"end: must be <= nr_pages ({f.nr_pages}), got {e}")
+        return s, e
+
+    def _prepare_args(self, index: Any, pfn: Any, nr_pages: Any) -> tuple[int, int, int]:
+        i, p, n = u64(index, "index"), u64(pfn, "pfn"), u64(nr_pages, "nr_pages")
+        f = self._file
+        if not 1 <= n <= f.nr_pages:
+            raise ValueError(f"nr_pages: must be in 1..{f.nr_pages}, got {n}")
+        self._range(i, i + n)
+        self._pfns(p, p + n, ("pfn", "nr_pages"))
+        return i, p, n
+
+    def _kinds(self, start: Any, end: Any, kinds: Any) -> tuple[int, int, int]:
+        s, e = self._range(start, end)
+        k = u64(kinds, "kinds")
+        if not 1 <= k <= 3:
+            raise ValueError(
+                f"kinds: must be FILTER_SHARED (1), FILTER_PRIVATE (2) or both (3), got {k}"
+            )
+        return s, e, k
 
 
 class SwProtected(Arch):
@@ -135,6 +179,7 @@ class SNP(Arch):
         }
 
     def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
+        index, pfn, nr_pages = self._prepare_args(index, pfn, nr_pages)
         pm = self._file.physmem
         rmp, base, end = pm.rmp, pm.base_pfn, pfn + nr_pages
         p = pfn
@@ -181,10 +226,10 @@ class SNP(Arch):
         rmp.store(start_pfn - base, end_pfn - base, self.RMP_SHARED)
 
     def make_shared(self, start_pfn: int, end_pfn: int) -> None:
-        self.rmp_make_shared(start_pfn, end_pfn)
+        self.rmp_make_shared(*self._pfns(start_pfn, end_pfn))
 
     def free_folio(self, start_pfn: int, end_pfn: int) -> None:
-        self.rmp_make_shared(start_pfn, end_pfn)
+        self.rmp_make_shared(*self._pfns(start_pfn, end_pfn))
 
     def _check_freed(self, pfn: int, nr: int, out: list[Violation]) -> None:
         pm = self._file.physmem
@@ -243,6 +288,7 @@ class PKVM(Arch):
         }
 
     def free_folio(self, start_pfn: int, end_pfn: int) -> None:
+        start_pfn, end_pfn = self._pfns(start_pfn, end_pfn)
         pm = self._file.physmem
         self.contents_touched = True
         pm.fill(start_pfn, end_pfn - start_pfn, 0)
@@ -324,19 +370,19 @@ class Recorder(Arch):
         return {"calls": len(self.calls)}
 
     def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
-        self.calls.append(("prepare", index, pfn, nr_pages))
+        self.calls.append(("prepare", *self._prepare_args(index, pfn, nr_pages)))
 
     def make_shared(self, start_pfn: int, end_pfn: int) -> None:
-        self.calls.append(("make_shared", start_pfn, end_pfn))
+        self.calls.append(("make_shared", *self._pfns(start_pfn, end_pfn)))
 
     def free_folio(self, start_pfn: int, end_pfn: int) -> None:
-        self.calls.append(("free_folio", start_pfn, end_pfn))
+        self.calls.append(("free_folio", *self._pfns(start_pfn, end_pfn)))
 
     def invalidate_start(self, start: int, end: int, kinds: int) -> None:
-        self.calls.append(("invalidate_start", start, end, kinds))
+        self.calls.append(("invalidate_start", *self._kinds(start, end, kinds)))
 
     def invalidate_end(self, start: int, end: int) -> None:
-        self.calls.append(("invalidate_end", start, end))
+        self.calls.append(("invalidate_end", *self._range(start, end)))
 
     def ranges(self, hook: str) -> npt.NDArray[np.uint64]:
         rows = [c[1:3] for c in self.calls if c[0] == hook]

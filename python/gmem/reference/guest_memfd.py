@@ -403,7 +403,7 @@ class GuestMemfd:
                 self._ranges_hook("free_folio", [(f.pfn, f.pfn + f.nr_pages) for f in batch])
             for f in batch:
                 self._arch._check_freed(f.pfn, f.nr_pages, self._violations)
-                self._pm.free(f.pfn, f.order)
+                self._pm._free_block(f.pfn, f.order)
                 self._stats["folios_freed"] += 1
 
     def _release_range(self, start: int, end: int, with_orphans: bool) -> None:
@@ -456,7 +456,7 @@ class GuestMemfd:
                     if f is None:
                         for g in reversed(got):  # give back what this call took
                             self._cache.pop(g.index)
-                            self._pm.free(g.pfn, g.order)
+                            self._pm._free_block(g.pfn, g.order)
                         self._stats["folios_allocated"] -= len(got)
                         raise OutOfMemory(
                             f"fallocate: physical memory ran out at index {i}; "
@@ -483,7 +483,7 @@ class GuestMemfd:
                 raise ValueError(
                     f"pfn: pages [{p}, {p + (1 << o)}) are not free in the file's PhysMem"
                 )
-            self._pm.take(p, o)
+            self._pm._take_block(p, o)
             self._cache.insert(Folio(i, o, p))
             self._stats["folios_allocated"] += 1
 

@@ -52,6 +52,7 @@ class PhysMem:
         self.tokens = IntervalMap(nr)  # indexed by pfn - base_pfn, like rmp and owner
         self.rmp = IntervalMap(nr)
         self.owner = IntervalMap(nr)
+        self._user = IntervalMap(nr)  # 1: held through alloc/take (or kept by fragment)
         self._kept: list[int] = []
         self._add_free_range(base, base + nr)
 
@@ -111,6 +112,7 @@ class PhysMem:
                 f"PhysMem: no free block of order {want} ({self._nr_free} pages free in "
                 f"{blocks} blocks)"
             )
+        self._user.store(pfn - self._base, pfn - self._base + (1 << want), 1)
         return pfn
 
     def try_alloc(self, want: int) -> int | None:
@@ -129,8 +131,20 @@ class PhysMem:
         return pfn
 
     def free(self, pfn: Any, order: Any) -> None:
+        """Give back a block from alloc/take/fragment; pages a file holds are refused."""
         p, o = u64(pfn, "pfn"), order_arg(order)
         self.check_block(p, o)
+        end = p + (1 << o)
+        if not self._user.range_has(p - self._base, end - self._base, 1):
+            self._check_not_free(p, o)
+            raise ValueError(
+                f"pfn: pages [{p}, {end}) are held by a guest_memfd file; only pages from "
+                "PhysMem.alloc, take or fragment can be freed here"
+            )
+        self._free_block(p, o)
+        self._user.store(p - self._base, end - self._base, 0)
+
+    def _check_not_free(self, p: int, o: int) -> None:
         end = p + (1 << o)
         overlap = self._free_container(p, o) is not None or any(
             bisect_left(self._free[k], p) < len(self._free[k])
@@ -139,6 +153,11 @@ class PhysMem:
         )
         if overlap:
             raise ValueError(f"pfn: pages [{p}, {end}) are already free (double free)")
+
+    def _free_block(self, p: int, o: int) -> None:
+        """Free a block a file held (the file's own bookkeeping says it is not free)."""
+        self.check_block(p, o)
+        self._check_not_free(p, o)
         self._nr_free += 1 << o
         while o < MAX_ORDER:
             buddy = p ^ (1 << o)
@@ -158,6 +177,10 @@ class PhysMem:
 
     def take(self, pfn: Any, order: Any) -> None:
         p, o = u64(pfn, "pfn"), order_arg(order)
+        self._take_block(p, o)
+        self._user.store(p - self._base, p - self._base + (1 << o), 1)
+
+    def _take_block(self, p: int, o: int) -> None:
         self.check_block(p, o)
         found = self._free_container(p, o)
         if found is None:
@@ -195,6 +218,8 @@ class PhysMem:
                 start = p + 1
             self._add_free_range(start, pfn + (1 << order))
             self._kept.extend(taken)
+            for p in taken:
+                self._user.store(p - self._base, p - self._base + 1, 1)
 
     def read(self, pfn: Any) -> int:
         p = u64(pfn, "pfn")
