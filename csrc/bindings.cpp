@@ -29,6 +29,7 @@
 #include "gmem/arch.hpp"
 #include "gmem/errors.hpp"
 #include "gmem/guest_memfd.hpp"
+#include "gmem/interrupt.hpp"
 #include "gmem/folio_cache.hpp"
 #include "gmem/interval_map.hpp"
 #include "gmem/pfn_check.hpp"
@@ -333,7 +334,16 @@ void bind_errors(py::module_ &m)
             py::object cls = py::module_::import("gmem.errors").attr("SigBus");
             py::object exc = cls(e.what(), e.index);
             PyErr_SetObject(cls.ptr(), exc.ptr());
+        } catch (const Interrupted &e) {
+            // The probe ran the signal handlers: their exception (KeyboardInterrupt) is set.
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_KeyboardInterrupt, e.what());
         }
+    });
+    // Long loops of the core ask, every 20 ms, whether a signal (Ctrl-C) is pending.
+    set_interrupt_probe([]() -> bool {
+        py::gil_scoped_acquire gil;
+        return PyErr_CheckSignals() != 0;
     });
     m.attr("MAX_ORDER") = MAX_ORDER;
     m.attr("NO_PFN") = py::int_(NO_PFN);
@@ -525,6 +535,10 @@ void bind_physmem(py::module_ &m)
         .def("free_blocks",
              [](const PhysMem &pm) {
                  Guard lk(pm.lock(), Mode::Read);
+                 if (pm.nr_free_blocks() > FREE_BLOCKS_LISTED)
+                     throw invalid("self", std::to_string(pm.nr_free_blocks()) +
+                                               " free blocks are more than free_blocks() "
+                                               "lists (2**24); nr_free counts them");
                  auto blocks = pm.free_blocks();
                  auto out = new_u64_2d(blocks.size(), 2);
                  uint64_t *p = out.mutable_data();

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from typing import Any
 
 import pytest
@@ -332,3 +333,182 @@ def test_physmem_free_refuses_pages_a_file_holds(impl: Any) -> None:
     pm.free(32, 0)
     f.close()
     assert pm.nr_free == 64
+
+
+# ---- memory in proportion to the model; Ctrl-C; host memory exhaustion ----------------
+
+
+def interrupted_after(code: str, seconds: float) -> subprocess.CompletedProcess[str]:
+    """Run ``code``, send SIGINT after ``seconds``; it must print "interrupted" promptly."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(seconds)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("Ctrl-C did not stop the call within 20 s")
+    stopped = time.monotonic() - sent
+    assert proc.returncode == 0, err
+    assert "interrupted" in out, (out, err)
+    assert stopped < 5, f"took {stopped:.1f} s to stop"
+    return subprocess.CompletedProcess(proc.args, 0, out, err)
+
+
+def test_ctrl_c_stops_fragment_and_it_changes_nothing() -> None:
+    interrupted_after(
+        """
+        import gmem
+        pm = gmem.PhysMem(1 << 36, seed=1)  # 2**36 pages: an hour of draws
+        before = (pm.nr_free, pm.free_blocks().tolist())
+        print("ready", flush=True)
+        try:
+            pm.fragment(0.001)
+        except KeyboardInterrupt:
+            assert (pm.nr_free, pm.free_blocks().tolist()) == before
+            assert pm.nr_kept == 0
+            print("interrupted")
+        """,
+        1.0,
+    )
+
+
+def test_ctrl_c_stops_fallocate_and_it_changes_nothing() -> None:
+    interrupted_after(
+        """
+        import gmem
+        f = gmem.GuestMemfd(1 << 40, physmem=gmem.PhysMem(1 << 28))
+        f.fallocate(0, 100)
+        before = (f.stats, f.physmem.nr_free, len(f.folios()))
+        print("ready", flush=True)
+        try:
+            f.fallocate(0, 1 << 28)  # 2**28 folios: about a minute
+        except KeyboardInterrupt:
+            assert (f.stats, f.physmem.nr_free, len(f.folios())) == before
+            print("interrupted")
+        f.close()
+        """,
+        1.0,
+    )
+
+
+def test_a_fallocate_that_cannot_fit_in_host_memory_is_refused_up_front() -> None:
+    # The 115-byte trace: a 4 PiB file of 4 KiB folios, then fallocate of all of it.
+    isolated(
+        """
+        import time, gmem
+        t = time.monotonic()
+        f = gmem.GuestMemfd(2**52, physmem=gmem.PhysMem(2**40))
+        try:
+            f.fallocate(0, f.nr_pages)
+        except gmem.OutOfMemory as exc:
+            assert "more than the host has available" in str(exc), exc
+        else:
+            raise AssertionError("not refused")
+        assert f.stats["folios_allocated"] == 0 and f.physmem.nr_free == 2**40
+        assert time.monotonic() - t < 10
+        f.close()
+        """,
+        memory_gib=2,
+    )
+
+
+def test_host_memory_exhaustion_in_fallocate_and_fragment_changes_nothing() -> None:
+    # Under an address-space limit, std::bad_alloc (MemoryError) strikes mid-operation.
+    if SANITIZED:
+        pytest.skip("the address-space limit does not apply under ASan")
+    isolated(
+        """
+        import resource, gmem
+        pm = gmem.PhysMem(1 << 26)
+        f = gmem.GuestMemfd(1 << 38, physmem=pm)
+        f.fallocate(0, 1000)
+        before = (f.stats, pm.nr_free, pm.free_blocks().tolist(), f.folios().tolist())
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        used = int(open("/proc/self/statm").read().split()[0]) * 4096
+        resource.setrlimit(resource.RLIMIT_AS, (used + (48 << 20), hard))
+        for call in (lambda: f.fallocate(0, 1 << 25), lambda: pm.fragment(0.3)):
+            try:
+                call()
+            except MemoryError:
+                pass
+            else:
+                raise AssertionError("no MemoryError")
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+            assert (f.stats, pm.nr_free, pm.free_blocks().tolist(),
+                    f.folios().tolist()) == before
+            resource.setrlimit(resource.RLIMIT_AS, (used + (48 << 20), hard))
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        f.close()
+        assert pm.nr_free == 1 << 26 and pm.nr_kept == 0
+        """,
+        memory_gib=8,
+    )
+
+
+@IMPLS
+def test_physmem_at_the_pfn_limit_costs_what_it_holds(impl: Any) -> None:
+    # 2**52 pages start as 2**34 free blocks of the top order: one run, not 2**34 nodes.
+    t = time.monotonic()
+    pm = impl.PhysMem(2**52 - 5, seed=3)
+    assert pm.nr_free == 2**52 - 5
+    first = pm.alloc(0)
+    pm.take(2**51 + 2**18, 18)  # from the middle of the run
+    blocks_dump = pm.dump()
+    assert "free=" in blocks_dump and len(blocks_dump.splitlines()) in (33, 34)
+    with pytest.raises(ValueError, match="^self: .* free blocks are more than"):
+        pm.free_blocks()
+    pm.free(2**51 + 2**18, 18)
+    pm.free(first, 0)
+    assert pm.nr_free == 2**52 - 5
+    assert time.monotonic() - t < 5
+
+
+def test_physmem_top_runs_agree_with_the_reference() -> None:
+    # Allocations, takes and frees across the top order's runs, against the oracle.
+    import gmem.reference as ref
+
+    for seed in range(20):
+        rng = __import__("random").Random(seed)
+        nr = (3 << 18) + rng.randrange(1 << 18)
+        pms = [gmem.PhysMem(nr, base_pfn=1 << 18), ref.PhysMem(nr, base_pfn=1 << 18)]
+        held: list[tuple[int, int]] = []
+        for _ in range(60):
+            op = rng.random()
+            if op < 0.4:
+                order = rng.choice([0, 3, 17, 18])
+                got = []
+                for pm in pms:
+                    try:
+                        got.append(pm.alloc(order))
+                    except gmem.OutOfMemory:
+                        got.append(None)
+                assert got[0] == got[1]
+                if got[0] is not None:
+                    held.append((got[0], order))
+            elif op < 0.6:
+                pfn = (1 << 18) + (rng.randrange(nr) >> 18 << 18)
+                outs = []
+                for pm in pms:
+                    try:
+                        pm.take(pfn, 18)
+                        outs.append("ok")
+                    except ValueError:
+                        outs.append("busy")
+                assert outs[0] == outs[1]
+                if outs[0] == "ok":
+                    held.append((pfn, 18))
+            elif held:
+                pfn, order = held.pop(rng.randrange(len(held)))
+                for pm in pms:
+                    pm.free(pfn, order)
+            assert pms[0].free_blocks().tolist() == pms[1].free_blocks().tolist()
+            assert pms[0].nr_free == pms[1].nr_free

@@ -6,11 +6,15 @@
 #include <sstream>
 #include <tuple>
 
+
 #include "errors.hpp"
+#include "host.hpp"
+#include "interrupt.hpp"
 
 namespace gmem {
 
 static inline uint64_t pages(unsigned order) { return uint64_t(1) << order; }
+
 
 std::vector<std::pair<const char *, uint64_t>> GmemStats::items() const
 {
@@ -149,6 +153,7 @@ uint64_t GuestMemfd::mapped_in(uint64_t start, uint64_t end) const
  * alloc_folio - allocate the folio for the hole at @index: the naturally aligned block of
  * folio_order around it, or the largest smaller order whose block fits in the file,
  * overlaps no folio and can be had from PhysMem.  Sets *oom when not even one page can.
+ * Host memory running out (bad_alloc) changes nothing: the PFN goes back.
  */
 Folio GuestMemfd::alloc_folio(uint64_t index, bool *oom)
 {
@@ -159,7 +164,12 @@ Folio GuestMemfd::alloc_folio(uint64_t index, bool *oom)
             continue;
         uint64_t pfn;
         if (pm_->try_alloc(unsigned(o), &pfn)) {
-            cache_.add(block, unsigned(o), pfn);
+            try {
+                cache_.add(block, unsigned(o), pfn);
+            } catch (...) {
+                pm_->free(pfn, unsigned(o));
+                throw;
+            }
             stats_.folios_allocated++;
             *oom = false;
             return Folio{block, pfn, unsigned(o), false};
@@ -376,44 +386,76 @@ void GuestMemfd::release_range(uint64_t start, uint64_t end, bool with_orphans)
         free_pieces(batch);
 }
 
+/*
+ * fallocate - populate the holes of [start, end).  All or nothing, stricter than the
+ * kernel: running out of physical memory (OutOfMemory), of host memory (bad_alloc) or
+ * being interrupted (Interrupted) gives back everything this call took.  A request whose
+ * page-cache entries alone could not fit in the host's available memory is refused up
+ * front rather than left to exhaust it.
+ */
 void GuestMemfd::fallocate(uint64_t start, uint64_t end)
 {
     check_open();
     check_range(start, end);
+    // Folios this call may add, at worst: one per 2**folio_order pages (two more at the
+    // edges), and never more than PhysMem has free pages.
+    uint64_t most = std::min(((end - start) >> folio_order_) + 2, pm_->nr_free());
+    if (most > host_memory_available() / FOLIO_BYTES)
+        throw OutOfMemory("fallocate: [" + std::to_string(start) + ", " + std::to_string(end) +
+                          ") may need " + std::to_string(most) + " folios (" +
+                          std::to_string(most * FOLIO_BYTES >> 20) +
+                          " MiB of page cache), more than the host has available (" +
+                          std::to_string(host_memory_available() >> 20) +
+                          " MiB); nothing was allocated");
     // What this call allocated, as runs of index-contiguous new folios: O(holes) memory
     // even for 2**28 folios, and enough to give them all back.
     std::vector<std::pair<uint64_t, uint64_t>> got;
     uint64_t allocated = 0;
-    for (uint64_t i = start; i < end;) {
-        Folio f;
-        if (cache_.lookup(i, &f)) {
-            i = f.end();
-            continue;
-        }
-        bool oom;
-        f = alloc_folio(i, &oom);
-        if (oom) {
-            // Stricter than the kernel: give back everything this call took.  The buddy
-            // allocator's free state depends only on which pages are free, so freeing in
-            // any order restores it exactly.
-            Folio chunk[FOLIO_BATCH_SIZE];
-            for (const auto &run : got)
-                for (size_t n; (n = cache_.folios(run.first, run.second, chunk,
-                                                  FOLIO_BATCH_SIZE));) {
-                    cache_.remove_consecutive(chunk, n);
-                    for (size_t k = 0; k < n; k++)
-                        pm_->free(chunk[k].pfn, chunk[k].order);
+    auto give_back = [&] {
+        // The buddy allocator's free state depends only on which pages are free, so
+        // freeing in any order restores it exactly.
+        Folio chunk[FOLIO_BATCH_SIZE];
+        for (const auto &run : got)
+            for (size_t n; (n = cache_.folios(run.first, run.second, chunk, FOLIO_BATCH_SIZE));) {
+                cache_.remove_consecutive(chunk, n);
+                for (size_t k = 0; k < n; k++)
+                    pm_->free(chunk[k].pfn, chunk[k].order);
+            }
+        stats_.folios_allocated -= allocated;
+    };
+    InterruptCheck interrupted;
+    try {
+        for (uint64_t i = start; i < end;) {
+            Folio f;
+            if (cache_.lookup(i, &f)) {
+                i = f.end();
+                continue;
+            }
+            if (interrupted())
+                throw Interrupted("fallocate: interrupted at index " + std::to_string(i) +
+                                  "; nothing was allocated");
+            bool oom;
+            f = alloc_folio(i, &oom);
+            if (oom)
+                throw OutOfMemory("fallocate: physical memory ran out at index " +
+                                  std::to_string(i) + "; nothing was allocated");
+            allocated++;
+            if (!got.empty() && got.back().second == f.index) {
+                got.back().second = f.end();
+            } else {
+                try {
+                    got.push_back({f.index, f.end()});
+                } catch (...) {
+                    pm_->free(cache_.remove(f.index).pfn, f.order);
+                    allocated--;
+                    throw;
                 }
-            stats_.folios_allocated -= allocated;
-            throw OutOfMemory("fallocate: physical memory ran out at index " +
-                              std::to_string(i) + "; nothing was allocated");
+            }
+            i = f.end();
         }
-        allocated++;
-        if (!got.empty() && got.back().second == f.index)
-            got.back().second = f.end();
-        else
-            got.push_back({f.index, f.end()});
-        i = f.end();
+    } catch (...) {
+        give_back();
+        throw;
     }
 }
 

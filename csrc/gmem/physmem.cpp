@@ -6,6 +6,8 @@
 #include <sstream>
 
 #include "errors.hpp"
+#include "host.hpp"
+#include "interrupt.hpp"
 
 namespace gmem {
 
@@ -22,14 +24,87 @@ static uint64_t checked_size(uint64_t nr_pages, uint64_t base_pfn)
     return nr_pages;
 }
 
+std::map<uint64_t, uint64_t>::const_iterator FreeList::run_of(uint64_t pfn) const
+{
+    auto it = runs_.upper_bound(pfn);
+    if (it == runs_.begin())
+        return runs_.end();
+    --it;
+    return pfn < it->second ? it : runs_.end();
+}
+
+uint64_t FreeList::at_or_after(uint64_t pfn) const
+{
+    auto it = run_of(pfn);
+    if (it != runs_.end()) {
+        uint64_t p = it->first + (pfn - it->first + block_ - 1) / block_ * block_;
+        if (p < it->second)
+            return p;
+        ++it;
+    } else {
+        it = runs_.lower_bound(pfn);
+    }
+    return it == runs_.end() ? UINT64_MAX : it->first;
+}
+
+void FreeList::insert(uint64_t pfn, uint64_t n)
+{
+    uint64_t end = pfn + n * block_;
+    auto next = runs_.lower_bound(pfn);
+    bool join_next = next != runs_.end() && next->first == end;
+    if (next != runs_.begin()) {
+        auto prev = std::prev(next);
+        if (prev->second == pfn) {
+            prev->second = join_next ? next->second : end;
+            if (join_next)
+                runs_.erase(next);
+            nr_blocks_ += n;
+            return;
+        }
+    }
+    if (join_next) {
+        // Re-key the next run to start at pfn: insert first (may throw), then erase.
+        uint64_t next_end = next->second;
+        runs_.emplace_hint(next, pfn, next_end);
+        runs_.erase(next);
+    } else {
+        runs_.emplace_hint(next, pfn, end);
+    }
+    nr_blocks_ += n;
+}
+
+void FreeList::erase(uint64_t pfn)
+{
+    auto it = std::prev(runs_.upper_bound(pfn)); // the run holding pfn: callers check
+    uint64_t end = it->second;
+    if (pfn + block_ < end)
+        runs_.emplace_hint(std::next(it), pfn + block_, end); // may throw: nothing changed yet
+    if (it->first == pfn)
+        runs_.erase(it);
+    else
+        it->second = pfn;
+    nr_blocks_--;
+}
+
+uint64_t FreeList::erase_range(uint64_t lo, uint64_t hi)
+{
+    uint64_t n = 0;
+    for (uint64_t p; (p = at_or_after(lo)) < hi; n++)
+        erase(p);
+    return n;
+}
+
 PhysMem::PhysMem(uint64_t nr_pages, uint64_t base_pfn, uint64_t seed)
     : base_(base_pfn), nr_pages_(checked_size(nr_pages, base_pfn)), seed_(seed), rng_{seed},
       tokens_(nr_pages), rmp_(nr_pages), owner_(nr_pages), user_(nr_pages)
 {
+    for (unsigned o = 0; o <= MAX_ORDER; o++)
+        free_[o] = FreeList(pages(o));
     add_free_range(base_, base_ + nr_pages_);
 }
 
-/* Tile [start, end) with the largest naturally aligned blocks, lowest address first. */
+/* Tile [start, end) with the largest naturally aligned blocks, lowest address first; the
+ * top-order blocks of the middle go in as one run, however many. */
 void PhysMem::add_free_range(uint64_t start, uint64_t end)
 {
     while (start < end) {
@@ -37,9 +112,10 @@ void PhysMem::add_free_range(uint64_t start, uint64_t end)
         while (order < MAX_ORDER && (start & pages(order)) == 0 &&
                start + pages(order + 1) <= end)
             order++;
-        free_[order].insert(start);
-        nr_free_ += pages(order);
-        start += pages(order);
+        uint64_t n = order == MAX_ORDER ? (end - start) >> MAX_ORDER : 1;
+        free_[order].insert(start, n);
+        nr_free_ += n << order;
+        start += n << order;
     }
 }
 
@@ -76,14 +152,14 @@ bool PhysMem::try_alloc(unsigned order, uint64_t *pfn)
     unsigned best = MAX_ORDER + 1;
     uint64_t best_pfn = 0;
     for (unsigned o = order; o <= MAX_ORDER; o++) {
-        if (!free_[o].empty() && (best > MAX_ORDER || *free_[o].begin() < best_pfn)) {
+        if (!free_[o].empty() && (best > MAX_ORDER || free_[o].first() < best_pfn)) {
             best = o;
-            best_pfn = *free_[o].begin();
+            best_pfn = free_[o].first();
         }
     }
     if (best > MAX_ORDER)
         return false;
-    free_[best].erase(free_[best].begin());
+    free_[best].erase(best_pfn);
     // Hand out the lowest 2**order pages; the upper halves go back one order at a time.
     for (unsigned o = best; o > order; o--)
         free_[o - 1].insert(best_pfn + pages(o - 1));
@@ -108,7 +184,7 @@ bool PhysMem::find_free_container(uint64_t pfn, unsigned order, uint64_t *block,
 {
     for (unsigned o = order; o <= MAX_ORDER; o++) {
         uint64_t b = pfn & ~(pages(o) - 1);
-        if (free_[o].count(b)) {
+        if (free_[o].contains(b)) {
             *block = b;
             *block_order = o;
             return true;
@@ -155,8 +231,7 @@ void PhysMem::free(uint64_t pfn, unsigned order)
     unsigned bo;
     bool overlap = find_free_container(pfn, order, &b, &bo);
     for (unsigned o = 0; o < order && !overlap; o++) {
-        auto it = free_[o].lower_bound(pfn);
-        overlap = it != free_[o].end() && *it < end;
+        overlap = free_[o].at_or_after(pfn) < end;
     }
     if (overlap)
         throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " + std::to_string(end) +
@@ -164,10 +239,9 @@ void PhysMem::free(uint64_t pfn, unsigned order)
     nr_free_ += pages(order);
     while (order < MAX_ORDER) {
         uint64_t buddy = pfn ^ pages(order);
-        auto it = free_[order].find(buddy);
-        if (it == free_[order].end())
+        if (!free_[order].contains(buddy))
             break;
-        free_[order].erase(it);
+        free_[order].erase(buddy);
         pfn &= ~pages(order);
         order++;
     }
@@ -191,13 +265,20 @@ void PhysMem::user_free(uint64_t pfn, unsigned order)
 {
     check_block(pfn, order);
     uint64_t end = pfn + pages(order);
+    // Pages kept by fragment() may be given back too (kept_ is sorted).
+    auto k0 = std::lower_bound(kept_.begin(), kept_.end(), pfn);
+    auto k1 = std::lower_bound(k0, kept_.end(), end);
+    if (uint64_t(k1 - k0) == pages(order)) {
+        free(pfn, order);
+        kept_.erase(k0, k1);
+        return;
+    }
     if (!user_.range_has(pfn - base_, end - base_, 1)) {
         uint64_t b;
         unsigned bo;
         bool some_free = find_free_container(pfn, order, &b, &bo);
         for (unsigned o = 0; o < order && !some_free; o++) {
-            auto it = free_[o].lower_bound(pfn);
-            some_free = it != free_[o].end() && *it < end;
+            some_free = free_[o].at_or_after(pfn) < end;
         }
         if (some_free)
             throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " + std::to_string(end) +
@@ -210,21 +291,20 @@ void PhysMem::user_free(uint64_t pfn, unsigned order)
     user_.store(pfn - base_, end - base_, 0);
 }
 
-std::vector<FreeBlock> PhysMem::free_blocks() const
+std::vector<FreeBlock> PhysMem::free_blocks(size_t limit) const
 {
     std::vector<FreeBlock> v;
-    v.reserve(nr_free_blocks());
-    for (unsigned o = 0; o <= MAX_ORDER; o++)
-        for (uint64_t p : free_[o])
-            v.push_back(FreeBlock{p, o});
-    std::sort(v.begin(), v.end(),
-              [](const FreeBlock &a, const FreeBlock &b) { return a.pfn < b.pfn; });
+    v.reserve(size_t(std::min<uint64_t>(limit, nr_free_blocks())));
+    for_each_free_block([&](const FreeBlock &fb) {
+        v.push_back(fb);
+        return v.size() < limit;
+    });
     return v;
 }
 
-size_t PhysMem::nr_free_blocks() const
+uint64_t PhysMem::nr_free_blocks() const
 {
-    size_t n = 0;
+    uint64_t n = 0;
     for (const auto &s : free_)
         n += s.size();
     return n;
@@ -237,32 +317,73 @@ size_t PhysMem::nr_free_blocks() const
  * (one splitmix64 draw per page, compared in 53-bit fixed point so that the Python
  * reference draws the same pages).  What stays free of a block is re-tiled with the
  * largest aligned blocks.  O(free pages): meant for set-up, not for hot paths.
+ *
+ * All or nothing: the pages are drawn first with a copy of the generator, changing
+ * nothing, and may be interrupted there; then applied, and undone if host memory runs out.
+ * A draw whose kept pages could not fit in the host's memory is refused up front.
  */
 void PhysMem::fragment(double fraction)
 {
     if (!(fraction >= 0.0 && fraction <= 1.0))
         throw invalid("fraction", "must be in [0, 1], got " + std::to_string(fraction));
     const uint64_t threshold = uint64_t(fraction * 9007199254740992.0); // * 2**53
+    // Each kept page costs its entry in kept_ and up to two free-list nodes (~100 bytes).
+    const double need = double(nr_free_) * fraction * 100.0;
+    if (need > double(host_memory_available()))
+        throw OutOfMemory("fragment: keeping " + std::to_string(fraction) + " of " +
+                          std::to_string(nr_free_) + " free pages needs about " +
+                          std::to_string(uint64_t(need) >> 20) +
+                          " MiB, more than the host has available; nothing changed");
+    SplitMix64 rng = rng_;
     std::vector<uint64_t> taken;
-    for (const FreeBlock &fb : free_blocks()) {
-        taken.clear();
-        for (uint64_t p = fb.pfn; p < fb.pfn + pages(fb.order); p++)
-            if ((rng_.next() >> 11) < threshold)
+    std::vector<std::pair<FreeBlock, size_t>> hit; // blocks that lose pages, and how many
+    InterruptCheck interrupted;
+    for_each_free_block([&](const FreeBlock &fb) {
+        size_t before = taken.size();
+        for (uint64_t p = fb.pfn; p < fb.pfn + pages(fb.order); p++) {
+            if (interrupted())
+                throw Interrupted("fragment: interrupted; nothing changed");
+            if ((rng.next() >> 11) < threshold)
                 taken.push_back(p);
-        if (taken.empty())
-            continue;
-        free_[fb.order].erase(fb.pfn);
-        nr_free_ -= pages(fb.order);
-        uint64_t from = fb.pfn;
-        for (uint64_t p : taken) {
-            add_free_range(from, p);
-            from = p + 1;
         }
-        add_free_range(from, fb.pfn + pages(fb.order));
-        kept_.insert(kept_.end(), taken.begin(), taken.end());
-        for (uint64_t p : taken)
-            user_.store(p - base_, p - base_ + 1, 1);
+        if (taken.size() > before)
+            hit.push_back({fb, taken.size() - before});
+        return true;
+    });
+    kept_.reserve(kept_.size() + taken.size());
+    size_t done = 0, next = 0; // blocks applied; their first taken page
+    try {
+        for (; done < hit.size(); done++) {
+            const FreeBlock &fb = hit[done].first;
+            free_[fb.order].erase(fb.pfn);
+            nr_free_ -= pages(fb.order);
+            uint64_t from = fb.pfn;
+            for (size_t k = next; k < next + hit[done].second; k++) {
+                add_free_range(from, taken[k]);
+                from = taken[k] + 1;
+            }
+            add_free_range(from, fb.pfn + pages(fb.order));
+            next += hit[done].second;
+        }
+    } catch (...) {
+        // Give back the pages of the blocks already split (free() coalesces them into
+        // the blocks they came from); the block being split may be half-done: its pages
+        // are re-tiled whole, since none of them was handed out.
+        for (size_t k = 0; k < next; k++)
+            free(taken[k], 0);
+        if (done < hit.size()) {
+            const FreeBlock &fb = hit[done].first;
+            for (unsigned o = 0; o <= MAX_ORDER; o++)
+                nr_free_ -= pages(o) * free_[o].erase_range(fb.pfn, fb.pfn + pages(fb.order));
+            free_[fb.order].insert(fb.pfn);
+            nr_free_ += pages(fb.order);
+        }
+        throw;
     }
+    rng_ = rng;
+    size_t old = kept_.size();
+    kept_.insert(kept_.end(), taken.begin(), taken.end()); // reserved: cannot throw
+    std::inplace_merge(kept_.begin(), kept_.begin() + ptrdiff_t(old), kept_.end());
 }
 
 uint64_t PhysMem::read(uint64_t pfn) const
@@ -299,7 +420,7 @@ std::string PhysMem::dump() const
        << " pages in " << nr_free_blocks() << " blocks, kept=" << kept_.size()
        << ", content runs=" << tokens_.nr_runs() << ")";
     size_t shown = 0;
-    for (const FreeBlock &fb : free_blocks()) {
+    for (const FreeBlock &fb : free_blocks(33)) {
         if (shown++ == 32) {
             os << "\n  ...";
             break;

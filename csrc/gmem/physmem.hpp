@@ -23,7 +23,7 @@
 
 #include <array>
 #include <cstdint>
-#include <set>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -36,6 +36,9 @@ constexpr unsigned MAX_ORDER = 18;
 /// PFNs fit in 52 bits: 64-bit physical addresses over 4 KiB pages.  The folio cache packs
 /// a PFN, its order and flags into one word thanks to it.
 constexpr uint64_t PFN_LIMIT = uint64_t(1) << 52;
+/// PhysMem.free_blocks() in Python lists at most this many (a 2**52-page PhysMem starts
+/// with 2**34 free blocks: nr_free and dump() describe it without listing them all).
+constexpr uint64_t FREE_BLOCKS_LISTED = uint64_t(1) << 24;
 
 /// The splitmix64 generator: tiny, and the same bits in C++ and in the Python reference.
 struct SplitMix64 {
@@ -52,6 +55,47 @@ struct SplitMix64 {
 struct FreeBlock {
     uint64_t pfn;
     unsigned order;
+};
+
+/*
+ * FreeList - the free blocks of one order, sorted by PFN.  Runs of consecutive blocks
+ * (first PFN -> end PFN) rather than one node per block: a fresh PhysMem of 2**52 pages is
+ * 2**34 free blocks of the top order but one run, so memory follows what was touched.
+ * (Below the top order, buddies coalesce, so runs are at most two blocks long.)
+ */
+class FreeList {
+public:
+    explicit FreeList(uint64_t block_pages = 1) : block_(block_pages) {}
+
+    bool empty() const { return runs_.empty(); }
+    uint64_t size() const { return nr_blocks_; }
+    uint64_t first() const { return runs_.begin()->first; }
+    bool contains(uint64_t pfn) const
+    {
+        auto it = run_of(pfn);
+        return it != runs_.end() && (pfn - it->first) % block_ == 0;
+    }
+    /// The first free block at or after @pfn, or UINT64_MAX.
+    uint64_t at_or_after(uint64_t pfn) const;
+    /// Add the @n consecutive blocks from @pfn, all of them free now.
+    void insert(uint64_t pfn, uint64_t n = 1);
+    void erase(uint64_t pfn);
+    /// Erase every block in [lo, hi); returns how many.
+    uint64_t erase_range(uint64_t lo, uint64_t hi);
+    /// fn(pfn) for each block in order, until fn returns false.
+    template <class Fn>
+    void for_each(Fn &&fn) const
+    {
+        for (const auto &r : runs_)
+            for (uint64_t p = r.first; p < r.second; p += block_)
+                if (!fn(p))
+                    return;
+    }
+
+private:
+    uint64_t block_, nr_blocks_ = 0;
+    std::map<uint64_t, uint64_t> runs_;
+    std::map<uint64_t, uint64_t>::const_iterator run_of(uint64_t pfn) const;
 };
 
 class PhysMem : public Lockable {
@@ -97,9 +141,25 @@ public:
     IntervalMap &owner() { return owner_; }
     const IntervalMap &owner() const { return owner_; }
 
-    /// Free blocks sorted by PFN.
-    std::vector<FreeBlock> free_blocks() const;
-    size_t nr_free_blocks() const;
+    /// Free blocks sorted by PFN: the first @limit of them.
+    std::vector<FreeBlock> free_blocks(size_t limit = SIZE_MAX) const;
+    /// fn(block) for each free block in PFN order, until fn returns false; O(1) memory.
+    template <class Fn>
+    void for_each_free_block(Fn &&fn) const
+    {
+        uint64_t at[MAX_ORDER + 1];
+        for (unsigned o = 0; o <= MAX_ORDER; o++)
+            at[o] = free_[o].at_or_after(0);
+        for (;;) {
+            unsigned lo = 0;
+            for (unsigned o = 1; o <= MAX_ORDER; o++)
+                lo = at[o] < at[lo] ? o : lo;
+            if (at[lo] == UINT64_MAX || !fn(FreeBlock{at[lo], lo}))
+                return;
+            at[lo] = free_[lo].at_or_after(at[lo] + (uint64_t(1) << lo));
+        }
+    }
+    uint64_t nr_free_blocks() const;
     std::string dump() const;
 
     void check_order(unsigned order, const char *arg = "order") const;
@@ -110,10 +170,10 @@ public:
 private:
     uint64_t base_, nr_pages_, seed_, nr_free_ = 0;
     SplitMix64 rng_;
-    std::array<std::set<uint64_t>, MAX_ORDER + 1> free_;
+    std::array<FreeList, MAX_ORDER + 1> free_;
     IntervalMap tokens_, rmp_, owner_; // indexed by pfn - base_
-    IntervalMap user_;                 // 1: held through the public API (or kept)
-    std::vector<uint64_t> kept_;
+    IntervalMap user_;                 // 1: held through the public API
+    std::vector<uint64_t> kept_;       // pages kept by fragment(), sorted
 
     void add_free_range(uint64_t start, uint64_t end);
     bool find_free_container(uint64_t pfn, unsigned order, uint64_t *block,

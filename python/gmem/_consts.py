@@ -18,6 +18,7 @@ MAX_ORDER = 18
 FOLIO_BATCH_SIZE = 31  # PAGEVEC_SIZE - 1: folios per filemap_get_folios() batch
 NO_PFN = 2**64 - 1  # page_pfns() value for a hole
 PFN_LIMIT = 2**52  # PFNs fit in 52 bits (64-bit physical addresses, 4 KiB pages)
+FREE_BLOCKS_LISTED = 2**24  # PhysMem.free_blocks() lists at most this many
 U64_MAX = 2**64 - 1
 
 # One row of FolioCache.folios() / GuestMemfd.folios(), laid out like the C++ struct.

@@ -8,13 +8,16 @@ each in an IntervalMap over ``pfn - base_pfn``, so untouched memory is one run.
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+import heapq
+import itertools
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from gmem._consts import MAX_ORDER, PFN_LIMIT
+from gmem._consts import FREE_BLOCKS_LISTED, MAX_ORDER, PFN_LIMIT
 from gmem.errors import OutOfMemory
 from gmem.reference._args import order_arg, u64
 from gmem.reference.interval_map import IntervalMap
@@ -36,6 +39,80 @@ class SplitMix64:
         return z ^ (z >> 31)
 
 
+class FreeList:
+    """The free blocks of one order, as runs of consecutive blocks: [starts[i], ends[i]).
+
+    A fresh PhysMem of 2**52 pages is 2**34 free blocks of the top order, but one run.
+    """
+
+    def __init__(self, block: int) -> None:
+        self.block = block
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[int]:
+        for s, e in zip(self.starts, self.ends, strict=True):
+            yield from range(s, e, self.block)
+
+    def first(self) -> int:
+        return self.starts[0]
+
+    def _run(self, pfn: int) -> int:
+        """Index of the run holding pfn, or -1."""
+        i = bisect_right(self.starts, pfn) - 1
+        return i if i >= 0 and pfn < self.ends[i] else -1
+
+    def contains(self, pfn: int) -> bool:
+        i = self._run(pfn)
+        return i >= 0 and (pfn - self.starts[i]) % self.block == 0
+
+    def at_or_after(self, pfn: int) -> int | None:
+        i = self._run(pfn)
+        if i >= 0:
+            p = self.starts[i] + -(-(pfn - self.starts[i]) // self.block) * self.block
+            if p < self.ends[i]:
+                return p
+            i += 1
+        else:
+            i = bisect_left(self.starts, pfn)
+        return self.starts[i] if i < len(self.starts) else None
+
+    def insert(self, pfn: int, n: int = 1) -> None:
+        end = pfn + n * self.block
+        i = bisect_left(self.starts, pfn)
+        join_prev = i > 0 and self.ends[i - 1] == pfn
+        join_next = i < len(self.starts) and self.starts[i] == end
+        if join_prev and join_next:
+            self.ends[i - 1] = self.ends[i]
+            del self.starts[i], self.ends[i]
+        elif join_prev:
+            self.ends[i - 1] = end
+        elif join_next:
+            self.starts[i] = pfn
+        else:
+            self.starts.insert(i, pfn)
+            self.ends.insert(i, end)
+        self.count += n
+
+    def erase(self, pfn: int) -> None:
+        i = self._run(pfn)
+        start, end = self.starts[i], self.ends[i]
+        if start == pfn and pfn + self.block == end:
+            del self.starts[i], self.ends[i]
+        elif start == pfn:
+            self.starts[i] = pfn + self.block
+        else:
+            self.ends[i] = pfn
+            if pfn + self.block < end:
+                self.starts.insert(i + 1, pfn + self.block)
+                self.ends.insert(i + 1, end)
+        self.count -= 1
+
+
 class PhysMem:
     def __init__(self, nr_pages: Any, *, base_pfn: Any = 0, seed: Any = 0) -> None:
         nr, base, sd = u64(nr_pages, "nr_pages"), u64(base_pfn, "base_pfn"), u64(seed, "seed")
@@ -47,12 +124,12 @@ class PhysMem:
             )
         self._base, self._nr_pages, self._seed = base, nr, sd
         self._rng = SplitMix64(sd)
-        self._free: list[list[int]] = [[] for _ in range(MAX_ORDER + 1)]
+        self._free = [FreeList(1 << o) for o in range(MAX_ORDER + 1)]
         self._nr_free = 0
         self.tokens = IntervalMap(nr)  # indexed by pfn - base_pfn, like rmp and owner
         self.rmp = IntervalMap(nr)
         self.owner = IntervalMap(nr)
-        self._user = IntervalMap(nr)  # 1: held through alloc/take (or kept by fragment)
+        self._user = IntervalMap(nr)  # 1: held through alloc/take
         self._kept: list[int] = []
         self._add_free_range(base, base + nr)
 
@@ -72,13 +149,13 @@ class PhysMem:
             order = 0
             while order < MAX_ORDER and start % (2 << order) == 0 and start + (2 << order) <= end:
                 order += 1
-            insort(self._free[order], start)
-            self._nr_free += 1 << order
-            start += 1 << order
+            n = (end - start) >> MAX_ORDER if order == MAX_ORDER else 1  # one run, however many
+            self._free[order].insert(start, n)
+            self._nr_free += n << order
+            start += n << order
 
     def _remove_free(self, pfn: int, order: int) -> None:
-        blocks = self._free[order]
-        del blocks[bisect_left(blocks, pfn)]
+        self._free[order].erase(pfn)
 
     def _check_pfn(self, pfn: int, name: str = "pfn") -> None:
         if not self._base <= pfn < self.end_pfn:
@@ -97,9 +174,7 @@ class PhysMem:
     def _free_container(self, pfn: int, order: int) -> tuple[int, int] | None:
         for o in range(order, MAX_ORDER + 1):
             block = pfn & ~((1 << o) - 1)
-            blocks = self._free[o]
-            i = bisect_left(blocks, block)
-            if i < len(blocks) and blocks[i] == block:
+            if self._free[o].contains(block):
                 return block, o
         return None
 
@@ -118,15 +193,15 @@ class PhysMem:
     def try_alloc(self, want: int) -> int | None:
         best: tuple[int, int] | None = None
         for o in range(want, MAX_ORDER + 1):
-            if self._free[o] and (best is None or self._free[o][0] < best[0]):
-                best = (self._free[o][0], o)
+            if self._free[o] and (best is None or self._free[o].first() < best[0]):
+                best = (self._free[o].first(), o)
         if best is None:
             return None
         pfn, o = best
-        del self._free[o][0]
+        self._free[o].erase(pfn)
         while o > want:  # keep the lowest half, free the upper one
             o -= 1
-            insort(self._free[o], pfn + (1 << o))
+            self._free[o].insert(pfn + (1 << o))
         self._nr_free -= 1 << want
         return pfn
 
@@ -135,6 +210,12 @@ class PhysMem:
         p, o = u64(pfn, "pfn"), order_arg(order)
         self.check_block(p, o)
         end = p + (1 << o)
+        k0 = bisect_left(self._kept, p)
+        k1 = bisect_left(self._kept, end, k0)
+        if k1 - k0 == 1 << o:  # pages kept by fragment may be given back too
+            self._free_block(p, o)
+            del self._kept[k0:k1]
+            return
         if not self._user.range_has(p - self._base, end - self._base, 1):
             self._check_not_free(p, o)
             raise ValueError(
@@ -147,9 +228,7 @@ class PhysMem:
     def _check_not_free(self, p: int, o: int) -> None:
         end = p + (1 << o)
         overlap = self._free_container(p, o) is not None or any(
-            bisect_left(self._free[k], p) < len(self._free[k])
-            and self._free[k][bisect_left(self._free[k], p)] < end
-            for k in range(o)
+            (q := self._free[k].at_or_after(p)) is not None and q < end for k in range(o)
         )
         if overlap:
             raise ValueError(f"pfn: pages [{p}, {end}) are already free (double free)")
@@ -161,14 +240,12 @@ class PhysMem:
         self._nr_free += 1 << o
         while o < MAX_ORDER:
             buddy = p ^ (1 << o)
-            blocks = self._free[o]
-            i = bisect_left(blocks, buddy)
-            if i == len(blocks) or blocks[i] != buddy:
+            if not self._free[o].contains(buddy):
                 break
-            del blocks[i]
+            self._free[o].erase(buddy)
             p = min(p, buddy)
             o += 1
-        insort(self._free[o], p)
+        self._free[o].insert(p)
 
     def is_free(self, pfn: Any, order: Any) -> bool:
         p, o = u64(pfn, "pfn"), order_arg(order)
@@ -191,10 +268,10 @@ class PhysMem:
             bo -= 1
             half = 1 << bo
             if p >= block + half:
-                insort(self._free[bo], block)
+                self._free[bo].insert(block)
                 block += half
             else:
-                insort(self._free[bo], block + half)
+                self._free[bo].insert(block + half)
         self._nr_free -= 1 << o
 
     def fragment(self, fraction: float) -> None:
@@ -204,12 +281,14 @@ class PhysMem:
         if not 0.0 <= f <= 1.0:
             raise ValueError(f"fraction: must be in [0, 1], got {f}")
         threshold = int(f * 2.0**53)
-        for pfn, order in self.free_blocks().tolist():
+        hit: list[tuple[int, int, list[int]]] = []  # drawn first, then applied
+        for pfn, order in self._free_blocks():
             taken = [
                 p for p in range(pfn, pfn + (1 << order)) if self._rng.next() >> 11 < threshold
             ]
-            if not taken:
-                continue
+            if taken:
+                hit.append((pfn, order, taken))
+        for pfn, order, taken in hit:
             self._remove_free(pfn, order)
             self._nr_free -= 1 << order
             start = pfn
@@ -218,8 +297,7 @@ class PhysMem:
                 start = p + 1
             self._add_free_range(start, pfn + (1 << order))
             self._kept.extend(taken)
-            for p in taken:
-                self._user.store(p - self._base, p - self._base + 1, 1)
+        self._kept.sort()
 
     def read(self, pfn: Any) -> int:
         p = u64(pfn, "pfn")
@@ -253,16 +331,28 @@ class PhysMem:
     def owner_runs(self) -> npt.NDArray[np.uint64]:
         return self._shifted(self.owner)
 
+    def _free_blocks(self) -> Iterator[tuple[int, int]]:
+        """(pfn, order) of every free block, in PFN order, one at a time."""
+        return heapq.merge(
+            *(zip(blocks, itertools.repeat(o)) for o, blocks in enumerate(self._free))
+        )
+
     def free_blocks(self) -> npt.NDArray[np.uint64]:
-        rows = sorted((p, o) for o, blocks in enumerate(self._free) for p in blocks)
-        return np.array(rows, dtype=np.uint64).reshape(-1, 2)
+        n = sum(map(len, self._free))
+        if n > FREE_BLOCKS_LISTED:
+            raise ValueError(
+                f"self: {n} free blocks are more than free_blocks() lists (2**24); "
+                "nr_free counts them"
+            )
+        return np.array(list(self._free_blocks()), dtype=np.uint64).reshape(-1, 2)
 
     def dump(self) -> str:
-        blocks = self.free_blocks().tolist()
         lines = [
             f"PhysMem(pfns=[{self._base}, {self.end_pfn}), free={self._nr_free} pages in "
-            f"{len(blocks)} blocks, kept={len(self._kept)}, content runs={len(self.tokens)})"
+            f"{sum(map(len, self._free))} blocks, kept={len(self._kept)}, "
+            f"content runs={len(self.tokens)})"
         ]
+        blocks = list(itertools.islice(self._free_blocks(), 33))
         lines += [f"  free [{p}, {p + (1 << o)}) order {o}" for p, o in blocks[:32]]
         return "\n".join(lines)
 

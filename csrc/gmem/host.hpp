@@ -1,0 +1,18 @@
+// SPDX-License-Identifier: MIT
+// host.hpp - the host's memory, for refusing up front a request that cannot fit.
+//
+// Some requests are small to write and huge to satisfy: a whole-file fallocate of a
+// 4 PiB file of 4 KiB folios is 2**40 page-cache entries.  Rather than exhaust the host
+// (where Linux's overcommit means the OOM killer, not std::bad_alloc), such an operation
+// compares what it needs at least with what the host has available, and refuses.
+#pragma once
+
+#include <cstdint>
+
+namespace gmem {
+
+/// MemAvailable in bytes, capped by what RLIMIT_AS leaves this process (UINT64_MAX when
+/// neither can be read).
+uint64_t host_memory_available();
+
+} // namespace gmem
