@@ -4,6 +4,7 @@ every Python code block in the README and docs/ runs."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,23 @@ def code_blocks() -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("where", "code"), code_blocks(), ids=[w for w, _ in code_blocks()])
 def test_code_block_runs(where: str, code: str) -> None:
     exec(compile(code, where, "exec"), {"__name__": "__docs__"})
+
+
+# python/gmem/reference/ is being reworked on another branch; its one mention goes there.
+NOT_YET_STANDALONE = {"python/gmem/reference/guest_memfd.py"}
+
+
+def test_the_project_stands_on_its_own() -> None:
+    """Nothing a user gets (clone, sdist or wheel) points at files outside the project."""
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    offenders = [
+        name
+        for name in files
+        if not name.startswith(".ci/")
+        and name not in NOT_YET_STANDALONE
+        and (ROOT / name).is_file()
+        and re.search(r"DESIGN\.md|\.\./shared", (ROOT / name).read_text(errors="replace"))
+    ]
+    assert offenders == []

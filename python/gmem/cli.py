@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=_check_pfn)
 
-    b = sub.add_parser("bench", help="measure the DESIGN.md performance targets side by side")
+    b = sub.add_parser(
+        "bench", help="measure the performance targets (docs/performance.md) side by side"
+    )
     b.add_argument("--full", action="store_true", help="the large sizes (minutes, ~6 GB)")
     b.add_argument("--plot", metavar="FILE.png", help="draw ratio and scaling plots")
     b.add_argument("--write-results", metavar="FILE.md", help="write a RESULTS.md")
