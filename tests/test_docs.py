@@ -24,9 +24,15 @@ def example_rows() -> list[list[str]]:
     return rows
 
 
-def test_every_example_is_in_the_table() -> None:
-    listed = {row[0] for row in example_rows()}
-    assert listed == {p.name for p in (ROOT / "examples").glob("*.jsonl")}
+def test_every_example_is_in_the_table_under_every_arch_and_design() -> None:
+    listed = {(row[0], row[1], row[2]) for row in example_rows()}
+    names = {p.name for p in (ROOT / "examples").glob("*.jsonl")}
+    assert listed == {
+        (name, arch, design)
+        for name in names
+        for arch in ("sw_protected", "snp", "tdx", "pkvm")
+        for design in ("split", "overloaded")
+    }
 
 
 @pytest.mark.parametrize("row", example_rows(), ids=lambda r: f"{r[0]}-{r[1]}-{r[2]}")

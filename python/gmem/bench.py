@@ -478,4 +478,8 @@ def main_bench(args: Any) -> int:
         with open(args.write_results, "w") as f:
             f.write(markdown(s, command))
         print(f"wrote {args.write_results}", file=sys.stderr)
+    missed = [t.name for t in s.targets if not t.met]
+    if args.fail_on_miss and missed:
+        print(f"gmem bench: {len(missed)} target(s) not met: {'; '.join(missed)}", file=sys.stderr)
+        return 1
     return 0
