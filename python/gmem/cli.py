@@ -419,11 +419,12 @@ def _trace_format() -> str:
     lines = [
         'trace format (version 1): JSON Lines, one object per line with an "op" and',
         "integer fields; byte offsets and sizes are multiples of 4096; blank lines and",
-        "lines starting with # are skipped. Fields in [] are optional (default 0):",
+        "lines starting with # are skipped. Fields in [] are optional (0 by default;",
+        "expect needs an error or a value):",
     ]
     for op, (required, optional) in trace.OPS.items():
         fields = [*required, *(f"[{k}]" for k in optional)]
-        lines.append(f"  {op:<15} {', '.join(fields)}")
+        lines.append(f"  {op:<15} {', '.join(fields)}".rstrip())
     lines += [
         "Every line is checked before anything runs (FILE:LINE: what is wrong). The full",
         "description is installed with gmem: python -m pydoc gmem.trace (the same as",
@@ -526,14 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="PAGES",
         help="every layout of every file of up to PAGES pages, every range; "
-        "PAGES is one of 1, 2, 4, 8, 16 (16 takes about 20 s)",
+        "PAGES is one of 1, 2, 4, 8, 16 (16 takes about 20 s; default: off, or 16 when "
+        "no check is named)",
     )
     c.add_argument(
         "--random",
         type=_int_in(0),
         default=0,
         metavar="N",
-        help="N random large layouts (mixed orders up to 18, fragmented memory); N >= 0",
+        help="N random large layouts (mixed orders up to 18, fragmented memory); N >= 0 "
+        "(default: 0, or 20 when no check is named)",
     )
     c.add_argument(
         "--ranges",
@@ -546,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_check_pfn)
 
-    b = command("bench", "measure the performance targets (docs/performance.md) side by side")
+    b = command("bench", "measure gmem's performance targets side by side, say which are met")
     b.add_argument("--full", action="store_true", help="the large sizes (minutes, ~6 GB)")
     b.add_argument(
         "--plot",
