@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -122,6 +123,14 @@ class Progress:
         with self.lock:
             self.detail = detail
             self._draw(final=False, newline_elsewhere=False)
+
+    def clear(self) -> None:
+        """Blank the bar's line on a terminal, so that output can take its place."""
+        with self.lock:
+            if self.enabled and self.tty and self.state is not None:
+                columns = shutil.get_terminal_size((80, 24)).columns
+                sys.stderr.write("\r" + " " * (columns - 1) + "\r")
+                sys.stderr.flush()
 
     def tick(self) -> None:
         """Redraw with the time now: called by the waiting main thread."""
@@ -353,17 +362,22 @@ def _check_pfn(args: argparse.Namespace) -> int:
     progress = Progress(not args.quiet)
     ok = True
     for n, step in enumerate(steps):
-        if step == "layout":
-            progress(n, len(steps), f"layout {layout}")
-            ok &= pfncheck.check_layout_file(layout, args.ranges, args.seed)
-        elif step == "exhaustive":
-            progress(n, len(steps), f"exhaustive: every layout of 1..{exhaustive} pages")
-            ok &= pfncheck.check_exhaustive(exhaustive)
-        else:
-            progress(n, len(steps), f"random: {random:,} layouts")
-            ok &= pfncheck.check_random(
-                random, args.seed, lambda k: progress.note(f"layout {k + 1:,} of {random:,}")
-            )
+        report = io.StringIO()  # shown after the step, not across the progress bar
+        with contextlib.redirect_stdout(report):
+            if step == "layout":
+                progress(n, len(steps), f"layout {layout}")
+                ok &= pfncheck.check_layout_file(layout, args.ranges, args.seed)
+            elif step == "exhaustive":
+                progress(n, len(steps), f"exhaustive: every layout of 1..{exhaustive} pages")
+                ok &= pfncheck.check_exhaustive(exhaustive)
+            else:
+                progress(n, len(steps), f"random: {random:,} layouts")
+                ok &= pfncheck.check_random(
+                    random, args.seed, lambda k: progress.note(f"layout {k + 1:,} of {random:,}")
+                )
+        progress.clear()
+        sys.stdout.write(report.getvalue())
+        sys.stdout.flush()
     progress(len(steps), len(steps), "done")
     return EXIT_OK if ok else EXIT_FAILED
 
