@@ -1,5 +1,5 @@
 """Conversion of a fully populated guest, private->shared and back: engine vs reference,
-and against pfn_ranges over the same folios (DESIGN.md section 6).
+and against pfn_ranges over the same folios (the targets in docs/performance.md).
 
 Run:  pytest bench/test_bench_convert.py --benchmark-only --benchmark-group-by=group
 """

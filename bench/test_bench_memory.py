@@ -1,4 +1,4 @@
-"""Memory: bytes of metadata per folio, and peak RSS for populated guests (DESIGN.md s. 6)."""
+"""Memory: bytes of metadata per folio, and peak RSS for populated guests (docs/performance.md)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ every Python code block in the README and docs/ runs."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,15 @@ def example_rows() -> list[list[str]]:
     return rows
 
 
-def test_every_example_is_in_the_table() -> None:
-    listed = {row[0] for row in example_rows()}
-    assert listed == {p.name for p in (ROOT / "examples").glob("*.jsonl")}
+def test_every_example_is_in_the_table_under_every_arch_and_design() -> None:
+    listed = {(row[0], row[1], row[2]) for row in example_rows()}
+    names = {p.name for p in (ROOT / "examples").glob("*.jsonl")}
+    assert listed == {
+        (name, arch, design)
+        for name in names
+        for arch in ("sw_protected", "snp", "tdx", "pkvm")
+        for design in ("split", "overloaded")
+    }
 
 
 @pytest.mark.parametrize("row", example_rows(), ids=lambda r: f"{r[0]}-{r[1]}-{r[2]}")
@@ -55,3 +62,23 @@ def code_blocks() -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("where", "code"), code_blocks(), ids=[w for w, _ in code_blocks()])
 def test_code_block_runs(where: str, code: str) -> None:
     exec(compile(code, where, "exec"), {"__name__": "__docs__"})
+
+
+# python/gmem/reference/ is being reworked on another branch; its one mention goes there.
+NOT_YET_STANDALONE = {"python/gmem/reference/guest_memfd.py"}
+
+
+def test_the_project_stands_on_its_own() -> None:
+    """Nothing a user gets (clone, sdist or wheel) points at files outside the project."""
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    offenders = [
+        name
+        for name in files
+        if not name.startswith(".ci/")
+        and name not in NOT_YET_STANDALONE
+        and (ROOT / name).is_file()
+        and re.search(r"DESIGN\.md|\.\./shared", (ROOT / name).read_text(errors="replace"))
+    ]
+    assert offenders == []

@@ -21,6 +21,8 @@ from gmem._consts import (
     PFN_LIMIT,
     PRIVATE,
     SHARED,
+    ArchName,
+    HookDesign,
 )
 from gmem._core import (
     Arch,
@@ -31,6 +33,7 @@ from gmem._core import (
     Violation,
     clamp_folio_ranges,
 )
+from gmem.arch import AnyArch, BatchedArch, UnusedHookWarning
 from gmem.errors import ConversionBusy, GmemError, OutOfMemory, SigBus
 
 __version__ = "0.1.0"
@@ -49,15 +52,20 @@ __all__ = [
     "PFN_LIMIT",
     "PRIVATE",
     "SHARED",
+    "AnyArch",
     "Arch",
+    "ArchName",
+    "BatchedArch",
     "ConversionBusy",
     "FolioCache",
     "GmemError",
     "GuestMemfd",
+    "HookDesign",
     "IntervalMap",
     "OutOfMemory",
     "PhysMem",
     "SigBus",
+    "UnusedHookWarning",
     "Violation",
     "__version__",
     "arch",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 PAGE_SIZE = 4096
@@ -14,6 +16,9 @@ FILTER_PRIVATE = 2  # KVM_FILTER_PRIVATE
 GARBLED = 0x6761726231656421  # what an SNP page reads as after conversion
 HOOK_CONFIGS = frozenset({"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"})
 BUILTIN_ARCHS = ("sw_protected", "snp", "tdx", "pkvm")
+# The names GuestMemfd takes, for type checkers.
+ArchName = Literal["sw_protected", "snp", "tdx", "pkvm"]
+HookDesign = Literal["split", "overloaded"]
 MAX_ORDER = 18
 FOLIO_BATCH_SIZE = 31  # PAGEVEC_SIZE - 1: folios per filemap_get_folios() batch
 NO_PFN = 2**64 - 1  # page_pfns() value for a hole

@@ -12,7 +12,7 @@ not.  The run is a trace (gmem.trace), so ``gmem replay`` can run it from a file
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -24,21 +24,51 @@ HOOK_DESIGNS = ("split", "overloaded")
 HUGE = 512  # the I/O pieces are 2 MiB, whatever the folio size
 
 
+def human_bytes(n: int) -> str:
+    """4096 -> 4 KiB, 2097152 -> 2 MiB; bytes where no binary unit divides ``n``."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift:,} {unit}"
+    return f"{n:,} bytes"
+
+
+def check_size(size_bytes: int, folio_order: int) -> None:
+    """Raise ValueError naming the rule a demo guest size breaks."""
+    stride = max(1 << folio_order, HUGE)
+    least = 32 * stride * PAGE_SIZE
+    if size_bytes <= 0:
+        raise ValueError(f"size: must be positive, got {size_bytes:,} bytes")
+    if size_bytes % PAGE_SIZE:
+        raise ValueError(
+            f"size: must be a multiple of the 4 KiB page, got {size_bytes:,} bytes "
+            f"({size_bytes % PAGE_SIZE:,} bytes over)"
+        )
+    if size_bytes < least:
+        raise ValueError(
+            f"size: the demo needs at least {human_bytes(least)} with "
+            f"{human_bytes(PAGE_SIZE << folio_order)} folios (32 I/O strides of "
+            f"{human_bytes(stride * PAGE_SIZE)}), got {human_bytes(size_bytes)}"
+        )
+
+
 def boot_trace(
     size_bytes: int = 64 << 30, folio_order: int = 9, seed: int = 0
-) -> list[dict[str, Any]]:
-    """The operations of one boot-like run of a guest of ``size_bytes``, as trace lines."""
+) -> Iterator[dict[str, Any]]:
+    """The operations of one boot-like run of a guest of ``size_bytes``, as trace lines.
+
+    A generator: a 64 GiB guest of 4 KiB folios is 16 million lines, produced as they are
+    replayed, never held."""
+    check_size(size_bytes, folio_order)
+    return _boot_ops(size_bytes, folio_order, seed)
+
+
+def _boot_ops(size_bytes: int, folio_order: int, seed: int) -> Iterator[dict[str, Any]]:
     nr_pages = size_bytes // PAGE_SIZE
     block = 1 << folio_order
     # Four 2 MiB I/O buffers, each at the start of its own folio when folios are larger:
     # a page the host maps in a folio makes a to-private conversion of the rest of that
     # folio busy, and buffers 0-1 (host-mapped) must not share a folio with 2-3.
     stride = max(block, HUGE)
-    if size_bytes % PAGE_SIZE or nr_pages < 32 * stride:
-        raise ValueError(
-            f"size: the demo needs a page-aligned guest of at least "
-            f"{32 * stride * PAGE_SIZE} bytes with these folios"
-        )
     rng = random.Random(seed)
     io_start = rng.randrange(nr_pages // 2, nr_pages - 8 * stride, stride)
     buffers = [io_start + k * stride for k in range(4)]
@@ -51,58 +81,50 @@ def boot_trace(
             "attributes": attrs,
         }
 
-    ops: list[dict[str, Any]] = [
-        {
-            "op": "create",
-            "version": trace.VERSION,
-            "size": size_bytes,
-            "flags": FLAG_MMAP,
-            "folio_order": folio_order,
-        }
-    ]
+    yield {
+        "op": "create",
+        "version": trace.VERSION,
+        "size": size_bytes,
+        "flags": FLAG_MMAP,
+        "folio_order": folio_order,
+    }
     # Boot: the guest touches every folio (private: prepare runs) and writes a token.
-    ops += [
-        {"op": "guest_write", "index": i, "token": 0x1000 + i} for i in range(0, nr_pages, block)
-    ]
+    for i in range(0, nr_pages, block):
+        yield {"op": "guest_write", "index": i, "token": 0x1000 + i}
     # The guest fills its I/O buffers, then shares them with the host in 2 MiB pieces.
-    ops += [
-        {"op": "guest_write", "index": i, "token": 0x10000 + i}
-        for b in buffers
-        for i in range(b, b + HUGE, 64)
-    ]
-    ops += [share(b, b + HUGE, SHARED) for b in buffers]
+    for b in buffers:
+        for i in range(b, b + HUGE, 64):
+            yield {"op": "guest_write", "index": i, "token": 0x10000 + i}
+    for b in buffers:
+        yield share(b, b + HUGE, SHARED)
     # The host reads the first two buffers (what it finds depends on the arch: check()
     # says whether that is what the arch promises) and writes its replies into them.
-    ops += [{"op": "host_read", "index": i} for b in buffers[:2] for i in range(b, b + HUGE, 64)]
-    ops += [
-        {"op": "host_write", "index": i, "token": 0x20000 + i}
-        for b in buffers[:2]
-        for i in range(b + 1, b + HUGE, 64)
-    ]
+    for b in buffers[:2]:
+        for i in range(b, b + HUGE, 64):
+            yield {"op": "host_read", "index": i}
+    for b in buffers[:2]:
+        for i in range(b + 1, b + HUGE, 64):
+            yield {"op": "host_write", "index": i, "token": 0x20000 + i}
     # 4 KiB pieces in the last buffer, which the host has not mapped (a page mapped
     # elsewhere in its folio would make each of these conversions busy).
     for i in range(buffers[3] + 3, buffers[3] + 3 + 8 * 17, 17):
-        ops += [
-            share(i, i + 1, PRIVATE),
-            {"op": "guest_write", "index": i, "token": 0x30000 + i},
-            share(i, i + 1, SHARED),
-        ]
+        yield share(i, i + 1, PRIVATE)
+        yield {"op": "guest_write", "index": i, "token": 0x30000 + i}
+        yield share(i, i + 1, SHARED)
     # A device pins a shared page for DMA: taking its 2 MiB back fails until it is unpinned.
     pinned = buffers[2] + rng.randrange(HUGE)
     piece = pinned & ~(HUGE - 1)
     busy_at = max(piece, pinned & ~(block - 1))  # max(start, index of the pinned folio)
-    ops += [
-        {"op": "pin", "index": pinned},
-        share(piece, piece + HUGE, PRIVATE),
-        {"op": "expect", "error": "ConversionBusy", "error_offset": busy_at * PAGE_SIZE},
-        {"op": "unpin", "index": pinned},
-        share(piece, piece + HUGE, PRIVATE),
-    ]
+    yield {"op": "pin", "index": pinned}
+    yield share(piece, piece + HUGE, PRIVATE)
+    yield {"op": "expect", "error": "ConversionBusy", "error_offset": busy_at * PAGE_SIZE}
+    yield {"op": "unpin", "index": pinned}
+    yield share(piece, piece + HUGE, PRIVATE)
     # Balloon: a 1 MiB hole punched into the middle of a private huge folio.
     hole = rng.randrange(0, nr_pages // 2 - HUGE, HUGE) + HUGE // 4
-    ops += [{"op": "punch_hole", "offset": hole * PAGE_SIZE, "len": 256 * PAGE_SIZE}]
-    ops += [{"op": "check"}, {"op": "close"}]
-    return ops
+    yield {"op": "punch_hole", "offset": hole * PAGE_SIZE, "len": 256 * PAGE_SIZE}
+    yield {"op": "check"}
+    yield {"op": "close"}
 
 
 def run_all(
@@ -112,18 +134,24 @@ def run_all(
     designs: tuple[str, ...] = HOOK_DESIGNS,
     impl: ModuleType = gmem,
     seed: int = 0,
-    records: list[trace.Record] | None = None,
+    records: Callable[[], Iterable[trace.Record]] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    on_operations: Callable[[int], None] | None = None,
 ) -> list[trace.Summary]:
-    """Replay the boot trace (or ``records``) under every arch x design."""
-    if records is None:
-        records = list(trace.iter_records(boot_trace(size_bytes, folio_order, seed)))
+    """Replay the boot trace (or what ``records()`` yields) under every arch x design.
+
+    Each run reads a fresh stream of records, so the trace is never held whole."""
+
+    def boot() -> Iterable[trace.Record]:
+        return trace.iter_records(boot_trace(size_bytes, folio_order, seed))
+
+    make = records or boot
     runs = [(a, d) for a in archs for d in designs]
     out = []
     for n, (a, d) in enumerate(runs):
         if progress:
             progress(n, len(runs), f"{a}/{d}")
-        out.append(trace.replay(records, arch=a, hook_design=d, impl=impl))
+        out.append(trace.replay(make(), arch=a, hook_design=d, impl=impl, progress=on_operations))
     if progress:
         progress(len(runs), len(runs), "done")
     return out

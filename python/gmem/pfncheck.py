@@ -8,6 +8,8 @@ the folio, the range, what was expected and what was emitted; the command exits 
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +84,8 @@ def layout_ranges(index: U64, order: U64, count: int, seed: int) -> list[tuple[i
 
 
 def check_exhaustive(pages: int) -> bool:
-    if not 1 <= pages <= 16 or pages & (pages - 1):
-        raise ValueError(f"exhaustive: must be a power of two in 1..16, got {pages}")
+    if pages not in (1, 2, 4, 8, 16):
+        raise ValueError(f"exhaustive: must be one of 1, 2, 4, 8, 16, got {pages}")
     rep = _core.check_pfn_exhaustive(pages.bit_length() - 1)
     if rep["ok"]:
         print(
@@ -119,10 +121,12 @@ def random_layout(
     return cols[:, 0].copy(), cols[:, 1].copy(), cols[:, 2].copy()
 
 
-def check_random(count: int, seed: int) -> bool:
+def check_random(count: int, seed: int, progress: Callable[[int], None] | None = None) -> bool:
     rng = np.random.default_rng(seed)
     folios = ranges = 0
     for n in range(count):
+        if progress:
+            progress(n)
         pm = gmem.PhysMem(1 << 22, base_pfn=1 << 30, seed=seed + n)
         pm.fragment(float(rng.choice([0.0, 0.0005, 0.002])))
         first = (1 << 40) - (1 << 21) * int(rng.integers(1, 4))
@@ -151,35 +155,96 @@ def check_random(count: int, seed: int) -> bool:
     return True
 
 
+COLUMNS = ("index", "order", "pfn")
+U64_MAX = 2**64 - 1
+
+
+def _csv_int(where: str, line: int, name: str, text: str) -> int:
+    try:
+        value = int(text.strip(), 0)  # decimal, 0x hex, 0o, 0b
+    except ValueError:
+        raise ValueError(f"{where}:{line}: {name}: not an integer: {text.strip()!r}") from None
+    if not 0 <= value <= U64_MAX:
+        raise ValueError(f"{where}:{line}: {name}: must be in 0..2**64-1, got {value}")
+    return value
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text.strip(), 0)
+    except ValueError:
+        return False
+    return True
+
+
+def load_csv_layout(path: Path) -> tuple[U64, U64, U64]:
+    """(index, order, pfn) from CSV rows, under a header that names the columns (in any
+    order, other columns ignored) or none (then the rows are index,order,pfn)."""
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{where}:{line}: not UTF-8 text") from None
+    numbered = [
+        (n, line)
+        for n, line in enumerate(text.splitlines(), 1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    rows = csv.reader(line for _, line in numbered)
+    columns: dict[str, int] | None = None
+    width = 3
+    out: list[tuple[int, int, int]] = []
+    for (line, _), cells in zip(numbered, rows, strict=True):
+        if columns is None:
+            columns = {name: k for k, name in enumerate(COLUMNS)}
+            if not all(_is_int(c) for c in cells):  # a header
+                names = [c.strip().lower() for c in cells]
+                if not all(name in names for name in COLUMNS):
+                    raise ValueError(
+                        f"{where}:{line}: neither a header naming index, order and pfn nor "
+                        f"a row of three integers: {','.join(cells)!r}"
+                    )
+                columns = {name: names.index(name) for name in COLUMNS}
+                width = len(names)
+                continue
+        if len(cells) != width:
+            what = "index,order,pfn" if width == 3 else "one per header column"
+            raise ValueError(f"{where}:{line}: expected {width} values ({what}), got {len(cells)}")
+        index, order, pfn = (_csv_int(where, line, name, cells[columns[name]]) for name in COLUMNS)
+        out.append((index, order, pfn))
+    a = np.array(out, dtype=np.uint64).reshape(-1, 3)
+    return a[:, 0].copy(), a[:, 1].copy(), a[:, 2].copy()
+
+
 def load_layout(path: str | Path) -> tuple[U64, U64, U64]:
     """(index, order, pfn) columns from a .npy ((n, 3) or structured) or a .csv file."""
     path = Path(path)
-    if path.suffix == ".npy":
+    if path.suffix != ".npy":
+        return load_csv_layout(path)
+    try:
         a = np.load(path, allow_pickle=False)
-        if a.dtype.names:
-            cols = [a[name] for name in ("index", "order", "pfn")]
-        elif a.ndim == 2 and a.shape[1] == 3:
-            cols = [a[:, i] for i in range(3)]
-        else:
-            raise ValueError(f"layout: {path} must hold (n, 3) rows or index/order/pfn fields")
-    else:
-        text = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and not line.startswith("#")
-        ]
-        if text and not text[0].replace(",", "").replace(" ", "").isdigit():
-            text = text[1:]  # a header
-        try:
-            rows = [[int(x, 0) for x in line.split(",")] for line in text]
-        except ValueError as exc:
-            raise ValueError(f"layout: {path}: {exc}") from None
-        if any(len(r) != 3 for r in rows):
-            raise ValueError(f"layout: {path}: every row must be index,order,pfn")
-        a = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a .npy array without objects: {exc}") from None
+    if a.dtype.names:
+        missing = [n for n in COLUMNS if n not in a.dtype.names]
+        if missing:
+            raise ValueError(f"{path}: the array has no field(s) {', '.join(missing)}")
+        cols = [a[name] for name in COLUMNS]
+    elif a.ndim == 2 and a.shape[1] == 3:
         cols = [a[:, i] for i in range(3)]
-    if any(np.asarray(c).dtype.kind == "i" and (np.asarray(c) < 0).any() for c in cols):
-        raise ValueError(f"layout: {path}: negative values")
+    else:
+        raise ValueError(
+            f"{path}: must hold (n, 3) rows or index/order/pfn fields, got shape {a.shape}"
+        )
+    for name, c in zip(COLUMNS, cols, strict=True):
+        if c.dtype.kind not in "iu":
+            raise ValueError(
+                f"{path}: {name}: dtype {c.dtype} is not an integer type "
+                "(a float would be truncated: save the layout as integers)"
+            )
+        if c.dtype.kind == "i" and (c < 0).any():
+            raise ValueError(f"{path}: {name}: negative values")
     index, order, pfn = (np.ascontiguousarray(c, dtype=np.uint64) for c in cols)
     return index, order, pfn
 
