@@ -1,6 +1,6 @@
 """GuestMemfd, the reference: one guest_memfd file, in plain Python.
 
-This follows csrc/gmem/guest_memfd.cpp step for step (and DESIGN.md section 1): every
+This follows csrc/gmem/guest_memfd.cpp step for step (and docs/model.md): every
 operation validates its arguments and checks every failure condition before it changes
 anything, then runs the kernel's steps in order, calling the arch hooks at the kernel's
 points.  Hooks run after the point of no return; an exception from one is recorded as a
