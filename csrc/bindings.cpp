@@ -29,6 +29,7 @@
 #include "gmem/arch.hpp"
 #include "gmem/errors.hpp"
 #include "gmem/guest_memfd.hpp"
+#include "gmem/host.hpp"
 #include "gmem/interrupt.hpp"
 #include "gmem/folio_cache.hpp"
 #include "gmem/interval_map.hpp"
@@ -37,6 +38,51 @@
 
 namespace py = pybind11;
 using namespace gmem;
+
+/*
+ * Objects made with Cls.__new__(Cls) and never initialised: pybind11 would hand their
+ * methods uninitialised memory.  Every gmem class is loaded as `self` through this
+ * caster, which refuses such an object with a TypeError first.
+ */
+namespace gmem_detail {
+inline bool initialised(py::handle h)
+{
+    if (!py::isinstance(h, py::handle(reinterpret_cast<PyObject *>(
+                               py::detail::get_internals().instance_base))))
+        return true; // not a pybind11 instance: the base caster says no on its own
+    auto *inst = reinterpret_cast<py::detail::instance *>(h.ptr());
+    for (auto &vh : py::detail::values_and_holders(inst))
+        if (!vh.holder_constructed())
+            return false;
+    return true;
+}
+
+template <class T>
+struct checked_caster : py::detail::type_caster_base<T> {
+    bool load(py::handle src, bool convert)
+    {
+        if (src && !initialised(src))
+            throw py::type_error(std::string(py::str(py::type::handle_of(src).attr("__name__"))) +
+                                 ": this object was never initialised (made with __new__ and "
+                                 "no __init__); create it by calling the class");
+        return py::detail::type_caster_base<T>::load(src, convert);
+    }
+};
+} // namespace gmem_detail
+
+namespace pybind11::detail {
+template <> struct type_caster<gmem::GuestMemfd> : gmem_detail::checked_caster<gmem::GuestMemfd> {};
+template <> struct type_caster<gmem::PhysMem> : gmem_detail::checked_caster<gmem::PhysMem> {};
+template <> struct type_caster<gmem::IntervalMap> : gmem_detail::checked_caster<gmem::IntervalMap> {};
+template <> struct type_caster<gmem::FolioCache> : gmem_detail::checked_caster<gmem::FolioCache> {};
+template <> struct type_caster<gmem::Violation> : gmem_detail::checked_caster<gmem::Violation> {};
+template <> struct type_caster<gmem::Arch> : gmem_detail::checked_caster<gmem::Arch> {};
+template <> struct type_caster<gmem::SwProtected> : gmem_detail::checked_caster<gmem::SwProtected> {};
+template <> struct type_caster<gmem::SNP> : gmem_detail::checked_caster<gmem::SNP> {};
+template <> struct type_caster<gmem::TDX> : gmem_detail::checked_caster<gmem::TDX> {};
+template <> struct type_caster<gmem::PKVM> : gmem_detail::checked_caster<gmem::PKVM> {};
+template <> struct type_caster<gmem::Recorder> : gmem_detail::checked_caster<gmem::Recorder> {};
+} // namespace pybind11::detail
 
 namespace {
 
@@ -100,6 +146,24 @@ void check_start_end(uint64_t start, uint64_t end)
     if (start > end)
         throw invalid("start", "must be <= end, got start=" + std::to_string(start) +
                                    " end=" + std::to_string(end));
+}
+
+/* A query range of a file: start <= end <= nr_pages (empty ranges answer empty). */
+void check_query(const GuestMemfd &f, uint64_t start, uint64_t end)
+{
+    check_start_end(start, end);
+    if (end > f.nr_pages())
+        throw invalid("end", "must be <= nr_pages (" + std::to_string(f.nr_pages()) +
+                                 "), got " + std::to_string(end));
+}
+
+/* A page_pfns answer of end - start entries must fit in the host's memory. */
+void check_page_count(uint64_t start, uint64_t end)
+{
+    if ((end - start) > host_memory_available() / sizeof(uint64_t))
+        throw invalid("end", "[" + std::to_string(start) + ", " + std::to_string(end) +
+                                 ") is " + std::to_string(end - start) +
+                                 " pages: one PFN each is more than the host has available");
 }
 
 /* A 1-D array of non-negative integers (or anything numpy turns into one) as u64. */
@@ -681,6 +745,7 @@ void bind_folio_cache(py::module_ &m)
             [](const FolioCache &c, py::handle s, py::handle e) {
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
                 check_start_end(start, end);
+                check_page_count(start, end);
                 py::array_t<uint64_t> out(py::ssize_t(end - start));
                 Guard lk(c.lock(), Mode::Read);
                 uint64_t *p = out.mutable_data();
@@ -1132,9 +1197,12 @@ void bind_arch(py::module_ &m)
         .def_readonly("detail", &Violation::detail)
         .def("__str__", &Violation::str)
         .def("__eq__",
-             [](const Violation &a, const Violation &b) {
-                 return a.arch == b.arch && a.rule == b.rule && a.index == b.index &&
-                        a.pfn == b.pfn && a.detail == b.detail;
+             [](const Violation &a, py::handle other) -> py::object {
+                 if (!py::isinstance<Violation>(other)) // None, or another type: not equal
+                     return py::reinterpret_borrow<py::object>(Py_NotImplemented);
+                 const Violation &b = other.cast<const Violation &>();
+                 return py::bool_(a.arch == b.arch && a.rule == b.rule && a.index == b.index &&
+                                  a.pfn == b.pfn && a.detail == b.detail);
              })
         .def("__hash__", [](const Violation &v) { return py::hash(py::str(v.str())); })
         .def("__repr__", [](const Violation &v) { return "<gmem.Violation " + v.str() + ">"; });
@@ -1232,6 +1300,10 @@ std::shared_ptr<Arch> make_arch(py::handle obj)
     if (!py::isinstance<Arch>(obj))
         throw py::type_error("arch: must be a name or a gmem.Arch, got " +
                              std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+    if (!gmem_detail::initialised(obj))
+        throw py::type_error("arch: this " +
+                             std::string(py::str(py::type::handle_of(obj).attr("__name__"))) +
+                             " was never initialised (made with __new__ and no __init__)");
     auto arch = obj.cast<std::shared_ptr<Arch>>();
     if (arch->file)
         throw invalid("arch", "this Arch already serves another file; create one per file");
@@ -1454,6 +1526,8 @@ void bind_guest_memfd(py::module_ &m)
                 if (!physmem.is_none()) {
                     if (!py::isinstance<PhysMem>(physmem))
                         throw py::type_error("physmem: must be a gmem.PhysMem or None");
+                    if (!gmem_detail::initialised(physmem))
+                        throw py::type_error("physmem: this PhysMem was never initialised");
                     pm = physmem.cast<std::shared_ptr<PhysMem>>();
                 }
                 if (!py::isinstance<py::str>(hook_design))
@@ -1560,12 +1634,14 @@ void bind_guest_memfd(py::module_ &m)
             "attribute_runs",
             [](GM &f, py::handle s, py::handle e) {
                 uint64_t start = to_u64(s, "start"), end = to_end(e, f.nr_pages());
+                check_query(f, start, end);
                 auto runs = file_op(f, Mode::Read, false, [&] {
                     f.check_open();
                     return f.attrs().runs(start, end);
                 });
                 auto out = new_u64_2d(runs.size(), 3);
-                std::memcpy(out.mutable_data(), runs.data(), runs.size() * sizeof(Run));
+                if (!runs.empty()) // memcpy from a null pointer is undefined, even of 0 bytes
+                    std::memcpy(out.mutable_data(), runs.data(), runs.size() * sizeof(Run));
                 return out;
             },
             py::arg("start") = 0, py::arg("end") = py::none())
@@ -1573,7 +1649,7 @@ void bind_guest_memfd(py::module_ &m)
             "folios",
             [](GM &f, py::handle s, py::handle e) {
                 uint64_t start = to_u64(s, "start"), end = to_end(e, f.nr_pages());
-                check_start_end(start, end);
+                check_query(f, start, end);
                 return folio_info_rows(file_op(f, Mode::Read, false, [&] {
                     f.check_open();
                     return f.folios(start, end);
@@ -1584,7 +1660,7 @@ void bind_guest_memfd(py::module_ &m)
             "pfn_ranges",
             [](GM &f, py::handle s, py::handle e) {
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
-                check_start_end(start, end);
+                check_query(f, start, end);
                 Guard lk(f.physmem().lock(), Mode::Read);
                 f.check_open();
                 size_t n = f.cache().count(start, end);
@@ -1598,7 +1674,8 @@ void bind_guest_memfd(py::module_ &m)
             "page_pfns",
             [](GM &f, py::handle s, py::handle e) {
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
-                check_start_end(start, end);
+                check_query(f, start, end);
+                check_page_count(start, end);
                 py::array_t<uint64_t> out(py::ssize_t(end - start));
                 uint64_t *p = out.mutable_data();
                 Guard lk(f.physmem().lock(), Mode::Read);
@@ -1632,5 +1709,20 @@ PYBIND11_MODULE(_core, m)
     bind_arch(m);
     bind_guest_memfd(m);
     m.attr("GARBLED") = py::int_(GARBLED);
+    // __init__ on a live object would re-point it while its holder keeps the old one.
+    for (const char *name : {"IntervalMap", "PhysMem", "FolioCache", "GuestMemfd", "Arch",
+                             "SwProtected", "SNP", "TDX", "PKVM", "Recorder"}) {
+        py::object cls = m.attr(name);
+        py::object init = cls.attr("__init__");
+        cls.attr("__init__") = py::cpp_function(
+            [init](py::handle self, py::args args, py::kwargs kwargs) {
+                if (gmem_detail::initialised(self))
+                    throw py::type_error(
+                        std::string(py::str(py::type::handle_of(self).attr("__name__"))) +
+                        ": __init__ called on an object that is already initialised");
+                init(self, *args, **kwargs);
+            },
+            py::name("__init__ (checked)"), py::is_method(cls));
+    }
     m.attr("PRIVATE") = ATTR_PRIVATE;
 }

@@ -64,3 +64,32 @@ def u64_columns(
             f"{len(cols[0])}, {len(cols[1])}, {len(cols[2])}"
         )
     return cols
+
+
+def host_memory_available() -> int:
+    """MemAvailable in bytes, capped by what RLIMIT_AS leaves this process (as the engine)."""
+    import resource
+
+    avail = 2**64 - 1
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) << 10
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * resource.getpagesize()
+            avail = min(avail, max(0, limit - used))
+    except OSError:
+        pass
+    return avail
+
+
+def check_page_count(start: int, end: int) -> None:
+    """A page_pfns answer of end - start entries must fit in the host's memory."""
+    if end - start > host_memory_available() // 8:
+        raise ValueError(
+            f"end: [{start}, {end}) is {end - start} pages: one PFN each is more than the host "
+            "has available"
+        )

@@ -21,7 +21,14 @@ import numpy as np
 import numpy.typing as npt
 
 from gmem._consts import FOLIO_BATCH_SIZE, FOLIO_DTYPE, MAX_ORDER, NO_PFN, PFN_LIMIT, U64_MAX
-from gmem.reference._args import check_start_end, end_arg, order_arg, u64, u64_columns
+from gmem.reference._args import (
+    check_page_count,
+    check_start_end,
+    end_arg,
+    order_arg,
+    u64,
+    u64_columns,
+)
 
 
 @dataclass
@@ -224,6 +231,7 @@ class FolioCache:
     def page_pfns(self, start: Any, end: Any) -> npt.NDArray[np.uint64]:
         s, e = u64(start, "start"), u64(end, "end")
         check_start_end(s, e)
+        check_page_count(s, e)
         out = []
         for index in range(s, e):
             f = self.lookup_folio(index)

@@ -685,14 +685,21 @@ class GuestMemfd:
         self._check_index(i)
         return self._attrs.load(i)
 
-    def attribute_runs(self, start: Any = 0, end: Any = None) -> npt.NDArray[np.uint64]:
+    def _query(self, start: Any, end: Any) -> tuple[int, int]:
+        """A query range: start <= end <= nr_pages (an empty range answers empty)."""
         s, e = u64(start, "start"), end_arg(end, self._nr_pages)
+        check_start_end(s, e)
+        if e > self._nr_pages:
+            raise ValueError(f"end: must be <= nr_pages ({self._nr_pages}), got {e}")
+        return s, e
+
+    def attribute_runs(self, start: Any = 0, end: Any = None) -> npt.NDArray[np.uint64]:
+        s, e = self._query(start, end)
         self._check_open()
         return self._attrs.runs(s, e)
 
     def folios(self, start: Any = 0, end: Any = None) -> npt.NDArray[Any]:
-        s, e = u64(start, "start"), end_arg(end, self._nr_pages)
-        check_start_end(s, e)
+        s, e = self._query(start, end)
         self._check_open()
         folios = self._cache.overlapping(s, e)
         rows = folio_rows(folios)
@@ -702,12 +709,14 @@ class GuestMemfd:
         return rows
 
     def pfn_ranges(self, start: Any, end: Any) -> npt.NDArray[np.uint64]:
+        s, e = self._query(u64(start, "start"), u64(end, "end"))
         self._check_open()
-        return self._cache.pfn_ranges(start, end)
+        return self._cache.pfn_ranges(s, e)
 
     def page_pfns(self, start: Any, end: Any) -> npt.NDArray[np.uint64]:
+        s, e = self._query(u64(start, "start"), u64(end, "end"))
         self._check_open()
-        return self._cache.page_pfns(start, end)
+        return self._cache.page_pfns(s, e)
 
     def _check_contents(self, start: int, end: int, out: list[Violation]) -> None:
         """Populated, uptodate pages whose contents differ from what is expected."""
