@@ -168,6 +168,8 @@ public:
     }
 
     size_t memory_bytes() const { return tree_.memory_bytes(); }
+    /// Make the next @n inserts (new folios, split pieces) allocation-free.
+    void reserve(size_t n) { tree_.reserve(n); }
     std::string dump() const;
     void clear()
     {

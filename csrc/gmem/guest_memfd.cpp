@@ -348,7 +348,8 @@ void GuestMemfd::free_pieces(const std::vector<Folio> &pieces)
  * freed folios.  A pinned folio leaves the cache but is freed at its last unpin;
  * @with_orphans (teardown) frees those too.  Memory stays bounded however many folios.
  */
-void GuestMemfd::release_range(uint64_t start, uint64_t end, bool with_orphans)
+void GuestMemfd::release_range(uint64_t start, uint64_t end, bool with_orphans,
+                               std::vector<Folio> *buffer)
 {
     std::vector<Folio> batch;
     batch.reserve(FOLIO_BATCH_SIZE);
@@ -370,7 +371,10 @@ void GuestMemfd::release_range(uint64_t start, uint64_t end, bool with_orphans)
         cache_.move_all_to(taken);
         taken.for_each_clamped(0, nr_pages_, [&](const Folio &f, const PfnRange &) { release(f); });
     } else {
-        std::vector<Folio> chunk(std::min<uint64_t>(RELEASE_CHUNK, cache_.nr_folios()));
+        std::vector<Folio> local;
+        std::vector<Folio> &chunk = buffer ? *buffer : local;
+        if (!buffer)
+            chunk.resize(std::min<uint64_t>(RELEASE_CHUNK, cache_.nr_folios()));
         for (size_t n; !chunk.empty() && (n = cache_.folios(start, end, chunk.data(), chunk.size()));) {
             cache_.remove_consecutive(chunk.data(), n);
             for (size_t i = 0; i < n; i++)
@@ -489,12 +493,24 @@ void GuestMemfd::punch_hole(uint64_t start, uint64_t end)
     end = std::min(end, nr_pages_); // truncate_inode_pages_range stops at EOF
     if (start >= end)
         return;
+    // What the steps after the point of no return store, reserved first: the pieces of the
+    // (at most two) folios that straddle the range's edges (a cut makes at most 2 * order
+    // of them), the expected contents, and the buffer the release works through.
+    size_t pieces = 0;
+    Folio edge;
+    if (cache_.lookup(start, &edge) && edge.index < start)
+        pieces += 2 * edge.order;
+    if (cache_.lookup(end - 1, &edge) && edge.end() > end)
+        pieces += 2 * edge.order;
+    cache_.reserve(pieces);
+    expected_.reserve_stores(1);
+    std::vector<Folio> chunk(std::min<uint64_t>(RELEASE_CHUNK, cache_.nr_folios() + pieces));
     stats_.invalidations++;
     arch_->invalidate_start(*this, start, end, FILTER_SHARED | FILTER_PRIVATE);
     mapped_.erase(mapped_.lower_bound(start), mapped_.lower_bound(end));
     cache_.split_range(start, end);
     expected_.store(start, end, 0);
-    release_range(start, end, false);
+    release_range(start, end, false, &chunk);
     arch_->invalidate_end(*this, start, end);
 }
 
@@ -611,6 +627,8 @@ void GuestMemfd::set_attributes(uint64_t start, uint64_t end, uint64_t attrs)
         }
         mapped_.erase(mapped_.lower_bound(start), mapped_.lower_bound(end));
     }
+    // What the store at step 6 needs, taken now: past this point nothing may fail.
+    attrs_.reserve_stores(1);
     // 4. Point of no return: KVM zaps its mappings of the old kind.
     stats_.invalidations++;
     arch_->invalidate_start(*this, start, end,

@@ -164,7 +164,8 @@ private:
     void zero_folio(Folio &f);
     unsigned max_order(const Folio &f, uint64_t index, uint64_t *block) const;
     void free_pieces(const std::vector<Folio> &pieces);
-    void release_range(uint64_t start, uint64_t end, bool with_orphans);
+    void release_range(uint64_t start, uint64_t end, bool with_orphans,
+                       std::vector<Folio> *buffer = nullptr);
     void hook_walk(uint64_t start, uint64_t end, bool free_hook);
     void convert_contents(uint64_t start, uint64_t end, uint64_t attrs);
     void check_contents(uint64_t start, uint64_t end, std::vector<Violation> &out) const;

@@ -39,6 +39,8 @@ public:
     /// Apply stores in order; every range is validated before the first one is applied.
     void store_many(const uint64_t *starts, const uint64_t *ends, const uint64_t *values,
                     size_t n);
+    /// Make the next @n stores allocation-free (each adds at most two runs).
+    void reserve_stores(size_t n) { tree_.reserve(2 * n); }
     uint64_t load(uint64_t index) const;
     /// Does every index of [start, end) hold @value?  (true for an empty range)
     bool range_has(uint64_t start, uint64_t end, uint64_t value) const;

@@ -111,7 +111,7 @@ public:
     void insert(uint64_t k, uint64_t v)
     {
         if (leaves_.empty()) {
-            leaves_.push_back(std::make_unique<Leaf>());
+            leaves_.push_back(take_leaf());
             first_.push_back(k);
         }
         size_t li = leaf_for(k);
@@ -252,19 +252,37 @@ public:
     {
         a.first_.swap(b.first_);
         a.leaves_.swap(b.leaves_);
+        a.spare_.swap(b.spare_);
         std::swap(a.size_, b.size_);
     }
 
     /// Bytes this tree holds on the heap (leaves and the leaf index).
     size_t memory_bytes() const
     {
-        return leaves_.size() * sizeof(Leaf) + first_.capacity() * sizeof(uint64_t) +
+        return (leaves_.size() + spare_.size()) * sizeof(Leaf) +
+               first_.capacity() * sizeof(uint64_t) +
                leaves_.capacity() * sizeof(std::unique_ptr<Leaf>);
+    }
+
+    /*
+     * reserve - make the next @n inserts allocation-free: each adds at most one leaf, so
+     * @n spare leaves and room for @n more in the leaf index.  For an update that must not
+     * fail half-way: reserve before its point of no return, as the kernel reserves its
+     * attribute entries (xa_reserve in kvm_vm_set_mem_attributes).  Throws std::bad_alloc
+     * having changed nothing observable.
+     */
+    void reserve(size_t n)
+    {
+        first_.reserve(leaves_.size() + n + 1);
+        leaves_.reserve(leaves_.size() + n + 1);
+        while (spare_.size() < n)
+            spare_.push_back(std::make_unique<Leaf>());
     }
 
 private:
     std::vector<uint64_t> first_;
     std::vector<std::unique_ptr<Leaf>> leaves_;
+    std::vector<std::unique_ptr<Leaf>> spare_; // reserved leaves
     size_t size_ = 0;
 
     // The leaf that holds, or would receive, key @k: the last one whose first key is <= k.
@@ -276,8 +294,18 @@ private:
 
     void new_leaf_after(size_t li)
     {
-        leaves_.insert(leaves_.begin() + li + 1, std::make_unique<Leaf>());
+        leaves_.insert(leaves_.begin() + li + 1, take_leaf());
         first_.insert(first_.begin() + li + 1, 0); // set by the caller's insert at slot 0
+    }
+
+    std::unique_ptr<Leaf> take_leaf()
+    {
+        if (spare_.empty())
+            return std::make_unique<Leaf>();
+        std::unique_ptr<Leaf> l = std::move(spare_.back()); // reserved: cannot fail
+        spare_.pop_back();
+        l->n = 0;
+        return l;
     }
 
     void split(size_t li)
