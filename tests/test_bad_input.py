@@ -162,7 +162,6 @@ CREATE_BAD = [
     ({"size_bytes": "4096"}, TypeError, "size_bytes"),
     ({"size_bytes": 2**64}, ValueError, "size_bytes"),
     ({"flags": 4}, ValueError, "flags"),
-    ({"flags": gmem.FLAG_INIT_SHARED}, ValueError, "flags"),
     ({"flags": -1}, ValueError, "flags"),
     ({"folio_order": 19}, ValueError, "folio_order"),
     ({"folio_order": "9"}, TypeError, "folio_order"),

@@ -54,7 +54,7 @@ def test_invalid_create_sizes_and_flags(impl) -> None:
     for size in (0, 1, P - 1, P + 1):
         with pytest.raises(ValueError, match="^size:"):
             impl.GuestMemfd(size)
-    for flags in (4, 1 << 63, gmem.FLAG_INIT_SHARED):
+    for flags in (4, 1 << 63, gmem.FLAG_MMAP | 4):
         with pytest.raises(ValueError, match="^flags:"):
             impl.GuestMemfd(P, flags=flags)
     with pytest.raises(ValueError, match="^folio_order:"):
@@ -277,24 +277,95 @@ def test_get_pfn_max_order_follows_attributes_inside_the_folio(impl) -> None:
 
 
 @IMPLS
-def test_pinned_piece_is_freed_at_its_last_unpin(impl) -> None:
+def test_pinned_piece_is_reclaimed_at_the_punch_and_freed_at_its_last_unpin(impl) -> None:
+    # filemap_free_folio() calls free_folio when the folio leaves the page cache, pinned or
+    # not; the pages go back to the allocator only with the last reference.
     rec = recorder(impl, {"FREE"})
     with impl.GuestMemfd(
         8 * P, flags=gmem.FLAG_MMAP | gmem.FLAG_INIT_SHARED, folio_order=3, arch=rec
     ) as f:
         pfn = f.pin(3)
         f.pin(3)
+        free_before = f.physmem.nr_free
         f.punch_hole(2, 4)  # splits [0, 8) and punches [2, 4) out while page 3 is pinned
         assert f.folios()[["index", "order"]].tolist() == [(0, 1), (4, 2)]
-        assert rec.ranges("free_folio").tolist() == []
-        f.unpin_pfn(pfn)
-        assert rec.ranges("free_folio").tolist() == []
-        f.unpin_pfn(pfn)
         assert rec.ranges("free_folio").tolist() == [[pfn - 1, pfn + 1]]
+        assert f.physmem.nr_free == free_before
+        f.unpin_pfn(pfn)
+        assert f.physmem.nr_free == free_before
+        f.unpin_pfn(pfn)
+        assert f.physmem.nr_free == free_before + 2
+        assert rec.ranges("free_folio").tolist() == [[pfn - 1, pfn + 1]]  # not again
+        assert f.stats["folios_freed"] == 1
         with pytest.raises(ValueError, match="^pfn:"):
             f.unpin_pfn(pfn)
         with pytest.raises(ValueError, match="^index:"):
             f.unpin(0)
+        assert f.check() == []  # a Recorder changes no page
+
+
+@IMPLS
+@pytest.mark.parametrize("arch", ["pkvm", "snp", "sw_protected"])
+def test_a_reclaim_that_changes_a_pinned_page_is_a_violation(impl, arch: str) -> None:
+    f = impl.GuestMemfd(16 * P, flags=gmem.FLAG_MMAP, folio_order=2, arch=arch)
+    f.guest_write(1, 0xAB)  # private, and prepared (SNP: assigned in the RMP)
+    f.set_attributes(0, 4, gmem.SHARED)  # shared in place, then pinned by a device
+    f.host_write(1, 0xCD)
+    pfn = f.pin(1)
+    f.punch_hole(0, 4)
+    rules = [v.rule for v in f.check()]
+    # pKVM scrubs the page the device still holds; SNP has nothing left to give back (the
+    # conversion made the pages shared); sw_protected has no reclaim hook.
+    assert rules == (["reclaimed-while-pinned"] if arch == "pkvm" else [])
+    if arch == "pkvm":
+        assert f.physmem.read(pfn) == 0
+    f.unpin_pfn(pfn)
+    f.close()
+    assert f.physmem.nr_free == f.physmem.nr_pages
+
+
+@IMPLS
+def test_snp_reclaim_beside_a_pinned_shared_page_is_no_violation(impl) -> None:
+    # Folio [4, 8): page 4 private and assigned in the RMP, page 5 shared and pinned.  The
+    # reclaim gives page 4 back; the pinned page was never assigned and does not change.
+    f = impl.GuestMemfd(16 * P, flags=gmem.FLAG_MMAP, folio_order=2, arch="snp")
+    f.set_attributes(0, 16, gmem.SHARED)
+    f.set_attributes(4, 5, gmem.PRIVATE)
+    f.guest_write(4, 1)  # prepare: RMP-assigned
+    pfn = f.pin(5)
+    updates = f.arch.stats["rmp_updates"]
+    f.punch_hole(4, 8)
+    assert f.arch.stats["rmp_updates"] > updates
+    assert [v.rule for v in f.check()] == []
+    f.unpin_pfn(pfn)
+    f.close()
+    assert f.physmem.nr_free == f.physmem.nr_pages
+
+
+@IMPLS
+def test_close_invalidates_then_reclaims(impl) -> None:
+    rec = recorder(impl, {"FREE"})
+    f = impl.GuestMemfd(8 * P, folio_order=2, arch=rec)
+    f.fallocate(0, 8)
+    rec.clear()
+    f.close()
+    assert [c[0] for c in rec.calls] == [
+        "invalidate_start",
+        "invalidate_end",
+        "free_folio",
+        "free_folio",
+    ]
+
+
+@IMPLS
+def test_init_shared_alone_is_a_shared_file_the_host_cannot_map(impl) -> None:
+    f = impl.GuestMemfd(4 * P, flags=gmem.FLAG_INIT_SHARED)
+    assert f.attribute_runs().tolist() == [[0, 4, gmem.SHARED]]
+    with pytest.raises(gmem.SigBus):
+        f.host_read(0)
+    f.guest_write(0, 7)
+    assert f.guest_read(0) == 7
+    f.close()
 
 
 @IMPLS

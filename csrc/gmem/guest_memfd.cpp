@@ -43,8 +43,6 @@ static uint64_t checked_nr_pages(uint64_t size, uint64_t flags, unsigned folio_o
     if (flags & ~uint64_t(FLAG_MMAP | FLAG_INIT_SHARED))
         throw invalid("flags", "unknown bits " + hex(flags & ~uint64_t(3)) +
                                    "; allowed: FLAG_MMAP (1) | FLAG_INIT_SHARED (2)");
-    if ((flags & FLAG_INIT_SHARED) && !(flags & FLAG_MMAP))
-        throw invalid("flags", "FLAG_INIT_SHARED needs FLAG_MMAP");
     if (folio_order > MAX_ORDER)
         throw invalid("folio_order", "must be in 0..18, got " + std::to_string(folio_order));
     if (!arch)
@@ -311,60 +309,95 @@ void GuestMemfd::unpin_pfn(uint64_t pfn)
         return;
     Folio piece{NO_PFN, o->first, o->second, true};
     orphans_.erase(o);
-    free_pieces({piece});
+    give_back(piece); // reclaimed when it left the page cache
+}
+
+/* The pinned pages of [pfn, pfn + nr) as the arch models see them: contents, RMP, owner. */
+std::vector<uint64_t> GuestMemfd::pinned_state(uint64_t pfn, uint64_t nr) const
+{
+    std::vector<uint64_t> out;
+    for (auto it = pins_.lower_bound(pfn); it != pins_.end() && it->first < pfn + nr; ++it) {
+        uint64_t at = it->first - pm_->base_pfn();
+        out.insert(out.end(), {it->first, pm_->read(it->first), pm_->rmp().load(at),
+                               pm_->owner().load(at)});
+    }
+    return out;
 }
 
 /*
- * free_pieces - teardown of folios already out of the page cache: one free_folio call
- * per folio (gated by FREE), in batches of FOLIO_BATCH_SIZE, then back to PhysMem.
+ * reclaim - folios that just left the page cache: the free hook (gated by FREE), one
+ * call per folio in batches of up to FOLIO_BATCH_SIZE, as filemap_free_folio() calls
+ * free_folio when a folio is removed - even one a pin still holds.  Unpinned folios go
+ * back to the PhysMem; a pinned one waits for its last unpin_pfn().  A reclaim that
+ * changes a pinned page (a scrub, an RMP update) is a reclaimed-while-pinned violation,
+ * one per page: the device holding the pin still reads and writes it.
  */
-void GuestMemfd::free_pieces(const std::vector<Folio> &pieces)
+void GuestMemfd::reclaim(const Folio *folios, size_t n)
 {
     PfnRange ranges[FOLIO_BATCH_SIZE];
-    for (size_t first = 0; first < pieces.size(); first += FOLIO_BATCH_SIZE) {
-        size_t n = std::min<size_t>(FOLIO_BATCH_SIZE, pieces.size() - first);
-        for (size_t i = 0; i < n; i++)
-            ranges[i] = PfnRange{pieces[first + i].pfn,
-                                 pieces[first + i].pfn + pieces[first + i].nr_pages()};
+    for (size_t first = 0; first < n; first += FOLIO_BATCH_SIZE) {
+        size_t m = std::min<size_t>(FOLIO_BATCH_SIZE, n - first);
+        const Folio *batch = folios + first;
+        std::vector<std::pair<size_t, std::vector<uint64_t>>> pinned;
+        for (size_t i = 0; i < m; i++) {
+            ranges[i] = PfnRange{batch[i].pfn, batch[i].pfn + batch[i].nr_pages()};
+            if (!pins_.empty() && pins_in(batch[i].pfn, batch[i].nr_pages()))
+                pinned.push_back({i, pinned_state(batch[i].pfn, batch[i].nr_pages())});
+        }
         if (config_ & CONFIG_FREE) {
-            stats_.free_calls += n;
-            stats_.hook_ranges += n;
-            arch_->free_folio(*this, ranges, n);
+            stats_.free_calls += m;
+            stats_.hook_ranges += m;
+            arch_->free_folio(*this, ranges, m);
             arch_->flush(*this); // the pages are checked and go back right after
         }
-        for (size_t i = 0; i < n; i++) {
-            const Folio &f = pieces[first + i];
-            arch_->check_freed(*this, f.pfn, f.nr_pages(), violations_);
-            pm_->free(f.pfn, f.order);
-            stats_.folios_freed++;
+        for (const auto &pp : pinned) {
+            const Folio &f = batch[pp.first];
+            std::vector<uint64_t> now = pinned_state(f.pfn, f.nr_pages());
+            for (size_t k = 0; k < now.size(); k += 4)
+                if (!std::equal(now.begin() + ptrdiff_t(k), now.begin() + ptrdiff_t(k + 4),
+                                pp.second.begin() + ptrdiff_t(k)))
+                    violations_.push_back(violation(
+                        "reclaimed-while-pinned", NO_PFN, now[k],
+                        "the reclaim hook changed a page (contents, RMP or owner) that a pin "
+                        "still holds"));
+            orphans_[f.pfn] = f.order; // back to the PhysMem at its last unpin_pfn()
+        }
+        for (size_t i = 0, k = 0; i < m; i++) {
+            if (k < pinned.size() && pinned[k].first == i) {
+                k++;
+                continue;
+            }
+            give_back(batch[i]);
         }
     }
+}
+
+/* A reclaimed folio's pages go back to the PhysMem, checked first. */
+void GuestMemfd::give_back(const Folio &f)
+{
+    arch_->check_freed(*this, f.pfn, f.nr_pages(), violations_);
+    pm_->free(f.pfn, f.order);
+    stats_.folios_freed++;
 }
 
 /*
  * release_range - truncate_inode_pages_range(): take the folios of [start, end), which
  * all lie inside it, out of the page cache (RELEASE_CHUNK folios at a time; a whole-file
- * teardown empties the cache at once), then free them, free_folio in batches of up to 31
- * freed folios.  A pinned folio leaves the cache but is freed at its last unpin;
- * @with_orphans (teardown) frees those too.  Memory stays bounded however many folios.
+ * teardown empties the cache at once) and reclaim them, in batches of up to 31.  Pinned
+ * folios are reclaimed too and wait for their last unpin; @with_orphans (teardown: the
+ * pins are gone) gives every waiting folio back.  Memory stays bounded however many folios.
  */
 void GuestMemfd::release_range(uint64_t start, uint64_t end, bool with_orphans,
                                std::vector<Folio> *buffer)
 {
     std::vector<Folio> batch;
     batch.reserve(FOLIO_BATCH_SIZE);
-    auto add = [&](const Folio &f) {
+    auto release = [&](const Folio &f) {
         batch.push_back(f);
         if (batch.size() == FOLIO_BATCH_SIZE) {
-            free_pieces(batch);
+            reclaim(batch.data(), batch.size());
             batch.clear();
         }
-    };
-    auto release = [&](const Folio &f) {
-        if (pins_in(f.pfn, f.nr_pages()))
-            orphans_[f.pfn] = f.order; // freed at its last unpin_pfn()
-        else
-            add(f);
     };
     if (start == 0 && end == nr_pages_) {
         FolioCache taken;
@@ -381,22 +414,15 @@ void GuestMemfd::release_range(uint64_t start, uint64_t end, bool with_orphans,
                 release(chunk[i]);
         }
     }
+    if (!batch.empty())
+        reclaim(batch.data(), batch.size());
     if (with_orphans) {
         for (const auto &o : orphans_)
-            add(Folio{NO_PFN, o.first, o.second, true});
+            give_back(Folio{NO_PFN, o.first, o.second, true});
         orphans_.clear();
     }
-    if (!batch.empty())
-        free_pieces(batch);
 }
 
-/*
- * fallocate - populate the holes of [start, end).  All or nothing, stricter than the
- * kernel: running out of physical memory (OutOfMemory), of host memory (bad_alloc) or
- * being interrupted (Interrupted) gives back everything this call took.  A request whose
- * page-cache entries alone could not fit in the host's available memory is refused up
- * front rather than left to exhaust it.
- */
 void GuestMemfd::fallocate(uint64_t start, uint64_t end)
 {
     check_open();
@@ -514,6 +540,11 @@ void GuestMemfd::punch_hole(uint64_t start, uint64_t end)
     arch_->invalidate_end(*this, start, end);
 }
 
+/*
+ * close - kvm_gmem_release(): KVM invalidates both kinds over the whole file, start and
+ * end, and the folios are reclaimed afterwards, when the inode is evicted - so every
+ * reclaim comes after invalidate_end.
+ */
 void GuestMemfd::close()
 {
     if (closed_)
@@ -521,9 +552,9 @@ void GuestMemfd::close()
     stats_.invalidations++;
     arch_->invalidate_start(*this, 0, nr_pages_, FILTER_SHARED | FILTER_PRIVATE);
     mapped_.clear();
+    arch_->invalidate_end(*this, 0, nr_pages_);
     pins_.clear(); // the pinning devices go away with the VM
     release_range(0, nr_pages_, true);
-    arch_->invalidate_end(*this, 0, nr_pages_);
     closed_ = true;
 }
 

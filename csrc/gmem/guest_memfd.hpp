@@ -163,7 +163,9 @@ private:
     Folio fault_in(uint64_t index);
     void zero_folio(Folio &f);
     unsigned max_order(const Folio &f, uint64_t index, uint64_t *block) const;
-    void free_pieces(const std::vector<Folio> &pieces);
+    void reclaim(const Folio *folios, size_t n);
+    void give_back(const Folio &f);
+    std::vector<uint64_t> pinned_state(uint64_t pfn, uint64_t nr) const;
     void release_range(uint64_t start, uint64_t end, bool with_orphans,
                        std::vector<Folio> *buffer = nullptr);
     void hook_walk(uint64_t start, uint64_t end, bool free_hook);

@@ -25,6 +25,11 @@ namespace gmem {
 
 struct Run {
     uint64_t start, end, value;
+    bool operator==(const Run &o) const
+    {
+        return start == o.start && end == o.end && value == o.value;
+    }
+    bool operator!=(const Run &o) const { return !(*this == o); }
 };
 
 class IntervalMap : public Lockable {

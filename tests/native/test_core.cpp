@@ -233,7 +233,13 @@ static void check_guest_memfd()
         for (auto &f : files) {
             bool lossy = f->arch().name() == "pkvm" && f->hook_design() == HookDesign::Overloaded;
             f->close();
-            CHECK(lossy || f->check().empty(), f->check()[0].str() + "\n" + f->dump());
+            // pKVM scrubs at reclaim, which comes when a punch removes the folio, even one a
+            // device still pins: that hazard is reported, and is the only one allowed.
+            std::vector<Violation> found;
+            for (const Violation &v : f->check())
+                if (!(f->arch().name() == "pkvm" && v.rule == "reclaimed-while-pinned"))
+                    found.push_back(v);
+            CHECK(lossy || found.empty(), found[0].str() + "\n" + f->dump());
         }
         CHECK(pm->nr_free() == free_at_start, pm->dump());
         CHECK(pm->rmp().nr_runs() == 1 && pm->rmp().load(0) == 0, pm->dump());

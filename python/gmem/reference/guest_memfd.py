@@ -116,8 +116,6 @@ class GuestMemfd:
             raise ValueError(
                 f"flags: unknown bits {fl & ~3:#x}; allowed: FLAG_MMAP (1) | FLAG_INIT_SHARED (2)"
             )
-        if fl & FLAG_INIT_SHARED and not fl & FLAG_MMAP:
-            raise ValueError("flags: FLAG_INIT_SHARED needs FLAG_MMAP")
         self._nr_pages = size // PAGE_SIZE
         self._flags, self._folio_order, self._design = fl, order, hook_design
         self._config, self._batched = config, batched
@@ -387,42 +385,74 @@ class GuestMemfd:
             for base, order in self._orphans.items():  # the last pin of a punched piece
                 if base <= p < base + (1 << order) and not self._pins_in(base, 1 << order):
                     del self._orphans[base]
-                    self._free_pieces([Folio(base, order, base, True)])
+                    self._give_back(Folio(base, order, base, True))  # reclaimed already
                     return
 
         self._operation(unpin)
 
     # ---- teardown -----------------------------------------------------------------
-    def _free_pieces(self, pieces: list[Folio]) -> None:
-        """Folios already out of the cache: free_folio per folio (FREE), then PhysMem."""
-        for first in range(0, len(pieces), FOLIO_BATCH_SIZE):
-            batch = pieces[first : first + FOLIO_BATCH_SIZE]
+    def _pinned_state(self, pfn: int, nr: int) -> list[tuple[int, int, int, int]]:
+        """The pinned pages of [pfn, pfn + nr) as the arch models see them."""
+        pm, b = self._pm, self._pm.base_pfn
+        return [
+            (p, pm.read(p), pm.rmp.load(p - b), pm.owner.load(p - b))
+            for p in sorted(self._pins)
+            if pfn <= p < pfn + nr
+        ]
+
+    def _reclaim(self, folios: list[Folio]) -> None:
+        """Folios that just left the cache: free_folio per folio (FREE), as
+        filemap_free_folio() does even for a pinned one, which then waits for its last
+        unpin; the others go back to PhysMem.  A reclaim that changes a pinned page is a
+        reclaimed-while-pinned violation, one per page."""
+        for first in range(0, len(folios), FOLIO_BATCH_SIZE):
+            batch = folios[first : first + FOLIO_BATCH_SIZE]
+            pinned = {
+                f.pfn: self._pinned_state(f.pfn, f.nr_pages)
+                for f in batch
+                if self._pins and self._pins_in(f.pfn, f.nr_pages)
+            }
             if "FREE" in self._config:
                 self._stats["free_calls"] += len(batch)
                 self._stats["hook_ranges"] += len(batch)
                 self._ranges_hook("free_folio", [(f.pfn, f.pfn + f.nr_pages) for f in batch])
             for f in batch:
-                self._arch._check_freed(f.pfn, f.nr_pages, self._violations)
-                self._pm._free_block(f.pfn, f.order)
-                self._stats["folios_freed"] += 1
+                if f.pfn not in pinned:
+                    continue
+                now = self._pinned_state(f.pfn, f.nr_pages)
+                for was, page in zip(pinned[f.pfn], now, strict=True):
+                    if was != page:
+                        self._violations.append(
+                            self._violation(
+                                "reclaimed-while-pinned",
+                                None,
+                                page[0],
+                                "the reclaim hook changed a page (contents, RMP or owner) "
+                                "that a pin still holds",
+                            )
+                        )
+                self._orphans[f.pfn] = f.order  # back to PhysMem at its last unpin_pfn()
+            for f in batch:
+                if f.pfn not in pinned:
+                    self._give_back(f)
+
+    def _give_back(self, f: Folio) -> None:
+        """A reclaimed folio's pages go back to the PhysMem, checked first."""
+        self._arch._check_freed(f.pfn, f.nr_pages, self._violations)
+        self._pm._free_block(f.pfn, f.order)
+        self._stats["folios_freed"] += 1
 
     def _release_range(self, start: int, end: int, with_orphans: bool) -> None:
         """truncate_inode_pages_range(): the folios of [start, end) leave the cache (all at
-        once on teardown, else RELEASE_CHUNK at a time), then are freed in batches of up to
-        31; a pinned one waits for its last unpin."""
+        once on teardown, else RELEASE_CHUNK at a time) and are reclaimed in batches of up
+        to 31; with_orphans (teardown: the pins are gone) gives back the pinned ones."""
         batch: list[Folio] = []
 
-        def add(f: Folio) -> None:
+        def release(f: Folio) -> None:
             batch.append(f)
             if len(batch) == FOLIO_BATCH_SIZE:
-                self._free_pieces(batch)
+                self._reclaim(batch)
                 batch.clear()
-
-        def release(f: Folio) -> None:
-            if self._pins_in(f.pfn, f.nr_pages):
-                self._orphans[f.pfn] = f.order  # freed at its last unpin_pfn()
-            else:
-                add(f)
 
         if start == 0 and end == self._nr_pages:  # teardown: the cache empties at once
             taken, self._cache = self._cache, FolioCache()
@@ -434,12 +464,12 @@ class GuestMemfd:
                     self._cache.pop(f.index)
                 for f in chunk:
                     release(f)
+        if batch:
+            self._reclaim(batch)
         if with_orphans:
             for pfn, order in sorted(self._orphans.items()):
-                add(Folio(pfn, order, pfn, True))
+                self._give_back(Folio(pfn, order, pfn, True))
             self._orphans.clear()
-        if batch:
-            self._free_pieces(batch)
 
     def fallocate(self, start: Any, end: Any) -> None:
         s, e = u64(start, "start"), u64(end, "end")
@@ -513,11 +543,13 @@ class GuestMemfd:
         if self._closed:
             return
         self._stats["invalidations"] += 1
+        # kvm_gmem_release(): invalidate both kinds over the file, start and end; the
+        # folios are reclaimed afterwards, at eviction.
         self._hook("invalidate_start", 0, self._nr_pages, FILTER_SHARED | FILTER_PRIVATE)
         self._mapped.clear()
+        self._hook("invalidate_end", 0, self._nr_pages)
         self._pins.clear()  # the pinning devices go away with the VM
         self._release_range(0, self._nr_pages, with_orphans=True)
-        self._hook("invalidate_end", 0, self._nr_pages)
         self._closed = True
 
     def close(self) -> None:
