@@ -160,7 +160,8 @@ void check_query(const GuestMemfd &f, uint64_t start, uint64_t end)
 /* A page_pfns answer of end - start entries must fit in the host's memory. */
 void check_page_count(uint64_t start, uint64_t end)
 {
-    if ((end - start) > host_memory_available() / sizeof(uint64_t))
+    uint64_t n = end - start;
+    if (n > SMALL_REQUEST / sizeof(uint64_t) && n > host_memory_available() / sizeof(uint64_t))
         throw invalid("end", "[" + std::to_string(start) + ", " + std::to_string(end) +
                                  ") is " + std::to_string(end - start) +
                                  " pages: one PFN each is more than the host has available");

@@ -430,7 +430,7 @@ void GuestMemfd::fallocate(uint64_t start, uint64_t end)
     // Folios this call may add, at worst: one per 2**folio_order pages (two more at the
     // edges), and never more than PhysMem has free pages.
     uint64_t most = std::min(((end - start) >> folio_order_) + 2, pm_->nr_free());
-    if (most > host_memory_available() / FOLIO_BYTES)
+    if (most > SMALL_REQUEST / FOLIO_BYTES && most > host_memory_available() / FOLIO_BYTES)
         throw OutOfMemory("fallocate: [" + std::to_string(start) + ", " + std::to_string(end) +
                           ") may need " + std::to_string(most) + " folios (" +
                           std::to_string(most * FOLIO_BYTES >> 20) +

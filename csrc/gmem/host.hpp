@@ -11,6 +11,9 @@
 
 namespace gmem {
 
+/// Requests below this many bytes fit without asking (reading /proc costs microseconds).
+constexpr uint64_t SMALL_REQUEST = uint64_t(64) << 20;
+
 /// MemAvailable in bytes, capped by what RLIMIT_AS leaves this process (UINT64_MAX when
 /// neither can be read).
 uint64_t host_memory_available();

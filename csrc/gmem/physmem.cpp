@@ -35,6 +35,10 @@ std::map<uint64_t, uint64_t>::const_iterator FreeList::run_of(uint64_t pfn) cons
 
 uint64_t FreeList::at_or_after(uint64_t pfn) const
 {
+    if (!runs_mode_) {
+        auto it = set_.lower_bound(pfn);
+        return it == set_.end() ? UINT64_MAX : *it;
+    }
     auto it = run_of(pfn);
     if (it != runs_.end()) {
         uint64_t p = it->first + (pfn - it->first + block_ - 1) / block_ * block_;
@@ -49,6 +53,12 @@ uint64_t FreeList::at_or_after(uint64_t pfn) const
 
 void FreeList::insert(uint64_t pfn, uint64_t n)
 {
+    if (!runs_mode_) {
+        for (uint64_t i = 0; i < n; i++)
+            set_.insert(pfn + i * block_);
+        nr_blocks_ += n;
+        return;
+    }
     uint64_t end = pfn + n * block_;
     auto next = runs_.lower_bound(pfn);
     bool join_next = next != runs_.end() && next->first == end;
@@ -75,6 +85,10 @@ void FreeList::insert(uint64_t pfn, uint64_t n)
 
 void FreeList::erase(uint64_t pfn)
 {
+    if (!runs_mode_) {
+        nr_blocks_ -= set_.erase(pfn);
+        return;
+    }
     auto it = std::prev(runs_.upper_bound(pfn)); // the run holding pfn: callers check
     uint64_t end = it->second;
     if (pfn + block_ < end)
@@ -99,7 +113,7 @@ PhysMem::PhysMem(uint64_t nr_pages, uint64_t base_pfn, uint64_t seed)
       tokens_(nr_pages), rmp_(nr_pages), owner_(nr_pages), user_(nr_pages)
 {
     for (unsigned o = 0; o <= MAX_ORDER; o++)
-        free_[o] = FreeList(pages(o));
+        free_[o] = FreeList(pages(o), o == MAX_ORDER);
     add_free_range(base_, base_ + nr_pages_);
 }
 
@@ -329,7 +343,7 @@ void PhysMem::fragment(double fraction)
     const uint64_t threshold = uint64_t(fraction * 9007199254740992.0); // * 2**53
     // Each kept page costs its entry in kept_ and up to two free-list nodes (~100 bytes).
     const double need = double(nr_free_) * fraction * 100.0;
-    if (need > double(host_memory_available()))
+    if (need > double(SMALL_REQUEST) && need > double(host_memory_available()))
         throw OutOfMemory("fragment: keeping " + std::to_string(fraction) + " of " +
                           std::to_string(nr_free_) + " free pages needs about " +
                           std::to_string(uint64_t(need) >> 20) +

@@ -24,6 +24,7 @@
 #include <array>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -65,13 +66,20 @@ struct FreeBlock {
  */
 class FreeList {
 public:
-    explicit FreeList(uint64_t block_pages = 1) : block_(block_pages) {}
+    /// @runs: keep runs (the top order); else one set node per block (buddies coalesce,
+    /// so a run below the top order is at most two blocks: a set is simpler and faster).
+    explicit FreeList(uint64_t block_pages = 1, bool runs = false)
+        : block_(block_pages), runs_mode_(runs)
+    {
+    }
 
-    bool empty() const { return runs_.empty(); }
+    bool empty() const { return nr_blocks_ == 0; }
     uint64_t size() const { return nr_blocks_; }
-    uint64_t first() const { return runs_.begin()->first; }
+    uint64_t first() const { return runs_mode_ ? runs_.begin()->first : *set_.begin(); }
     bool contains(uint64_t pfn) const
     {
+        if (!runs_mode_)
+            return set_.count(pfn) != 0;
         auto it = run_of(pfn);
         return it != runs_.end() && (pfn - it->first) % block_ == 0;
     }
@@ -86,6 +94,12 @@ public:
     template <class Fn>
     void for_each(Fn &&fn) const
     {
+        if (!runs_mode_) {
+            for (uint64_t p : set_)
+                if (!fn(p))
+                    return;
+            return;
+        }
         for (const auto &r : runs_)
             for (uint64_t p = r.first; p < r.second; p += block_)
                 if (!fn(p))
@@ -94,6 +108,8 @@ public:
 
 private:
     uint64_t block_, nr_blocks_ = 0;
+    bool runs_mode_;
+    std::set<uint64_t> set_;
     std::map<uint64_t, uint64_t> runs_;
     std::map<uint64_t, uint64_t>::const_iterator run_of(uint64_t pfn) const;
 };
