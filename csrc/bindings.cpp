@@ -400,15 +400,17 @@ void bind_errors(py::module_ &m)
             py::object exc = cls(e.what(), e.index);
             PyErr_SetObject(cls.ptr(), exc.ptr());
         } catch (const Interrupted &e) {
-            // The probe ran the signal handlers: their exception (KeyboardInterrupt) is set.
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_KeyboardInterrupt, e.what());
+            PyErr_SetString(PyExc_KeyboardInterrupt, e.what());
         }
     });
-    // Long loops of the core ask, every 20 ms, whether a signal (Ctrl-C) is pending.
+    // Long loops of the core ask, every 20 ms, whether Ctrl-C is pending.  They must not
+    // run signal handlers (PyErr_CheckSignals would): a handler is arbitrary Python, and
+    // this thread holds the model lock in the middle of an update.  SIGINT is taken here
+    // and becomes the KeyboardInterrupt the default handler would raise; other signals
+    // are handled when the call returns.
     set_interrupt_probe([]() -> bool {
         py::gil_scoped_acquire gil;
-        return PyErr_CheckSignals() != 0;
+        return PyOS_InterruptOccurred() != 0;
     });
     m.attr("MAX_ORDER") = MAX_ORDER;
     m.attr("NO_PFN") = py::int_(NO_PFN);
@@ -1383,9 +1385,11 @@ struct ArchConfig {
 template <class Fn>
 auto file_op(GuestMemfd &f, Mode mode, bool long_op, Fn &&fn)
 {
-    // An operation run from one of this model's hooks (this thread holds the lock) is
-    // nested: the outer operation owns the hook state and re-raises what its hooks raised.
-    bool nested = f.physmem().lock().held_by_me();
+    // An operation on a file from one of that file's own hooks is nested: the outer
+    // operation owns the hook state and re-raises what its hooks raised.  (An operation
+    // on another file of the same PhysMem, from a hook, is that file's own outermost one.)
+    bool inside = f.physmem().lock().held_by_me(); // in an operation of this PhysMem
+    bool nested = inside && f.in_operation();
     Guard g(f.physmem().lock(), mode);
     PyHookState *hs = nested ? nullptr : hook_state(f.arch());
     if (mode == Mode::Write && f.in_operation())
@@ -1405,8 +1409,8 @@ auto file_op(GuestMemfd &f, Mode mode, bool long_op, Fn &&fn)
             f.set_in_operation(true);
         return fn();
     };
-    // Python hooks need the GIL anyway; a nested operation keeps what its caller holds.
-    bool keep_gil = nested || !long_op || hook_state(f.arch());
+    // Python hooks need the GIL anyway; an operation inside another keeps what it holds.
+    bool keep_gil = inside || !long_op || hook_state(f.arch());
     try {
         auto result = keep_gil ? body() : g.nogil(body);
         if (hs) {

@@ -619,3 +619,61 @@ def test_a_live_file_cannot_be_initialised_again() -> None:
 def test_an_endless_config_iterable_is_refused() -> None:
     with pytest.raises(ValueError, match="^config: more than 64 items"):
         gmem.arch.Recorder(itertools.repeat("FREE"))
+
+
+def test_signal_handlers_do_not_run_inside_a_long_loop() -> None:
+    # A handler is arbitrary Python: run mid-fragment() under the model lock, it could
+    # allocate from the very free lists being split.  It runs when the call returns.
+    isolated(
+        """
+        import signal, gmem
+        pm = gmem.PhysMem(1 << 24)
+        calls = []
+        def handler(signum, frame):
+            calls.append(pm.alloc(0))
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+        pm.fragment(0.3)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        blocks = pm.free_blocks()
+        assert int((1 << blocks[:, 1].astype(object)).sum()) == pm.nr_free
+        assert calls, "the handler never ran"
+        held = set(calls)
+        assert not any(int(p) in held for p in blocks[:, 0]), "a held block is listed free"
+        got = {pm.alloc(0) for _ in range(1000)}
+        assert len(got) == 1000 and not got & held
+        """,
+        timeout=120,
+    )
+
+
+@IMPLS
+def test_a_hook_error_of_another_file_on_the_same_physmem_is_raised_by_its_call(
+    impl: Any,
+) -> None:
+    pm = impl.PhysMem(64)
+
+    class Failing(impl.Arch):  # type: ignore[name-defined,misc]
+        config = {"FREE"}
+
+        def free_folio(self, start_pfn: int, end_pfn: int) -> None:
+            raise KeyError("B's free_folio failed")
+
+    b = impl.GuestMemfd(16 * P, physmem=pm, arch=Failing())
+    b.fallocate(0, 16)
+    seen: list[str] = []
+
+    class Caller(impl.Arch):  # type: ignore[name-defined,misc]
+        def invalidate_start(self, start: int, end: int, kinds: int) -> None:
+            if not seen:
+                try:
+                    b.punch_hole(0, 16)
+                except KeyError as exc:
+                    seen.append(str(exc))
+
+    a = impl.GuestMemfd(16 * P, physmem=pm, arch=Caller())
+    a.punch_hole(0, 1)
+    assert seen == [repr("B's free_folio failed")]
+    assert b.get_attributes(0) == gmem.PRIVATE  # nothing left to raise later
+    a.close()
+    b.close()

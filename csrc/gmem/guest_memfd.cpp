@@ -506,7 +506,12 @@ void GuestMemfd::add_folio(uint64_t index, unsigned order, uint64_t pfn)
                                  std::to_string(pfn + pages(order)) +
                                  ") are not free in the file's PhysMem");
     pm_->take(pfn, order);
-    cache_.add(index, order, pfn, false);
+    try {
+        cache_.add(index, order, pfn, false);
+    } catch (...) {
+        pm_->free(pfn, order); // host memory ran out: the block goes back
+        throw;
+    }
     stats_.folios_allocated++;
 }
 
@@ -530,7 +535,7 @@ void GuestMemfd::punch_hole(uint64_t start, uint64_t end)
         pieces += 2 * edge.order;
     cache_.reserve(pieces);
     expected_.reserve_stores(1);
-    std::vector<Folio> chunk(std::min<uint64_t>(RELEASE_CHUNK, cache_.nr_folios() + pieces));
+    std::vector<Folio> chunk(std::min<uint64_t>(RELEASE_CHUNK, cache_.count(start, end) + pieces));
     stats_.invalidations++;
     arch_->invalidate_start(*this, start, end, FILTER_SHARED | FILTER_PRIVATE);
     mapped_.erase(mapped_.lower_bound(start), mapped_.lower_bound(end));

@@ -262,8 +262,10 @@ void PhysMem::free(uint64_t pfn, unsigned order)
     free_[order].insert(pfn);
 }
 
+// The mark's store is reserved before the block changes hands: it cannot fail after.
 uint64_t PhysMem::user_alloc(unsigned order)
 {
+    user_.reserve_stores(1);
     uint64_t pfn = alloc(order);
     user_.store(pfn - base_, pfn - base_ + pages(order), 1);
     return pfn;
@@ -271,6 +273,7 @@ uint64_t PhysMem::user_alloc(unsigned order)
 
 void PhysMem::user_take(uint64_t pfn, unsigned order)
 {
+    user_.reserve_stores(1);
     take(pfn, order);
     user_.store(pfn - base_, pfn - base_ + pages(order), 1);
 }
@@ -301,6 +304,7 @@ void PhysMem::user_free(uint64_t pfn, unsigned order)
                                  ") are held by a guest_memfd file; only pages from "
                                  "PhysMem.alloc, take or fragment can be freed here");
     }
+    user_.reserve_stores(1);
     free(pfn, order);
     user_.store(pfn - base_, end - base_, 0);
 }

@@ -273,8 +273,11 @@ public:
      */
     void reserve(size_t n)
     {
-        first_.reserve(leaves_.size() + n + 1);
-        leaves_.reserve(leaves_.size() + n + 1);
+        size_t need = leaves_.size() + n + 1;
+        if (leaves_.capacity() < need) // grow geometrically: exact sizes would copy per call
+            leaves_.reserve(std::max(need, 2 * leaves_.capacity()));
+        if (first_.capacity() < need)
+            first_.reserve(std::max(need, 2 * first_.capacity()));
         while (spare_.size() < n)
             spare_.push_back(std::make_unique<Leaf>());
     }

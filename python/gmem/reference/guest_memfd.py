@@ -32,7 +32,14 @@ from gmem._consts import (
     SHARED,
 )
 from gmem.errors import ConversionBusy, OutOfMemory, SigBus
-from gmem.reference._args import check_start_end, end_arg, order_arg, u64
+from gmem.reference._args import (
+    SMALL_REQUEST,
+    check_start_end,
+    end_arg,
+    host_memory_available,
+    order_arg,
+    u64,
+)
 from gmem.reference.arch import PKVM, SNP, TDX, Arch, SwProtected, Violation
 from gmem.reference.folio_cache import Folio, FolioCache, folio_rows, ranges_array
 from gmem.reference.interval_map import IntervalMap
@@ -238,7 +245,7 @@ class GuestMemfd:
                 block, block + (1 << order)
             ):
                 continue
-            pfn = self._pm.try_alloc(order)
+            pfn = self._pm._try_alloc(order)
             if pfn is not None:
                 folio = Folio(block, order, pfn)
                 self._cache.insert(folio)
@@ -477,6 +484,13 @@ class GuestMemfd:
         def fallocate() -> None:
             self._check_open()
             self._check_range(s, e)
+            # At worst one folio per 2**folio_order pages (and the edges), one per free page.
+            most = min(((e - s) >> self._folio_order) + 2, self._pm.nr_free)
+            if most > SMALL_REQUEST // 16 and most > host_memory_available() // 16:
+                raise OutOfMemory(
+                    f"fallocate: [{s}, {e}) may need {most} folios ({most * 16 >> 20} MiB of "
+                    "page cache), more than the host has available; nothing was allocated"
+                )
             got: list[Folio] = []
             i = s
             while i < e:

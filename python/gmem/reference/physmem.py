@@ -180,7 +180,7 @@ class PhysMem:
 
     def alloc(self, order: Any) -> int:
         want = order_arg(order)
-        pfn = self.try_alloc(want)
+        pfn = self._try_alloc(want)
         if pfn is None:
             blocks = sum(map(len, self._free))
             raise OutOfMemory(
@@ -190,7 +190,7 @@ class PhysMem:
         self._user.store(pfn - self._base, pfn - self._base + (1 << want), 1)
         return pfn
 
-    def try_alloc(self, want: int) -> int | None:
+    def _try_alloc(self, want: int) -> int | None:
         best: tuple[int, int] | None = None
         for o in range(want, MAX_ORDER + 1):
             if self._free[o] and (best is None or self._free[o].first() < best[0]):
