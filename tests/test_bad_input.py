@@ -7,6 +7,7 @@ and a snapshot of the whole state before and after must be equal, with no hook c
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -270,3 +271,151 @@ def test_numpy_integers_are_accepted_everywhere() -> None:
         f.fallocate(np.int64(0), np.uint32(8))
         f.set_attributes(np.uint64(0), np.int16(4), np.uint8(0))
         assert f.get_attributes(np.int64(1)) == 0
+
+
+# ---- direct calls of the built-in archs' hooks ---------------------------------------
+#
+# Python may call an arch's hooks itself (``arch.prepare(...)``, or through super()); the
+# built-in models check what such a call passes them.  The arch serves a file on a PhysMem
+# that does not start at PFN 0, so that PFNs below and above it are both outside it.
+
+BASE = 1024  # the PhysMem's first PFN
+PM_PAGES = 128  # its size: the file's 64 pages and 64 free ones
+MODELS = ["SNP", "PKVM", "Recorder"]
+
+# (hook, good arguments, names of the arguments in order)
+HOOK_CALLS = [
+    ("prepare", (0, BASE + 64, 4), ("index", "pfn", "nr_pages")),  # free, shared pages
+    ("make_shared", (BASE, BASE + 4), ("start_pfn", "end_pfn")),
+    ("free_folio", (BASE, BASE + 4), ("start_pfn", "end_pfn")),
+    ("invalidate_start", (0, 4, 3), ("start", "end", "kinds")),
+    ("invalidate_end", (0, 4), ("start", "end")),
+]
+
+
+def new_arch(impl: Any, model: str) -> Any:
+    cls = getattr(impl.arch, model)
+    return cls(HOOKS) if model == "Recorder" else cls()
+
+
+def arch_file_under_test(impl: Any, model: str) -> Any:
+    """A built-in arch serving a file with some of everything, as in ``file_under_test``."""
+    arch = new_arch(impl, model)
+    pm = impl.PhysMem(PM_PAGES, base_pfn=BASE)
+    f = impl.GuestMemfd(64 * P, flags=gmem.FLAG_MMAP, folio_order=2, arch=arch, physmem=pm)
+    f.fallocate(0, 16)
+    f.set_attributes(8, 32, gmem.SHARED)
+    f.host_write(9, 99)
+    f.pin(20)
+    f.guest_write(2, 7)
+    return arch, f
+
+
+def hook_not_u64_cases() -> list[Any]:
+    cases = []
+    for hook, good, names in HOOK_CALLS:
+        for i, name in enumerate(names):
+            for value, exc in NOT_U64:
+                args = list(good)
+                args[i] = value
+                cases.append(
+                    pytest.param(hook, tuple(args), exc, name, id=f"{hook}-{name}={value!r}")
+                )
+    return cases
+
+
+def xfail(reason: str) -> Any:
+    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
+
+
+PREPARE_NAMES_END = xfail(
+    "prepare() names 'end' (an argument it does not have) for an index range past the file"
+)
+PREPARE_WRAPS = xfail(
+    "prepare(2**64 - 1, pfn, 2): the engine says 'start: must be < end, got start=2**64-1 "
+    "end=1' (index + nr_pages wrapped), the reference 'end: must be < 2**64'"
+)
+
+# (hook, arguments, names the message may start with)
+HOOK_SEMANTIC = [
+    ("prepare", (0, BASE - 1, 4), "pfn"),  # below the PhysMem
+    ("prepare", (0, 0, 4), "pfn"),
+    ("prepare", (0, BASE + PM_PAGES, 1), "pfn"),  # just past it
+    ("prepare", (0, 10**9, 1), "pfn"),
+    ("prepare", (0, BASE + PM_PAGES - 2, 4), "nr_pages"),  # runs past it
+    ("prepare", (0, 2**64 - 1, 2), "pfn|nr_pages"),  # pfn + nr_pages wraps
+    ("prepare", (0, BASE, 0), "nr_pages"),  # empty
+    ("prepare", (0, BASE, 65), "nr_pages"),  # more than the file
+    pytest.param("prepare", (64, BASE, 1), "index", marks=PREPARE_NAMES_END),  # at EOF
+    pytest.param("prepare", (62, BASE, 4), "index|nr_pages", marks=PREPARE_NAMES_END),
+    pytest.param("prepare", (2**64 - 1, BASE, 2), "index|nr_pages", marks=PREPARE_WRAPS),
+]
+for _hook in ("make_shared", "free_folio"):
+    HOOK_SEMANTIC += [
+        (_hook, (BASE - 1, BASE + 1), "start_pfn"),  # starts below the PhysMem
+        (_hook, (0, 4), "start_pfn"),
+        (_hook, (BASE + PM_PAGES, BASE + PM_PAGES + 1), "start_pfn"),  # past it
+        (_hook, (10**9, 10**9 + 5), "start_pfn"),
+        (_hook, (BASE + 4, BASE + 4), "start_pfn|end_pfn"),  # empty
+        (_hook, (BASE + 5, BASE + 4), "start_pfn|end_pfn"),  # reversed
+        (_hook, (BASE + PM_PAGES - 8, BASE + PM_PAGES + 1), "end_pfn"),  # runs past it
+        (_hook, (BASE, 2**64 - 1), "end_pfn"),
+    ]
+HOOK_SEMANTIC += [
+    ("invalidate_start", (4, 4, 3), "start|end"),  # empty
+    ("invalidate_start", (5, 4, 3), "start|end"),
+    ("invalidate_start", (60, 65, 3), "end"),  # past nr_pages
+    ("invalidate_start", (64, 65, 1), "start|end"),
+    ("invalidate_start", (0, 2**64 - 1, 2), "end"),
+    ("invalidate_start", (0, 4, 0), "kinds"),  # neither shared nor private
+    ("invalidate_start", (0, 4, 4), "kinds"),
+    ("invalidate_start", (0, 4, 2**63), "kinds"),
+    ("invalidate_end", (4, 4), "start|end"),
+    ("invalidate_end", (5, 4), "start|end"),
+    ("invalidate_end", (60, 65), "end"),
+    ("invalidate_end", (64, 65), "start|end"),
+    ("invalidate_end", (0, 2**64 - 1), "end"),
+]
+
+
+def hook_semantic_cases() -> list[Any]:
+    cases = []
+    for case in HOOK_SEMANTIC:
+        values, marks = (case.values, case.marks) if hasattr(case, "values") else (case, ())
+        hook, args, names = values
+        cases.append(pytest.param(hook, args, ValueError, names, marks=marks, id=f"{hook}{args}"))
+    return cases
+
+
+HOOK_CASES = hook_not_u64_cases() + hook_semantic_cases()
+
+
+@IMPLS
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(("hook", "args", "exc", "arg"), HOOK_CASES)
+def test_bad_direct_hook_call_changes_nothing(impl, model, hook, args, exc, arg) -> None:
+    arch, f = arch_file_under_test(impl, model)
+    with f:  # closed however the test ends
+        before = snapshot(f)  # with the arch's stats, RMP/owner state and a Recorder's log
+        with pytest.raises(exc) as info:
+            getattr(arch, hook)(*args)
+        assert re.match(f"^({arg}): ", str(info.value)), str(info.value)
+        assert snapshot(f) == before
+    assert f.physmem.nr_free == PM_PAGES
+
+
+@IMPLS
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("how", ["closed", "never attached"])
+@pytest.mark.parametrize(("hook", "good", "names"), HOOK_CALLS)
+def test_direct_hook_call_without_an_open_file_names_self(impl, model, how, hook, good, names):
+    arch, f = arch_file_under_test(impl, model)
+    if how == "closed":
+        f.close()
+    else:
+        arch = new_arch(impl, model)
+    before = (snapshot(f), arch.stats)
+    with pytest.raises(ValueError, match="^self: this Arch serves no open file"):
+        getattr(arch, hook)(*good)
+    assert (snapshot(f), arch.stats) == before
+    f.close()
