@@ -419,3 +419,82 @@ def test_direct_hook_call_without_an_open_file_names_self(impl, model, how, hook
         getattr(arch, hook)(*good)
     assert (snapshot(f), arch.stats) == before
     f.close()
+
+
+# ---- a Python arch whose hook attributes are not what they must be ---------------------
+#
+# What the engine reads from a Python arch when its file is created: the five hooks (each
+# must be callable), batched (a bool) and config (a set of hook names).  A bad one is a
+# TypeError naming it, and the arch and the PhysMem stay as they were.
+
+
+def _raises(self: Any) -> Any:
+    raise KeyError("nope")
+
+
+HOOK_NAMES = [hook for hook, _, _ in HOOK_CALLS]
+ATTR_SHAPES = {
+    **{hook: [None, "todo", 3, property(_raises)] for hook in HOOK_NAMES},
+    # an int is a bool to the engine (batched = 1): only what is no int is refused
+    "batched": [None, "yes", 1.5, property(_raises)],
+    "config": [None, "FREE", 3, property(_raises)],
+}
+
+
+def ref_xfail(reason: str) -> Any:
+    """The reference accepts the shape (the test fails) or lets its KeyError escape."""
+    return pytest.mark.xfail(strict=True, raises=(pytest.fail.Exception, KeyError), reason=reason)
+
+
+REF_TAKES_ANY_HOOK = ref_xfail(
+    "the reference does not look at its hooks when the file is created: a non-callable one "
+    "fails at its first call (a non-callable invalidate_start/end: the file never closes), "
+    "a raising property raises from inside an operation"
+)
+REF_TAKES_ANY_BATCHED = ref_xfail(
+    "the reference takes any value of batched as true or false (batched = 'yes' then calls "
+    "make_shared with one array and fails); a raising property escapes as KeyError"
+)
+REF_RAISING_CONFIG = ref_xfail("the reference lets a raising config property escape as KeyError")
+
+
+def attr_cases() -> list[Any]:
+    cases = []
+    for attr, shapes in ATTR_SHAPES.items():
+        for shape in shapes:
+            label = "raising-property" if isinstance(shape, property) else repr(shape)
+            ref_marks: Any = ()
+            if attr in HOOK_NAMES:
+                ref_marks = REF_TAKES_ANY_HOOK
+            elif attr == "batched":
+                ref_marks = REF_TAKES_ANY_BATCHED
+            elif isinstance(shape, property):
+                ref_marks = REF_RAISING_CONFIG
+            for impl, impl_id in ((gmem, "engine"), (gmem.reference, "reference")):
+                marks = ref_marks if impl_id == "reference" else ()
+                cases.append(
+                    pytest.param(impl, attr, shape, marks=marks, id=f"{impl_id}-{attr}={label}")
+                )
+    return cases
+
+
+@pytest.mark.parametrize(("impl", "attr", "shape"), attr_cases())
+def test_a_bad_hook_attribute_is_refused_at_creation(impl, attr, shape) -> None:
+    cls = type("A", (impl.Arch,), {"config": HOOKS, attr: shape})
+    arch = cls()
+    pm = impl.PhysMem(64)
+    try:
+        f = impl.GuestMemfd(16 * P, flags=gmem.FLAG_MMAP, arch=arch, physmem=pm)
+    except TypeError as exc:
+        assert re.match(f"^{attr}: ", str(exc)), str(exc)
+    else:
+        delattr(cls, attr)  # the class's own hook back, so that the file can close
+        f.close()
+        pytest.fail(f"{attr} = {shape!r} accepted")
+    assert arch.file is None
+    assert (pm.nr_free, pm.nr_kept, pm.free_blocks().tolist()) == (64, 0, [[0, 6]])
+    delattr(cls, attr)  # and the same arch then serves a file
+    with impl.GuestMemfd(16 * P, arch=arch, physmem=pm) as f:
+        f.fallocate(0, 16)
+        f.set_attributes(0, 16, gmem.SHARED)
+    assert f.check() == [] and pm.nr_free == 64
