@@ -7,10 +7,12 @@ and a snapshot of the whole state before and after must be equal, with no hook c
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
 import sys
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -624,3 +626,120 @@ REF_KINDS_LATE = xfail(
 )
 def test_an_argument_whose_index_touches_the_file_reference(effect: str) -> None:
     assert index_side_effect_mismatches(gmem.reference, effect) == []
+
+
+# ---- objects made with Cls.__new__(Cls) and never initialised ----------------------------
+#
+# Every public method and property, and the special methods a class defines, of an object
+# that was never initialised: a TypeError saying so, never a crash or a hang.  One child
+# process per class.
+
+UNINITIALISED = [
+    "GuestMemfd",
+    "PhysMem",
+    "IntervalMap",
+    "FolioCache",
+    "Arch",
+    "arch.SNP",
+    "arch.TDX",
+    "arch.PKVM",
+    "arch.Recorder",
+    "arch.SwProtected",
+    "Violation",
+]
+
+# Arguments for the methods that take some; every other method is called with none.
+UNINIT_ARGS: dict[str, tuple[Any, ...]] = {
+    **{method: good for method, good, _ in FILE_CALLS},
+    **{hook: good for hook, good, _ in HOOK_CALLS},
+    "unpin_pfn": (0,),
+    "alloc": (0,),
+    "free": (0, 0),
+    "take": (0, 0),
+    "is_free": (0, 0),
+    "fragment": (0.5,),
+    "read": (0,),
+    "write": (0, 1),
+    "load": (0,),
+    "store": (0, 1, 1),
+    "store_many": ([0], [1], [1]),
+    "range_has": (0, 1, 0),
+    "runs": (0, 1),
+    "add_folios": ([0], [0], [0]),
+    "lookup": (0,),
+    "remove_folio": (0,),
+    "split": (0, 0),
+    "split_range": (0, 1),
+    "pfn_batches": (0, 1),
+    "ranges": ("free_folio",),
+    "__eq__": (None,),
+    "__exit__": (None, None, None),
+}
+# (__enter__ has a test of its own, below)
+UNINIT_SPECIAL = ["__repr__", "__str__", "__eq__", "__hash__", "__len__", "__exit__"]
+
+
+def uninitialised_failures(name: str) -> list[str]:
+    """Call everything on ``Cls.__new__(Cls)``; what did not raise the TypeError.
+
+    Self-contained (run from its source in a child that imports only gmem)."""
+    import inspect
+    import sys
+
+    import gmem
+
+    cls: Any = gmem
+    for part in name.split("."):
+        cls = getattr(cls, part)
+    own = {n for k in cls.__mro__ if k.__module__ == "gmem._core" for n in vars(k)}
+    names = [n for n in dir(cls) if not n.startswith("_")]
+    names += [n for n in UNINIT_SPECIAL if n in own]
+    obj = cls.__new__(cls)
+    failures = []
+    for attr in names:
+        static = inspect.getattr_static(cls, attr)
+        print(f"{name}.{attr}", file=sys.stderr, flush=True)
+        if not callable(static) and not isinstance(static, property):
+            getattr(obj, attr)  # a plain class attribute (batched): nothing to initialise
+            continue
+        try:
+            value = getattr(obj, attr)
+            if callable(static):
+                value(*UNINIT_ARGS.get(attr, ()))
+        except TypeError as exc:
+            if "never initialised" not in str(exc):
+                failures.append(f"{attr}: {exc}")
+        except Exception as exc:
+            failures.append(f"{attr}: {type(exc).__name__}: {exc}")
+        else:
+            failures.append(f"{attr}: accepted")
+    assert len(names) >= 5, names
+    return failures
+
+
+@pytest.mark.parametrize("name", UNINITIALISED)
+def test_every_call_on_an_uninitialised_object_is_refused(name: str) -> None:
+    from test_attack import isolated
+
+    source = textwrap.dedent(inspect.getsource(uninitialised_failures))
+    code = f"from typing import Any\nUNINIT_ARGS = {UNINIT_ARGS!r}\nUNINIT_SPECIAL = "
+    code += f"{UNINIT_SPECIAL!r}\n{source}\nimport json\n"
+    code += f"print(json.dumps(uninitialised_failures({name!r})))\n"
+    proc = isolated(code, timeout=30)
+    assert json.loads(proc.stdout.splitlines()[-1]) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=pytest.fail.Exception,
+    reason="GuestMemfd.__enter__ takes any object and returns it: the body of a with "
+    "statement runs on an uninitialised file, and only __exit__ refuses it",
+)
+def test_with_on_an_uninitialised_file_is_refused_before_its_body() -> None:
+    f = gmem.GuestMemfd.__new__(gmem.GuestMemfd)
+    try:
+        f.__enter__()  # returns the object, touching nothing: safe in this process
+    except TypeError as exc:
+        assert "never initialised" in str(exc)
+    else:
+        pytest.fail("__enter__ accepted an uninitialised file")
