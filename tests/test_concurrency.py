@@ -136,3 +136,153 @@ def test_python_hooks_and_other_threads_do_not_deadlock() -> None:
     assert slow.check() == [] and other.check() == []
     slow.close()
     other.close()
+
+
+HOOKED = {"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"}
+HOOK_NAMES = {"prepare", "make_shared", "free_folio", "invalidate_start", "invalidate_end"}
+
+
+def test_hooks_reading_files_and_recorder_readers_mix(record_property: Any) -> None:
+    """Python hooks (per range and batched) that read their own file and now and then a
+    file of another PhysMem, each thread on its own file; meanwhile a built-in Recorder's
+    file is converted without the GIL and two threads read and clear its log.  Bounded in
+    time; a hook reading another PhysMem's file may be refused ("deadlock: ...": the engine
+    breaking a lock cycle), never left waiting.  Everything adds up at the end."""
+    seconds = 2.0
+    stop = time.monotonic() + seconds
+    ops: dict[str, int] = {}
+    refused: list[str] = []
+    running = True  # cross-file reads until the files start closing
+    widest = [0]  # the most ranges in one batch: per-range hooks then loop over several
+    files: list[Any] = []
+    reads = [
+        lambda f: f.get_attributes(0),
+        lambda f: f.stats,
+        lambda f: f.folios(),
+        lambda f: f.check(),
+    ]
+
+    class Reading(gmem.Arch):
+        config = HOOKED
+
+        def __init__(self, key: str, other: int) -> None:
+            super().__init__()
+            self.key, self.other, self.n = key, other, 0
+
+        def read(self) -> None:
+            self.n += 1
+            ops[self.key + ":hook"] = ops.get(self.key + ":hook", 0) + 1
+            f = self.file
+            assert f is not None and not f.closed
+            reads[self.n % len(reads)](f)
+            if self.n % 8 == 0 and running:  # another PhysMem's file, maybe busy
+                other = files[-1 if self.n % 32 == 0 else self.other]  # the Recorder's too
+                try:
+                    other.get_attributes(self.n % 16)
+                except RuntimeError as exc:
+                    if not str(exc).startswith("deadlock"):
+                        raise
+                    refused.append(str(exc))
+
+        def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
+            self.read()
+
+        def invalidate_start(self, start: int, end: int, kinds: int) -> None:
+            self.read()
+
+        def invalidate_end(self, start: int, end: int) -> None:
+            self.read()
+
+    class PerRange(Reading):
+        def make_shared(self, start_pfn: int, end_pfn: int) -> None:
+            self.read()
+
+        def free_folio(self, start_pfn: int, end_pfn: int) -> None:
+            self.read()
+
+    class Batched(Reading):
+        batched = True
+
+        def make_shared(self, ranges: Any) -> None:
+            assert ranges.shape[1] == 2
+            widest[0] = max(widest[0], len(ranges))
+            self.read()
+
+        def free_folio(self, ranges: Any) -> None:
+            assert ranges.shape[1] == 2
+            self.read()
+
+    # Files 0-2: Python archs, each on its own fragmented PhysMem (a batch has many
+    # ranges), each reading the next one's file; file 3: a Recorder on a larger file.
+    kinds = [PerRange, Batched, PerRange]
+    for t, kind in enumerate(kinds):
+        pm = gmem.PhysMem(1024, seed=t)
+        pm.fragment(0.5)
+        arch = kind(f"py{t}", (t + 1) % len(kinds))  # a cycle: 0 reads 1 reads 2 reads 0
+        files.append(gmem.GuestMemfd(64 * P, flags=gmem.FLAG_MMAP, arch=arch, physmem=pm))
+    rec = gmem.arch.Recorder(HOOKED)
+    files.append(gmem.GuestMemfd(16 << 20, flags=gmem.FLAG_MMAP, arch=rec))
+
+    def python_arch_thread(t: int) -> Callable[[], None]:
+        def go() -> None:
+            f, key, r = files[t], f"py{t}", 0
+            while time.monotonic() < stop:
+                f.fallocate(0, f.nr_pages)
+                f.guest_write(r % f.nr_pages, r + 1)
+                f.set_attributes(0, f.nr_pages, gmem.SHARED)
+                f.host_write(r % f.nr_pages, r + 2)
+                f.set_attributes(0, f.nr_pages, gmem.PRIVATE)
+                f.punch_hole(0, f.nr_pages // 2)
+                r += 1
+                ops[key] = r * 6
+
+        return go
+
+    def converter() -> None:
+        f, n, r = files[-1], files[-1].nr_pages, 0
+        while time.monotonic() < stop:
+            f.fallocate(0, n)  # without the GIL: the readers run meanwhile
+            f.set_attributes(0, n, gmem.SHARED)
+            f.set_attributes(0, n, gmem.PRIVATE)
+            f.punch_hole(0, n)
+            r += 1
+            ops["recorder-file"] = r * 4
+
+    def reader(key: str) -> Callable[[], None]:
+        def go() -> None:
+            r = 0
+            while time.monotonic() < stop:
+                calls = rec.calls
+                if calls:
+                    ops[key + ":logged"] = ops.get(key + ":logged", 0) + len(calls)
+                assert all(c[0] in HOOK_NAMES for c in calls[:8])
+                frees = rec.ranges("free_folio")
+                assert frees.shape[1:] == (2,)
+                assert rec.stats["calls"] >= 0
+                if r % 2:
+                    rec.clear()
+                r += 1
+                ops[key] = r * 4
+
+        return go
+
+    run_threads(
+        [python_arch_thread(t) for t in range(len(kinds))]
+        + [converter, reader("reader0"), reader("reader1")],
+        timeout=seconds + 30,
+    )
+    running = False
+    total = sum(v for k, v in ops.items() if not k.endswith(":logged"))
+    print(f"{total} operations in {seconds} s ({len(refused)} cross-file reads refused): {ops}")
+    record_property("operations", total)
+    assert all(ops.get(k, 0) > 0 for k in ["py0", "py1", "py2", "recorder-file", "reader0"])
+    assert all(ops.get(f"py{t}:hook", 0) > 0 for t in range(len(kinds)))
+    assert all(r.startswith("deadlock") for r in refused)
+    assert widest[0] > 1
+    assert ops.get("reader0:logged", 0) + ops.get("reader1:logged", 0) > 0
+    for f in files:
+        assert f.check() == [], (f.arch.name, f.check())
+        pm = f.physmem
+        f.close()
+        assert f.check() == [], (f.arch.name, f.check())
+        assert pm.nr_free + pm.nr_kept == pm.nr_pages, (f.arch.name, pm.nr_free, pm.nr_kept)
