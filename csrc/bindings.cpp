@@ -1116,10 +1116,13 @@ void bind_hook_methods(Cls &cls)
                uint64_t nr = to_u64(n, "nr_pages");
                FileRef f = file_of(a);
                Guard lk(f->physmem().lock(), Mode::Write);
-               if (nr == 0 || nr > f->nr_pages())
-                   throw invalid("nr_pages", "must be in 1.." + std::to_string(f->nr_pages()) +
-                                                 ", got " + std::to_string(nr));
-               check_hook_range(*f, index, index + nr);
+               if (index >= f->nr_pages())
+                   throw invalid("index", "must be < nr_pages (" + std::to_string(f->nr_pages()) +
+                                              "), got " + std::to_string(index));
+               if (nr == 0 || nr > f->nr_pages() - index)
+                   throw invalid("nr_pages", "must be in 1.." +
+                                                 std::to_string(f->nr_pages() - index) +
+                                                 " (the file's end), got " + std::to_string(nr));
                check_hook_pfns(*f, pfn, pfn + nr, "pfn", "nr_pages");
                a.T::prepare(*f, index, pfn, nr);
            },
@@ -1391,7 +1394,8 @@ auto file_op(GuestMemfd &f, Mode mode, bool long_op, Fn &&fn)
     bool inside = f.physmem().lock().held_by_me(); // in an operation of this PhysMem
     bool nested = inside && f.in_operation();
     Guard g(f.physmem().lock(), mode);
-    PyHookState *hs = nested ? nullptr : hook_state(f.arch());
+    PyHookState *py_arch = hook_state(f.arch());
+    PyHookState *hs = nested ? nullptr : py_arch;
     if (mode == Mode::Write && f.in_operation())
         throw Reentrant("an arch hook may read the file it serves, not change it");
     // The busy mark is set and cleared inside the locked region: nogil() gives the lock
@@ -1410,7 +1414,7 @@ auto file_op(GuestMemfd &f, Mode mode, bool long_op, Fn &&fn)
         return fn();
     };
     // Python hooks need the GIL anyway; an operation inside another keeps what it holds.
-    bool keep_gil = inside || !long_op || hook_state(f.arch());
+    bool keep_gil = inside || !long_op || py_arch;
     try {
         auto result = keep_gil ? body() : g.nogil(body);
         if (hs) {
@@ -1586,7 +1590,11 @@ void bind_guest_memfd(py::module_ &m)
                      return 0;
                  });
              })
-        .def("__enter__", [](py::object self) { return self; })
+        .def("__enter__",
+             [](py::object self) {
+                 self.cast<GM &>(); // refuses an uninitialised file, as every method does
+                 return self;
+             })
         .def("__exit__",
              [](GM &f, py::handle, py::handle, py::handle) {
                  file_op(f, Mode::Write, true, [&] {

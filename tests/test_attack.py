@@ -677,3 +677,19 @@ def test_a_hook_error_of_another_file_on_the_same_physmem_is_raised_by_its_call(
     assert b.get_attributes(0) == gmem.PRIVATE  # nothing left to raise later
     a.close()
     b.close()
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@IMPLS
+def test_a_file_collected_in_a_cycle_gives_its_pages_back(impl: Any) -> None:
+    import gc
+
+    pm = impl.PhysMem(64)
+    h = impl.GuestMemfd(16 * P, arch=impl.arch.PKVM(), physmem=pm)
+    h.fallocate(0, 16)
+    if impl is not gmem:
+        h.me = h  # a reference cycle: only the collector can close it (engine objects
+        # take no attributes)
+    del h
+    gc.collect()
+    assert pm.nr_free == 64

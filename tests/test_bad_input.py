@@ -328,18 +328,6 @@ def hook_not_u64_cases() -> list[Any]:
     return cases
 
 
-def xfail(reason: str) -> Any:
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)
-
-
-PREPARE_NAMES_END = xfail(
-    "prepare() names 'end' (an argument it does not have) for an index range past the file"
-)
-PREPARE_WRAPS = xfail(
-    "prepare(2**64 - 1, pfn, 2): the engine says 'start: must be < end, got start=2**64-1 "
-    "end=1' (index + nr_pages wrapped), the reference 'end: must be < 2**64'"
-)
-
 # (hook, arguments, names the message may start with)
 HOOK_SEMANTIC = [
     ("prepare", (0, BASE - 1, 4), "pfn"),  # below the PhysMem
@@ -350,9 +338,9 @@ HOOK_SEMANTIC = [
     ("prepare", (0, 2**64 - 1, 2), "pfn|nr_pages"),  # pfn + nr_pages wraps
     ("prepare", (0, BASE, 0), "nr_pages"),  # empty
     ("prepare", (0, BASE, 65), "nr_pages"),  # more than the file
-    pytest.param("prepare", (64, BASE, 1), "index", marks=PREPARE_NAMES_END),  # at EOF
-    pytest.param("prepare", (62, BASE, 4), "index|nr_pages", marks=PREPARE_NAMES_END),
-    pytest.param("prepare", (2**64 - 1, BASE, 2), "index|nr_pages", marks=PREPARE_WRAPS),
+    pytest.param("prepare", (64, BASE, 1), "index"),  # at EOF
+    pytest.param("prepare", (62, BASE, 4), "index|nr_pages"),
+    pytest.param("prepare", (2**64 - 1, BASE, 2), "index|nr_pages"),
 ]
 for _hook in ("make_shared", "free_folio"):
     HOOK_SEMANTIC += [
@@ -445,40 +433,13 @@ ATTR_SHAPES = {
 }
 
 
-def ref_xfail(reason: str) -> Any:
-    """The reference accepts the shape (the test fails) or lets its KeyError escape."""
-    return pytest.mark.xfail(strict=True, raises=(pytest.fail.Exception, KeyError), reason=reason)
-
-
-REF_TAKES_ANY_HOOK = ref_xfail(
-    "the reference does not look at its hooks when the file is created: a non-callable one "
-    "fails at its first call (a non-callable invalidate_start/end: the file never closes), "
-    "a raising property raises from inside an operation"
-)
-REF_TAKES_ANY_BATCHED = ref_xfail(
-    "the reference takes any value of batched as true or false (batched = 'yes' then calls "
-    "make_shared with one array and fails); a raising property escapes as KeyError"
-)
-REF_RAISING_CONFIG = ref_xfail("the reference lets a raising config property escape as KeyError")
-
-
 def attr_cases() -> list[Any]:
     cases = []
     for attr, shapes in ATTR_SHAPES.items():
         for shape in shapes:
             label = "raising-property" if isinstance(shape, property) else repr(shape)
-            ref_marks: Any = ()
-            if attr in HOOK_NAMES:
-                ref_marks = REF_TAKES_ANY_HOOK
-            elif attr == "batched":
-                ref_marks = REF_TAKES_ANY_BATCHED
-            elif isinstance(shape, property):
-                ref_marks = REF_RAISING_CONFIG
             for impl, impl_id in ((gmem, "engine"), (gmem.reference, "reference")):
-                marks = ref_marks if impl_id == "reference" else ()
-                cases.append(
-                    pytest.param(impl, attr, shape, marks=marks, id=f"{impl_id}-{attr}={label}")
-                )
+                cases.append(pytest.param(impl, attr, shape, id=f"{impl_id}-{attr}={label}"))
     return cases
 
 
@@ -608,20 +569,10 @@ def test_an_argument_whose_index_touches_the_file_engine(effect: str) -> None:
     assert json.loads(proc.stdout.splitlines()[-1]) == []
 
 
-REF_KINDS_LATE = xfail(
-    "the reference converts invalidate_start's kinds after it has looked up the file: a "
-    "kinds whose __index__ closes or drops the file lets the hook run on a closed file "
-    "(a Recorder logs it) instead of raising 'self:'"
-)
-
-
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.parametrize(
     "effect",
-    [
-        pytest.param(e, marks=REF_KINDS_LATE if e in ("close", "drop") else ())
-        for e in INDEX_EFFECTS
-    ],
+    INDEX_EFFECTS,
 )
 def test_an_argument_whose_index_touches_the_file_reference(effect: str) -> None:
     assert index_side_effect_mismatches(gmem.reference, effect) == []
@@ -728,12 +679,6 @@ def test_every_call_on_an_uninitialised_object_is_refused(name: str) -> None:
     assert json.loads(proc.stdout.splitlines()[-1]) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="GuestMemfd.__enter__ takes any object and returns it: the body of a with "
-    "statement runs on an uninitialised file, and only __exit__ refuses it",
-)
 def test_with_on_an_uninitialised_file_is_refused_before_its_body() -> None:
     f = gmem.GuestMemfd.__new__(gmem.GuestMemfd)
     try:

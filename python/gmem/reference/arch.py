@@ -55,6 +55,7 @@ class Arch:
 
     def __init__(self) -> None:
         self._file_ref: weakref.ref[GuestMemfd] | None = None
+        self._op_file: GuestMemfd | None = None  # set while an operation of the file runs
         self.contents_touched = False  # set by a hook that wrote page contents
 
     @property
@@ -106,9 +107,10 @@ class Arch:
 
     @property
     def _file(self) -> GuestMemfd:
-        if self.file is None or self.file.closed:
+        f = self._op_file if self._op_file is not None else self.file
+        if f is None or f.closed:
             raise ValueError("self: this Arch serves no open file")
-        return self.file
+        return f
 
     # Argument checks of the built-in models' hooks, which Python may call directly: a
     # direct call that fails changes nothing.  (The file always passes good arguments.)
@@ -138,15 +140,16 @@ class Arch:
     def _prepare_args(self, index: Any, pfn: Any, nr_pages: Any) -> tuple[int, int, int]:
         i, p, n = u64(index, "index"), u64(pfn, "pfn"), u64(nr_pages, "nr_pages")
         f = self._file
-        if not 1 <= n <= f.nr_pages:
-            raise ValueError(f"nr_pages: must be in 1..{f.nr_pages}, got {n}")
-        self._range(i, i + n)
+        if i >= f.nr_pages:
+            raise ValueError(f"index: must be < nr_pages ({f.nr_pages}), got {i}")
+        if not 1 <= n <= f.nr_pages - i:
+            raise ValueError(f"nr_pages: must be in 1..{f.nr_pages - i} (the file's end), got {n}")
         self._pfns(p, p + n, ("pfn", "nr_pages"))
         return i, p, n
 
     def _kinds(self, start: Any, end: Any, kinds: Any) -> tuple[int, int, int]:
-        s, e = self._range(start, end)
-        k = u64(kinds, "kinds")
+        s, e, k = u64(start, "start"), u64(end, "end"), u64(kinds, "kinds")
+        self._range(s, e)
         if not 1 <= k <= 3:
             raise ValueError(
                 f"kinds: must be FILTER_SHARED (1), FILTER_PRIVATE (2) or both (3), got {k}"

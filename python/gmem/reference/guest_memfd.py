@@ -77,6 +77,17 @@ def config_names(config: Any) -> frozenset[str]:
     return names
 
 
+HOOK_NAMES = ("prepare", "make_shared", "free_folio", "invalidate_start", "invalidate_end")
+
+
+def _arch_attr(arch: Arch, name: str) -> Any:
+    """An attribute of a user's arch; what reading it raises is a TypeError naming it."""
+    try:
+        return getattr(arch, name)
+    except Exception as exc:
+        raise TypeError(f"{name}: reading it raised {type(exc).__name__}: {exc}") from exc
+
+
 def _make_arch(arch: Any) -> Arch:
     if isinstance(arch, str):
         builtins = dict(zip(BUILTIN_ARCHS, (SwProtected, SNP, TDX, PKVM), strict=True))
@@ -113,8 +124,14 @@ class GuestMemfd:
         if hook_design not in ("split", "overloaded"):
             raise ValueError(f"hook_design: must be 'split' or 'overloaded', got '{hook_design}'")
         a = _make_arch(arch)
-        config = config_names(a.config)
-        batched = bool(getattr(a, "batched", False))
+        config = config_names(_arch_attr(a, "config"))
+        batched = _arch_attr(a, "batched")
+        if not isinstance(batched, int):
+            raise TypeError(f"batched: must be a bool, got {type(batched).__name__}")
+        for hook in HOOK_NAMES:
+            fn = _arch_attr(a, hook)
+            if not callable(fn):
+                raise TypeError(f"{hook}: must be a method, got {type(fn).__name__}")
         if size == 0:
             raise ValueError("size: must be > 0")
         if size % PAGE_SIZE:
@@ -125,7 +142,7 @@ class GuestMemfd:
             )
         self._nr_pages = size // PAGE_SIZE
         self._flags, self._folio_order, self._design = fl, order, hook_design
-        self._config, self._batched = config, batched
+        self._config, self._batched = config, bool(batched)
         if physmem is None:
             if self._nr_pages > 1 << 40:
                 raise ValueError(
@@ -170,6 +187,9 @@ class GuestMemfd:
         if self._in_operation:
             raise RuntimeError("an arch hook may read the file it serves, not change it")
         self._in_operation = True
+        # The arch's own models reach the file through it during the operation, even when
+        # the garbage collector is closing a file nothing refers to any more.
+        outer, self._arch._op_file = self._arch._op_file, self
         try:
             result = fn()
         except BaseException:
@@ -177,16 +197,19 @@ class GuestMemfd:
             raise
         finally:
             self._in_operation = False
+            self._arch._op_file = outer
         if self._pending is not None:
             exc, self._pending = self._pending, None
             raise exc
         return result
 
     def _hook(self, name: str, *args: Any) -> None:
-        method = getattr(self._arch, name)
-        if getattr(method, "__module__", None) != Arch.__module__:
-            self._arch.contents_touched = True  # a user's hook may write pages: check them
         try:
+            method = getattr(self._arch, name)
+            if getattr(method, "__module__", None) != Arch.__module__:
+                self._arch.contents_touched = True  # a user's hook may write pages
+            if not callable(method):
+                raise TypeError(f"{name} is not callable (it is {type(method).__name__})")
             method(*args)
         except Exception as exc:
             self._violations.append(
