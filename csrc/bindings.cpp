@@ -857,13 +857,20 @@ struct PyHookState {
 PyHookState *hook_state(Arch &a) { return dynamic_cast<PyHookState *>(&a); }
 
 /* The hooks a Python Arch may override. */
-const char *const HOOK_NAMES[] = {"prepare", "make_shared", "free_folio", "invalidate_start",
-                                  "invalidate_end"};
+const char *const HOOK_NAMES[] = {"make_private",     "prepare",        "make_shared",
+                                  "reclaim",          "free_folio",     "invalidate_range",
+                                  "invalidate_start", "invalidate_end"};
 
+/* Config names in both vocabularies: the merged kernel's, and the June 2026 thread's. */
 const std::pair<const char *, unsigned> CONFIG_NAMES[] = {
+    {"CONVERT", CONFIG_CONVERT},
+    {"RECLAIM", CONFIG_RECLAIM}, // the same bit as FREE: config_set() names it by design
+    {"INVALIDATE", CONFIG_INVALIDATE},
     {"PREPARE", CONFIG_PREPARE},
     {"FREE", CONFIG_FREE},
     {"FREE_ON_SHARED_CONVERSION", CONFIG_FREE_ON_SHARED_CONVERSION}};
+const char *const CONFIG_ALLOWED =
+    "CONVERT, RECLAIM, INVALIDATE (or PREPARE, FREE, FREE_ON_SHARED_CONVERSION)";
 
 unsigned config_bits(py::handle obj)
 {
@@ -882,18 +889,27 @@ unsigned config_bits(py::handle obj)
                 bit = c.second;
         if (!bit)
             throw invalid("config", "unknown hook config " + std::string(py::repr(item)) +
-                                        "; allowed: PREPARE, FREE, FREE_ON_SHARED_CONVERSION");
+                                        "; allowed: " + CONFIG_ALLOWED);
         bits |= bit;
     }
     return bits;
 }
 
-py::set config_set(unsigned bits)
+/* @bits as names: the merged kernel's vocabulary for @mainline, else the thread's. */
+py::set config_set(unsigned bits, bool mainline)
 {
     py::set out;
-    for (const auto &c : CONFIG_NAMES)
-        if (bits & c.second)
-            out.add(py::str(c.first));
+    if (mainline) {
+        if ((bits & CONFIG_CONVERT) == CONFIG_CONVERT)
+            bits &= ~CONFIG_CONVERT, out.add(py::str("CONVERT"));
+        if (bits & CONFIG_RECLAIM)
+            bits &= ~CONFIG_RECLAIM, out.add(py::str("RECLAIM"));
+    }
+    for (const auto &c : CONFIG_NAMES) {
+        std::string name = c.first;
+        if (name != "CONVERT" && name != "RECLAIM" && (bits & c.second))
+            out.add(py::str(c.first)); // the thread's names, one bit each
+    }
     return out;
 }
 
@@ -911,30 +927,47 @@ public:
     std::string name() const override { return configured ? py_name : base_name(); }
     unsigned config() const override { return configured ? config_bits : Base::config(); }
 
+    // make_private or prepare: a subclass may define either name (make_private first).
     void prepare(GuestMemfd &f, uint64_t index, uint64_t pfn, uint64_t nr) override
     {
         py::gil_scoped_acquire gil;
         py::object fn;
-        if (Lookup l = lookup(f, "prepare", fn); l != Lookup::Found) {
+        const char *label = mainline(f) ? "make_private" : "prepare";
+        if (Lookup l = lookup(f, label, "make_private", "prepare", fn); l != Lookup::Found) {
             if (l == Lookup::Absent)
                 Base::prepare(f, index, pfn, nr);
             return;
         }
-        call(f, "prepare", [&] { fn(index, pfn, nr); });
+        call(f, label, [&] { fn(index, pfn, nr); });
     }
     void make_shared(GuestMemfd &f, const PfnRange *r, size_t n) override
     {
         ranges_hook(f, "make_shared", r, n, [&] { Base::make_shared(f, r, n); });
     }
+    // reclaim or free_folio: either name (reclaim first).
     void free_folio(GuestMemfd &f, const PfnRange *r, size_t n) override
     {
-        ranges_hook(f, "free_folio", r, n, [&] { Base::free_folio(f, r, n); });
+        ranges_hook(f, mainline(f) ? "reclaim" : "free_folio", r, n,
+                    [&] { Base::free_folio(f, r, n); });
+    }
+    void invalidate_range(GuestMemfd &f, uint64_t start, uint64_t end, unsigned kinds) override
+    {
+        py::gil_scoped_acquire gil;
+        py::object fn;
+        if (Lookup l = lookup(f, "invalidate_range", "invalidate_range", nullptr, fn);
+            l != Lookup::Found) {
+            if (l == Lookup::Absent)
+                Base::invalidate_range(f, start, end, kinds);
+            return;
+        }
+        call(f, "invalidate_range", [&] { fn(start, end, kinds); });
     }
     void invalidate_start(GuestMemfd &f, uint64_t start, uint64_t end, unsigned kinds) override
     {
         py::gil_scoped_acquire gil;
         py::object fn;
-        if (Lookup l = lookup(f, "invalidate_start", fn); l != Lookup::Found) {
+        if (Lookup l = lookup(f, "invalidate_start", "invalidate_start", nullptr, fn);
+            l != Lookup::Found) {
             if (l == Lookup::Absent)
                 Base::invalidate_start(f, start, end, kinds);
             return;
@@ -945,7 +978,8 @@ public:
     {
         py::gil_scoped_acquire gil;
         py::object fn;
-        if (Lookup l = lookup(f, "invalidate_end", fn); l != Lookup::Found) {
+        if (Lookup l = lookup(f, "invalidate_end", "invalidate_end", nullptr, fn);
+            l != Lookup::Found) {
             if (l == Lookup::Absent)
                 Base::invalidate_end(f, start, end);
             return;
@@ -954,6 +988,8 @@ public:
     }
 
 private:
+    static bool mainline(const GuestMemfd &f) { return f.hook_design() == HookDesign::Mainline; }
+
     std::string base_name() const
     {
         if constexpr (std::is_same_v<Base, Arch>)
@@ -990,11 +1026,13 @@ private:
     enum class Lookup { Absent, Found, Failed };
 
     /*
-     * The Python override of @hook.  Looking it up runs Python (a property, __getattr__)
-     * and may find something that cannot be called: either is the hook failing (recorded,
-     * re-raised at the end: Failed), never a silent fall-through to Base.
+     * The Python override of hook @name, or else of its other name @alias (may be null).
+     * Looking it up runs Python (a property, __getattr__) and may find something that
+     * cannot be called: either is the hook failing (recorded under @label, re-raised at
+     * the end: Failed), never a silent fall-through to Base.
      */
-    Lookup lookup(GuestMemfd &f, const char *hook, py::object &fn)
+    Lookup lookup(GuestMemfd &f, const char *label, const char *name, const char *alias,
+                  py::object &fn)
     {
         const py::detail::type_info *ti = py::detail::get_type_info(typeid(Base));
         py::handle self =
@@ -1002,20 +1040,24 @@ private:
         if (!self)
             return Lookup::Absent;
         Lookup result = Lookup::Failed;
-        call(f, hook, [&] {
-            py::object o = self.attr(hook);
-            if (!PyCallable_Check(o.ptr()))
-                throw py::type_error(std::string(hook) + " is not callable (it is " +
-                                     std::string(py::str(py::type::handle_of(o).attr(
-                                         "__name__"))) +
-                                     ")");
-            if (py::reinterpret_borrow<py::function>(o).is_cpp_function()) {
-                result = Lookup::Absent; // the C++ method itself: not overridden
+        call(f, label, [&] {
+            for (const char *hook : {name, alias}) {
+                if (!hook)
+                    break;
+                py::object o = self.attr(hook);
+                if (!PyCallable_Check(o.ptr()))
+                    throw py::type_error(std::string(hook) + " is not callable (it is " +
+                                         std::string(py::str(py::type::handle_of(o).attr(
+                                             "__name__"))) +
+                                         ")");
+                if (py::reinterpret_borrow<py::function>(o).is_cpp_function())
+                    continue; // the C++ method itself: not overridden under this name
+                fn = std::move(o);
+                this->contents_touched = true; // Python may write PhysMem: check what it did
+                result = Lookup::Found;
                 return;
             }
-            fn = std::move(o);
-            this->contents_touched = true; // Python may write PhysMem: check what it did
-            result = Lookup::Found;
+            result = Lookup::Absent;
         });
         return result;
     }
@@ -1029,7 +1071,8 @@ private:
         py::object &cached = ms ? make_shared_fn : free_folio_fn;
         bool &known = ms ? make_shared_known : free_folio_known;
         if (!known) {
-            Lookup l = lookup(f, hook, cached);
+            Lookup l = ms ? lookup(f, hook, "make_shared", nullptr, cached)
+                          : lookup(f, hook, "reclaim", "free_folio", cached);
             known = true;
             if (l == Lookup::Failed)
                 cached = py::none(); // looked up, failed: deliver nothing this operation
@@ -1109,24 +1152,47 @@ void check_hook_range(const GuestMemfd &f, uint64_t start, uint64_t end)
 template <class T, class Cls>
 void bind_hook_methods(Cls &cls)
 {
-    cls.def(
-           "prepare",
-           [](T &a, py::handle i, py::handle p, py::handle n) {
-               uint64_t index = to_u64(i, "index"), pfn = to_u64(p, "pfn");
-               uint64_t nr = to_u64(n, "nr_pages");
-               FileRef f = file_of(a);
-               Guard lk(f->physmem().lock(), Mode::Write);
-               if (index >= f->nr_pages())
-                   throw invalid("index", "must be < nr_pages (" + std::to_string(f->nr_pages()) +
-                                              "), got " + std::to_string(index));
-               if (nr == 0 || nr > f->nr_pages() - index)
-                   throw invalid("nr_pages", "must be in 1.." +
-                                                 std::to_string(f->nr_pages() - index) +
-                                                 " (the file's end), got " + std::to_string(nr));
-               check_hook_pfns(*f, pfn, pfn + nr, "pfn", "nr_pages");
-               a.T::prepare(*f, index, pfn, nr);
-           },
-           py::arg("index"), py::arg("pfn"), py::arg("nr_pages"))
+    auto prepare = [](T &a, py::handle i, py::handle p, py::handle n) {
+        uint64_t index = to_u64(i, "index"), pfn = to_u64(p, "pfn");
+        uint64_t nr = to_u64(n, "nr_pages");
+        FileRef f = file_of(a);
+        Guard lk(f->physmem().lock(), Mode::Write);
+        if (index >= f->nr_pages())
+            throw invalid("index", "must be < nr_pages (" + std::to_string(f->nr_pages()) +
+                                       "), got " + std::to_string(index));
+        if (nr == 0 || nr > f->nr_pages() - index)
+            throw invalid("nr_pages", "must be in 1.." + std::to_string(f->nr_pages() - index) +
+                                          " (the file's end), got " + std::to_string(nr));
+        check_hook_pfns(*f, pfn, pfn + nr, "pfn", "nr_pages");
+        a.T::prepare(*f, index, pfn, nr);
+    };
+    auto free_folio = [](T &a, py::handle s, py::handle e) {
+        PfnRange r{to_u64(s, "start_pfn"), to_u64(e, "end_pfn")};
+        FileRef f = file_of(a);
+        Guard lk(f->physmem().lock(), Mode::Write);
+        check_hook_pfns(*f, r.start_pfn, r.end_pfn);
+        a.T::free_folio(*f, &r, 1);
+        a.T::flush(*f); // a direct call is done when it returns
+    };
+    auto invalidate = [](auto method) {
+        return [method](T &a, py::handle s, py::handle e, py::handle k) {
+            uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
+            uint64_t kinds = to_u64(k, "kinds");
+            FileRef f = file_of(a);
+            Guard lk(f->physmem().lock(), Mode::Write);
+            check_hook_range(*f, start, end);
+            if (kinds == 0 || kinds > (FILTER_SHARED | FILTER_PRIVATE))
+                throw invalid("kinds", "must be FILTER_SHARED (1), FILTER_PRIVATE (2) or "
+                                       "both (3), got " +
+                                           std::to_string(kinds));
+            method(a, *f, start, end, unsigned(kinds));
+        };
+    };
+    // Each hook under both names: the merged kernel's and the June 2026 thread's.
+    cls.def("make_private", prepare, py::arg("index"), py::arg("pfn"), py::arg("nr_pages"))
+        .def("prepare", prepare, py::arg("index"), py::arg("pfn"), py::arg("nr_pages"))
+        .def("reclaim", free_folio, py::arg("start_pfn"), py::arg("end_pfn"))
+        .def("free_folio", free_folio, py::arg("start_pfn"), py::arg("end_pfn"))
         .def(
             "make_shared",
             [](T &a, py::handle s, py::handle e) {
@@ -1135,34 +1201,20 @@ void bind_hook_methods(Cls &cls)
                 Guard lk(f->physmem().lock(), Mode::Write);
                 check_hook_pfns(*f, r.start_pfn, r.end_pfn);
                 a.T::make_shared(*f, &r, 1);
-                a.T::flush(*f); // a direct call is done when it returns
-            },
-            py::arg("start_pfn"), py::arg("end_pfn"))
-        .def(
-            "free_folio",
-            [](T &a, py::handle s, py::handle e) {
-                PfnRange r{to_u64(s, "start_pfn"), to_u64(e, "end_pfn")};
-                FileRef f = file_of(a);
-                Guard lk(f->physmem().lock(), Mode::Write);
-                check_hook_pfns(*f, r.start_pfn, r.end_pfn);
-                a.T::free_folio(*f, &r, 1);
                 a.T::flush(*f);
             },
             py::arg("start_pfn"), py::arg("end_pfn"))
-        .def(
-            "invalidate_start",
-            [](T &a, py::handle s, py::handle e, py::handle k) {
-                uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
-                uint64_t kinds = to_u64(k, "kinds");
-                FileRef f = file_of(a);
-                Guard lk(f->physmem().lock(), Mode::Write);
-                check_hook_range(*f, start, end);
-                if (kinds == 0 || kinds > (FILTER_SHARED | FILTER_PRIVATE))
-                    throw invalid("kinds", "must be FILTER_SHARED (1), FILTER_PRIVATE (2) or "
-                                           "both (3), got " + std::to_string(kinds));
-                a.T::invalidate_start(*f, start, end, unsigned(kinds));
-            },
-            py::arg("start"), py::arg("end"), py::arg("kinds"))
+        // T:: calls the model's own hook, not a Python override of it (no recursion).
+        .def("invalidate_start",
+             invalidate([](T &a, GuestMemfd &f, uint64_t s, uint64_t e, unsigned k) {
+                 a.T::invalidate_start(f, s, e, k);
+             }),
+             py::arg("start"), py::arg("end"), py::arg("kinds"))
+        .def("invalidate_range",
+             invalidate([](T &a, GuestMemfd &f, uint64_t s, uint64_t e, unsigned k) {
+                 a.T::invalidate_range(f, s, e, k);
+             }),
+             py::arg("start"), py::arg("end"), py::arg("kinds"))
         .def(
             "invalidate_end",
             [](T &a, py::handle s, py::handle e) {
@@ -1178,7 +1230,8 @@ void bind_hook_methods(Cls &cls)
 py::tuple call_tuple(const HookCall &c)
 {
     std::string hook = c.hook;
-    if (hook == "prepare" || hook == "invalidate_start")
+    if (hook == "prepare" || hook == "make_private" || hook == "invalidate_start" ||
+        hook == "invalidate_range")
         return py::make_tuple(c.hook, c.a, c.b, c.c);
     return py::make_tuple(c.hook, c.a, c.b);
 }
@@ -1215,7 +1268,7 @@ void bind_arch(py::module_ &m)
 
     py::class_<Arch, PyArch<Arch>, std::shared_ptr<Arch>> arch(m, "Arch");
     arch.def(py::init<>())
-        .def_property_readonly("config", [](Arch &a) { return config_set(a.config()); })
+        .def_property_readonly("config", [](Arch &a) { return config_set(a.config(), false); })
         .def_property_readonly("name", &Arch::name)
         // A strong reference, or None: a file dropped without close() is closed by its
         // deleter when nothing can own it any more; its hooks then see no file.
@@ -1540,11 +1593,20 @@ void bind_guest_memfd(py::module_ &m)
                     pm = physmem.cast<std::shared_ptr<PhysMem>>();
                 }
                 if (!py::isinstance<py::str>(hook_design))
-                    throw py::type_error("hook_design: must be 'split' or 'overloaded'");
-                std::string design = hook_design.cast<std::string>();
-                if (design != "split" && design != "overloaded")
-                    throw invalid("hook_design", "must be 'split' or 'overloaded', got '" +
-                                                     design + "'");
+                    throw py::type_error(
+                        "hook_design: must be 'mainline', 'split' or 'overloaded'");
+                std::string name = hook_design.cast<std::string>();
+                HookDesign design;
+                if (name == "mainline")
+                    design = HookDesign::Mainline;
+                else if (name == "split")
+                    design = HookDesign::Split;
+                else if (name == "overloaded")
+                    design = HookDesign::Overloaded;
+                else
+                    throw invalid("hook_design",
+                                  "must be 'mainline', 'split' or 'overloaded', got '" + name +
+                                      "'");
                 std::shared_ptr<Arch> a = make_arch(arch);
                 ArchConfig cfg(*a, arch);
                 std::unique_ptr<Guard> g;
@@ -1553,8 +1615,7 @@ void bind_guest_memfd(py::module_ &m)
                 std::function<void()> undo = cfg.apply();
                 GM *file;
                 try {
-                    file = new GM(sz, fl, order, pm, a,
-                                  design == "split" ? HookDesign::Split : HookDesign::Overloaded);
+                    file = new GM(sz, fl, order, pm, a, design);
                 } catch (...) {
                     undo();
                     throw;
@@ -1563,7 +1624,7 @@ void bind_guest_memfd(py::module_ &m)
             }),
             py::arg("size_bytes"), py::kw_only(), py::arg("flags") = 0,
             py::arg("folio_order") = 0, py::arg("physmem") = py::none(),
-            py::arg("arch") = "sw_protected", py::arg("hook_design") = "split",
+            py::arg("arch") = "sw_protected", py::arg("hook_design") = "mainline",
             py::keep_alive<1, 6>())
         .def_property_readonly("size", &GM::size)
         .def_property_readonly("nr_pages", &GM::nr_pages)
@@ -1571,11 +1632,12 @@ void bind_guest_memfd(py::module_ &m)
         .def_property_readonly("folio_order", &GM::folio_order)
         .def_property_readonly("closed", &GM::closed)
         .def_property_readonly("hook_design",
+                               [](const GM &f) { return design_name(f.hook_design()); })
+        .def_property_readonly("config",
                                [](const GM &f) {
-                                   return f.hook_design() == HookDesign::Split ? "split"
-                                                                               : "overloaded";
+                                   return config_set(f.config(),
+                                                     f.hook_design() == HookDesign::Mainline);
                                })
-        .def_property_readonly("config", [](const GM &f) { return config_set(f.config()); })
         .def_property_readonly("arch", [](const GM &f) { return f.arch_ptr(); })
         .def_property_readonly("physmem", [](const GM &f) { return f.physmem_ptr(); })
         .def_property_readonly("stats",

@@ -24,7 +24,7 @@ from conftest import IMPLS
 from model import snapshot
 
 P = gmem.PAGE_SIZE
-HOOKS = {"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"}
+HOOKS = {"CONVERT", "RECLAIM", "INVALIDATE"}
 
 # Values that are not a u64: (value, exception).
 NOT_U64 = [
@@ -294,6 +294,10 @@ HOOK_CALLS = [
     ("free_folio", (BASE, BASE + 4), ("start_pfn", "end_pfn")),
     ("invalidate_start", (0, 4, 3), ("start", "end", "kinds")),
     ("invalidate_end", (0, 4), ("start", "end")),
+    # The same hooks under the merged kernel's names.
+    ("make_private", (0, BASE + 64, 4), ("index", "pfn", "nr_pages")),
+    ("reclaim", (BASE, BASE + 4), ("start_pfn", "end_pfn")),
+    ("invalidate_range", (0, 4, 3), ("start", "end", "kinds")),
 ]
 
 
@@ -354,6 +358,16 @@ for _hook in ("make_shared", "free_folio"):
         (_hook, (BASE, 2**64 - 1), "end_pfn"),
     ]
 HOOK_SEMANTIC += [
+    (new, args, names)
+    for old, new in (("prepare", "make_private"), ("free_folio", "reclaim"))
+    for hook, args, names in [c.values if hasattr(c, "values") else c for c in HOOK_SEMANTIC]
+    if hook == old
+]
+HOOK_SEMANTIC += [
+    ("invalidate_range", (5, 4, 3), "start|end"),
+    ("invalidate_range", (60, 65, 3), "end"),
+    ("invalidate_range", (0, 4, 0), "kinds"),
+    ("invalidate_range", (0, 4, 4), "kinds"),
     ("invalidate_start", (4, 4, 3), "start|end"),  # empty
     ("invalidate_start", (5, 4, 3), "start|end"),
     ("invalidate_start", (60, 65, 3), "end"),  # past nr_pages
@@ -548,7 +562,7 @@ def index_side_effect_mismatches(impl: Any, effect: str) -> list[str]:
             cases += 1
             if got != want:
                 bad.append(f"{case}: {got[0]!r}, as if before: {want[0]!r}")
-    assert cases == 33 + 3 * 12
+    assert cases == 33 + 3 * 20  # file calls; 3 archs x the hooks' arguments
     return bad
 
 

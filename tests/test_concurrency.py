@@ -139,7 +139,16 @@ def test_python_hooks_and_other_threads_do_not_deadlock() -> None:
 
 
 HOOKED = {"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"}
-HOOK_NAMES = {"prepare", "make_shared", "free_folio", "invalidate_start", "invalidate_end"}
+HOOK_NAMES = {
+    "make_private",
+    "prepare",
+    "make_shared",
+    "reclaim",
+    "free_folio",
+    "invalidate_range",
+    "invalidate_start",
+    "invalidate_end",
+}
 
 
 def test_hooks_reading_files_and_recorder_readers_mix(record_property: Any) -> None:

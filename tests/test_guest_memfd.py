@@ -32,7 +32,7 @@ def test_init_private(impl) -> None:
         assert info.value.index == 2 and info.value.errno != 0
         pfn, order = f.get_pfn(2)
         assert order == 0 and f.page_pfns(0, 4).tolist()[2] == pfn
-        assert rec.calls == [("prepare", 2, pfn, 1)]
+        assert rec.calls == [("make_private", 2, pfn, 1)]
         f.guest_write(2, 0xAB)
         assert f.guest_read(2) == 0xAB
         assert violations(f) == []
@@ -122,7 +122,7 @@ def test_truncate_keeps_the_attribute_and_reads_zero(impl) -> None:
         f.punch_hole(4, 6)
         assert rec.calls == [
             ("invalidate_start", 4, 6, gmem.FILTER_SHARED | gmem.FILTER_PRIVATE),
-            ("free_folio", pfn - 1, pfn + 1),
+            ("reclaim", pfn - 1, pfn + 1),
             ("invalidate_end", 4, 6),
         ]
         assert f.attribute_runs().tolist() == [[0, 4, 8], [4, 8, 0]]
@@ -259,7 +259,7 @@ def test_add_folio_explicit_layout(impl) -> None:
         assert not pm.is_free(2048, 9) and pm.nr_free == 4096 - 513
         assert f.get_pfn(600) == (2048 + 88, 9)  # the whole folio is private
         assert f.folios()["uptodate"].tolist() == [False, True]
-    assert rec.ranges("free_folio").tolist() == [[7, 8], [2048, 2560]]
+    assert rec.ranges("reclaim").tolist() == [[7, 8], [2048, 2560]]
     assert pm.nr_free == 4096
 
 
@@ -270,10 +270,10 @@ def test_get_pfn_max_order_follows_attributes_inside_the_folio(impl) -> None:
         f.set_attributes(256, 260, gmem.SHARED)
         pfn, order = f.get_pfn(100)
         assert order == 8  # [0, 256) is private, [0, 512) is not
-        assert rec.calls[-1] == ("prepare", 0, pfn - 100, 256)
+        assert rec.calls[-1] == ("make_private", 0, pfn - 100, 256)
         assert f.get_pfn(257)[1] == 2  # shared: no prepare
         assert f.get_pfn(600)[1] == 9
-        assert len([c for c in rec.calls if c[0] == "prepare"]) == 2
+        assert len([c for c in rec.calls if c[0] == "make_private"]) == 2
 
 
 @IMPLS
@@ -289,13 +289,13 @@ def test_pinned_piece_is_reclaimed_at_the_punch_and_freed_at_its_last_unpin(impl
         free_before = f.physmem.nr_free
         f.punch_hole(2, 4)  # splits [0, 8) and punches [2, 4) out while page 3 is pinned
         assert f.folios()[["index", "order"]].tolist() == [(0, 1), (4, 2)]
-        assert rec.ranges("free_folio").tolist() == [[pfn - 1, pfn + 1]]
+        assert rec.ranges("reclaim").tolist() == [[pfn - 1, pfn + 1]]
         assert f.physmem.nr_free == free_before
         f.unpin_pfn(pfn)
         assert f.physmem.nr_free == free_before
         f.unpin_pfn(pfn)
         assert f.physmem.nr_free == free_before + 2
-        assert rec.ranges("free_folio").tolist() == [[pfn - 1, pfn + 1]]  # not again
+        assert rec.ranges("reclaim").tolist() == [[pfn - 1, pfn + 1]]  # not again
         assert f.stats["folios_freed"] == 1
         with pytest.raises(ValueError, match="^pfn:"):
             f.unpin_pfn(pfn)
@@ -352,8 +352,8 @@ def test_close_invalidates_then_reclaims(impl) -> None:
     assert [c[0] for c in rec.calls] == [
         "invalidate_start",
         "invalidate_end",
-        "free_folio",
-        "free_folio",
+        "reclaim",
+        "reclaim",
     ]
 
 
@@ -409,5 +409,75 @@ def test_unclosed_file_warns_and_frees_through_the_hook(impl) -> None:
     with pytest.warns(ResourceWarning, match="unclosed"):
         del f
         gc.collect()
-    assert rec.ranges("free_folio").tolist() == [[0, 1], [1, 2], [2, 3], [3, 4]]
+    assert rec.ranges("reclaim").tolist() == [[0, 1], [1, 2], [2, 3], [3, 4]]
     assert rec.file is None or rec.file.closed
+
+
+@IMPLS
+@pytest.mark.parametrize(
+    ("design", "names"),
+    [
+        ("mainline", ["make_private", "invalidate_start", "invalidate_range", "make_shared"]),
+        ("split", ["prepare", "invalidate_start", "make_shared"]),
+        ("overloaded", ["prepare", "invalidate_start", "free_folio"]),
+    ],
+)
+def test_each_design_calls_its_hooks_by_its_names(impl, design: str, names: list[str]) -> None:
+    # The merged kernel: make_private on a private fault, invalidate_range right after
+    # invalidate_start (INVALIDATE), make_shared on a to-shared conversion, reclaim on
+    # removal.  The thread's designs: prepare, and make_shared or the overloaded free_folio.
+    rec = recorder(impl, {"CONVERT", "RECLAIM", "INVALIDATE"})
+    f = impl.GuestMemfd(8 * P, folio_order=2, arch=rec, hook_design=design)
+    assert f.hook_design == design
+    f.get_pfn(0)
+    f.set_attributes(0, 4, gmem.SHARED)
+    calls = [c[0] for c in rec.calls if c[0] != "invalidate_end"]
+    assert calls == names
+    rec.clear()
+    f.close()
+    reclaim = "reclaim" if design == "mainline" else "free_folio"
+    assert [c[0] for c in rec.calls][-1] == reclaim
+    assert f.config == (
+        {"CONVERT", "RECLAIM", "INVALIDATE"}
+        if design == "mainline"
+        else {"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION", "INVALIDATE"}
+    )
+    assert f.stats["invalidate_range_calls"] == (2 if design == "mainline" else 0)
+
+
+@IMPLS
+@pytest.mark.parametrize("old_names", [True, False])
+def test_a_python_arch_may_use_either_vocabulary_under_every_design(impl, old_names) -> None:
+    got: list[str] = []
+
+    class Mine(impl.Arch):
+        config = {"PREPARE", "FREE"} if old_names else {"CONVERT", "RECLAIM"}
+
+    if old_names:
+        Mine.prepare = lambda self, i, p, n: got.append("private")
+        Mine.free_folio = lambda self, s, e: got.append("reclaimed")
+    else:
+        Mine.make_private = lambda self, i, p, n: got.append("private")
+        Mine.reclaim = lambda self, s, e: got.append("reclaimed")
+    for design in ("mainline", "split", "overloaded"):
+        got.clear()
+        f = impl.GuestMemfd(4 * P, arch=Mine(), hook_design=design)
+        f.get_pfn(0)
+        f.close()
+        assert got == ["private", "reclaimed"], design
+
+
+@IMPLS
+def test_a_failing_make_private_is_reported_by_its_design_name(impl) -> None:
+    class Failing(impl.Arch):
+        config = {"CONVERT"}
+
+        def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
+            raise KeyError("no")
+
+    for design, name in (("mainline", "make_private"), ("split", "prepare")):
+        f = impl.GuestMemfd(4 * P, arch=Failing(), hook_design=design)
+        with pytest.raises(KeyError):
+            f.get_pfn(0)
+        assert f.check()[0].detail.startswith(f"{name} raised KeyError")
+        f.close()

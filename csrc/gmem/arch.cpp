@@ -203,6 +203,18 @@ void PKVM::check_host_reach(const GuestMemfd &f, uint64_t index, uint64_t pfn,
                                 "the host maps a page the guest owns"});
 }
 
+void Recorder::prepare(GuestMemfd &f, uint64_t index, uint64_t pfn, uint64_t nr)
+{
+    std::lock_guard<std::mutex> lk(log_lock_);
+    calls_.push_back({f.hook_design() == HookDesign::Mainline ? "make_private" : "prepare", index,
+                      pfn, nr});
+}
+
+void Recorder::free_folio(GuestMemfd &f, const PfnRange *r, size_t n)
+{
+    log_ranges(f.hook_design() == HookDesign::Mainline ? "reclaim" : "free_folio", r, n);
+}
+
 std::map<std::string, uint64_t> PKVM::stats() const
 {
     return {{"pages_scrubbed", pages_scrubbed},

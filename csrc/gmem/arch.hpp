@@ -4,14 +4,21 @@
 // DOC: Arch
 //
 // An Arch is what KVM's arch code is to guest_memfd: a config (which hooks exist) and
-// the hooks themselves.  The model calls them at the kernel's points:
+// the hooks themselves.  The model calls them at the kernel's points; the names are the
+// merged kernel's ("mainline" design) and, in brackets, the June 2026 thread's:
 //
-//     prepare(index, pfn, nr)      guest fault on a private index  (config PREPARE)
-//     make_shared(ranges)          private->shared conversion, "split" design
-//                                  (config FREE_ON_SHARED_CONVERSION)
-//     free_folio(ranges)           folio teardown; under the "overloaded" design also
-//                                  private->shared conversion            (config FREE)
+//     make_private(index, pfn, nr) guest fault on a private index    (CONVERT)
+//       [prepare]                                                    [PREPARE]
+//     make_shared(ranges)          private->shared conversion        (CONVERT)
+//                                  ["split" design]  [FREE_ON_SHARED_CONVERSION]
+//     reclaim(ranges)              a folio leaves the page cache     (RECLAIM)
+//       [free_folio]               ["overloaded": also to-shared]    [FREE]
+//     invalidate_range(...)        right after invalidate_start, "mainline" only
+//                                                                    (INVALIDATE)
 //     invalidate_start/_end        KVM's MMU notifications, always
+//
+// CONVERT is PREPARE + FREE_ON_SHARED_CONVERSION and RECLAIM is FREE: one config serves
+// every design.  The C++ methods keep the thread's names (prepare, free_folio).
 //
 // make_shared and free_folio get the clamped PFN ranges of one folio batch (up to 31).
 // Per-PFN state (SNP's RMP, pKVM's ownership) lives in the file's PhysMem, as on a real
@@ -31,7 +38,14 @@ namespace gmem {
 
 class GuestMemfd;
 
-enum : unsigned { CONFIG_PREPARE = 1, CONFIG_FREE = 2, CONFIG_FREE_ON_SHARED_CONVERSION = 4 };
+enum : unsigned {
+    CONFIG_PREPARE = 1,
+    CONFIG_FREE = 2,
+    CONFIG_FREE_ON_SHARED_CONVERSION = 4,
+    CONFIG_INVALIDATE = 8,
+    CONFIG_CONVERT = CONFIG_PREPARE | CONFIG_FREE_ON_SHARED_CONVERSION,
+    CONFIG_RECLAIM = CONFIG_FREE,
+};
 enum : unsigned { FILTER_SHARED = 1, FILTER_PRIVATE = 2 };
 constexpr uint64_t ATTR_PRIVATE = 1 << 3; // KVM_MEMORY_ATTRIBUTE_PRIVATE
 /// The token a page reads as after SNP converts it: its bytes seen through the other key.
@@ -60,6 +74,8 @@ public:
     virtual void free_folio(GuestMemfd &, const PfnRange *, size_t) {}
     virtual void invalidate_start(GuestMemfd &, uint64_t, uint64_t, unsigned /*kinds*/) {}
     virtual void invalidate_end(GuestMemfd &, uint64_t, uint64_t) {}
+    /// kvm_arch_gmem_invalidate_range: after invalidate_start, "mainline" design only.
+    virtual void invalidate_range(GuestMemfd &, uint64_t, uint64_t, unsigned /*kinds*/) {}
 
     /// The model is done handing out ranges for now (end of a conversion's walk, or of a
     /// batch of frees): an arch that defers work across ranges finishes it here.
@@ -168,8 +184,8 @@ private:
     void set_owner(PhysMem &pm, uint64_t start_pfn, uint64_t end_pfn, uint64_t owner);
 };
 
-/// One logged hook call: the hook and its integer arguments (a make_shared or free_folio
-/// call logs one entry per range).
+/// One logged hook call: the hook and its integer arguments (a range hook logs one entry
+/// per range).
 struct HookCall {
     const char *hook; // a string literal: logging a call allocates nothing
     uint64_t a, b, c;
@@ -187,19 +203,14 @@ public:
     explicit Recorder(unsigned config) : config_(config) {}
     std::string name() const override { return "recorder"; }
     unsigned config() const override { return config_; }
-    void prepare(GuestMemfd &, uint64_t index, uint64_t pfn, uint64_t nr) override
-    {
-        std::lock_guard<std::mutex> lk(log_lock_);
-        calls_.push_back({"prepare", index, pfn, nr});
-    }
+    /// Logged under the names of the file's design: make_private and reclaim under
+    /// "mainline", prepare and free_folio under "split" and "overloaded".
+    void prepare(GuestMemfd &f, uint64_t index, uint64_t pfn, uint64_t nr) override;
     void make_shared(GuestMemfd &, const PfnRange *r, size_t n) override
     {
         log_ranges("make_shared", r, n);
     }
-    void free_folio(GuestMemfd &, const PfnRange *r, size_t n) override
-    {
-        log_ranges("free_folio", r, n);
-    }
+    void free_folio(GuestMemfd &f, const PfnRange *r, size_t n) override;
     void invalidate_start(GuestMemfd &, uint64_t start, uint64_t end, unsigned kinds) override
     {
         std::lock_guard<std::mutex> lk(log_lock_);
@@ -209,6 +220,11 @@ public:
     {
         std::lock_guard<std::mutex> lk(log_lock_);
         calls_.push_back({"invalidate_end", start, end, 0});
+    }
+    void invalidate_range(GuestMemfd &, uint64_t start, uint64_t end, unsigned kinds) override
+    {
+        std::lock_guard<std::mutex> lk(log_lock_);
+        calls_.push_back({"invalidate_range", start, end, kinds});
     }
     std::map<std::string, uint64_t> stats() const override
     {

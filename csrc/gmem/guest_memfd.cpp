@@ -16,6 +16,18 @@ namespace gmem {
 static inline uint64_t pages(unsigned order) { return uint64_t(1) << order; }
 
 
+const char *design_name(HookDesign d)
+{
+    switch (d) {
+    case HookDesign::Mainline:
+        return "mainline";
+    case HookDesign::Split:
+        return "split";
+    default:
+        return "overloaded";
+    }
+}
+
 std::vector<std::pair<const char *, uint64_t>> GmemStats::items() const
 {
     return {{"folios_allocated", folios_allocated},
@@ -29,7 +41,8 @@ std::vector<std::pair<const char *, uint64_t>> GmemStats::items() const
             {"prepare_calls", prepare_calls},
             {"make_shared_calls", make_shared_calls},
             {"free_calls", free_calls},
-            {"hook_ranges", hook_ranges}};
+            {"hook_ranges", hook_ranges},
+            {"invalidate_range_calls", invalidate_range_calls}};
 }
 
 static uint64_t checked_nr_pages(uint64_t size, uint64_t flags, unsigned folio_order,
@@ -536,8 +549,7 @@ void GuestMemfd::punch_hole(uint64_t start, uint64_t end)
     cache_.reserve(pieces);
     expected_.reserve_stores(1);
     std::vector<Folio> chunk(std::min<uint64_t>(RELEASE_CHUNK, cache_.count(start, end) + pieces));
-    stats_.invalidations++;
-    arch_->invalidate_start(*this, start, end, FILTER_SHARED | FILTER_PRIVATE);
+    invalidate_begin(start, end, FILTER_SHARED | FILTER_PRIVATE);
     mapped_.erase(mapped_.lower_bound(start), mapped_.lower_bound(end));
     cache_.split_range(start, end);
     expected_.store(start, end, 0);
@@ -554,13 +566,27 @@ void GuestMemfd::close()
 {
     if (closed_)
         return;
-    stats_.invalidations++;
-    arch_->invalidate_start(*this, 0, nr_pages_, FILTER_SHARED | FILTER_PRIVATE);
+    invalidate_begin(0, nr_pages_, FILTER_SHARED | FILTER_PRIVATE);
     mapped_.clear();
     arch_->invalidate_end(*this, 0, nr_pages_);
     pins_.clear(); // the pinning devices go away with the VM
     release_range(0, nr_pages_, true);
     closed_ = true;
+}
+
+/*
+ * invalidate_begin - KVM's invalidate_start for [start, end) and @kinds; under the
+ * "mainline" design kvm_arch_gmem_invalidate_range follows it, with its arguments
+ * (gated by INVALIDATE: the model's file is one binding, one memslot).
+ */
+void GuestMemfd::invalidate_begin(uint64_t start, uint64_t end, unsigned kinds)
+{
+    stats_.invalidations++;
+    arch_->invalidate_start(*this, start, end, kinds);
+    if (design_ == HookDesign::Mainline && (config_ & CONFIG_INVALIDATE)) {
+        stats_.invalidate_range_calls++;
+        arch_->invalidate_range(*this, start, end, kinds);
+    }
 }
 
 /*
@@ -666,9 +692,7 @@ void GuestMemfd::set_attributes(uint64_t start, uint64_t end, uint64_t attrs)
     // What the store at step 6 needs, taken now: past this point nothing may fail.
     attrs_.reserve_stores(1);
     // 4. Point of no return: KVM zaps its mappings of the old kind.
-    stats_.invalidations++;
-    arch_->invalidate_start(*this, start, end,
-                            attrs == ATTR_PRIVATE ? FILTER_SHARED : FILTER_PRIVATE);
+    invalidate_begin(start, end, attrs == ATTR_PRIVATE ? FILTER_SHARED : FILTER_PRIVATE);
     convert_contents(start, end, attrs);
     // 5. To shared: the arch gets the clamped PFN ranges.
     bool hooked = false;
@@ -793,7 +817,7 @@ std::string GuestMemfd::dump() const
 {
     std::ostringstream os;
     os << "GuestMemfd(size=" << size() << ", arch=" << arch_->name() << ", hook_design="
-       << (design_ == HookDesign::Split ? "split" : "overloaded") << ", folios="
+       << design_name(design_) << ", folios="
        << cache_.nr_folios() << ", attribute runs=" << attrs_.nr_runs()
        << (closed_ ? ", closed" : "") << ")";
     size_t shown = 0;

@@ -63,13 +63,16 @@ struct SigBus : std::runtime_error {
     uint64_t index;
 };
 
-enum class HookDesign { Split, Overloaded };
+/// Which hook set the file runs: the kernel as merged (the default), or the two designs of
+/// the June 2026 thread.
+enum class HookDesign { Mainline, Split, Overloaded };
+const char *design_name(HookDesign d);
 
 struct GmemStats {
     uint64_t folios_allocated = 0, folios_freed = 0, pages_zeroed = 0, conversions = 0,
              conversions_noop = 0, conversions_busy = 0, pages_converted = 0,
              invalidations = 0, prepare_calls = 0, make_shared_calls = 0, free_calls = 0,
-             hook_ranges = 0;
+             hook_ranges = 0, invalidate_range_calls = 0;
     std::vector<std::pair<const char *, uint64_t>> items() const;
 };
 
@@ -169,6 +172,7 @@ private:
     void release_range(uint64_t start, uint64_t end, bool with_orphans,
                        std::vector<Folio> *buffer = nullptr);
     void hook_walk(uint64_t start, uint64_t end, bool free_hook);
+    void invalidate_begin(uint64_t start, uint64_t end, unsigned kinds);
     void convert_contents(uint64_t start, uint64_t end, uint64_t attrs);
     void check_contents(uint64_t start, uint64_t end, std::vector<Violation> &out) const;
     Violation violation(const std::string &rule, uint64_t index, uint64_t pfn,

@@ -14,11 +14,20 @@ FLAG_INIT_SHARED = 1 << 1  # GUEST_MEMFD_FLAG_INIT_SHARED
 FILTER_SHARED = 1  # invalidate_start kinds: KVM_FILTER_SHARED
 FILTER_PRIVATE = 2  # KVM_FILTER_PRIVATE
 GARBLED = 0x6761726231656421  # what an SNP page reads as after conversion
-HOOK_CONFIGS = frozenset({"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"})
+# Hook config names: the merged kernel's (CONVERT, RECLAIM, INVALIDATE) and the June 2026
+# thread's (PREPARE, FREE, FREE_ON_SHARED_CONVERSION); CONVERT and RECLAIM stand for these.
+CONFIG_ALIASES = {
+    "CONVERT": frozenset({"PREPARE", "FREE_ON_SHARED_CONVERSION"}),
+    "RECLAIM": frozenset({"FREE"}),
+}
+HOOK_CONFIGS = frozenset(
+    {"CONVERT", "RECLAIM", "INVALIDATE", "PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"}
+)
+HOOK_DESIGNS = ("mainline", "split", "overloaded")
 BUILTIN_ARCHS = ("sw_protected", "snp", "tdx", "pkvm")
 # The names GuestMemfd takes, for type checkers.
 ArchName = Literal["sw_protected", "snp", "tdx", "pkvm"]
-HookDesign = Literal["split", "overloaded"]
+HookDesign = Literal["mainline", "split", "overloaded"]
 MAX_ORDER = 18
 FOLIO_BATCH_SIZE = 31  # PAGEVEC_SIZE - 1: folios per filemap_get_folios() batch
 NO_PFN = 2**64 - 1  # page_pfns() value for a hole

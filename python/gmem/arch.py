@@ -19,7 +19,7 @@ import functools
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from gmem import _core
+from gmem import _consts, _core
 from gmem._core import PKVM, SNP, TDX, Arch, Recorder, SwProtected
 
 if TYPE_CHECKING:
@@ -39,11 +39,15 @@ __all__ = [
     "unused_hooks",
 ]
 
-# hook -> the config entry that enables it
+# hook -> the config entry that enables it (CONVERT is PREPARE + FREE_ON_SHARED_CONVERSION,
+# RECLAIM is FREE: either spelling enables the hook, under either of its names)
 HOOK_CONFIGS = {
+    "make_private": "PREPARE",
     "prepare": "PREPARE",
+    "reclaim": "FREE",
     "free_folio": "FREE",
     "make_shared": "FREE_ON_SHARED_CONVERSION",
+    "invalidate_range": "INVALIDATE",
 }
 
 
@@ -54,6 +58,8 @@ if TYPE_CHECKING:
         batched: bool
 
         def make_shared(self, ranges: npt.NDArray[np.uint64]) -> None: ...
+
+        def reclaim(self, ranges: npt.NDArray[np.uint64]) -> None: ...
 
         def free_folio(self, ranges: npt.NDArray[np.uint64]) -> None: ...
 
@@ -92,8 +98,9 @@ def unused_hooks(arch: object) -> list[tuple[str, str]]:
         return []
     if serving is not None:  # the engine refuses an arch that serves another file
         return []
-    if not isinstance(config, (set, frozenset)) or not config <= set(HOOK_CONFIGS.values()):
+    if not isinstance(config, (set, frozenset)) or not config <= _consts.HOOK_CONFIGS:
         return []
+    config = set().union(*(_consts.CONFIG_ALIASES.get(name, {name}) for name in config))
     return [
         (hook, gate)
         for hook, gate in HOOK_CONFIGS.items()

@@ -189,7 +189,7 @@ static void check_guest_memfd()
                 arch = std::make_shared<PKVM>();
             else
                 arch = std::make_shared<Recorder>(7);
-            HookDesign d = rnd(2) ? HookDesign::Split : HookDesign::Overloaded;
+            HookDesign d = HookDesign(rnd(3)); // mainline, split or overloaded
             uint64_t flags = rnd(2) ? FLAG_MMAP | FLAG_INIT_SHARED : FLAG_MMAP;
             files.push_back(std::make_unique<GuestMemfd>((64 + rnd(256)) * PAGE_SIZE, flags,
                                                          unsigned(rnd(10)), pm, arch, d));

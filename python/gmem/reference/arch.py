@@ -76,7 +76,19 @@ class Arch:
     def stats(self) -> dict[str, int]:
         return {}
 
-    # The KVM hooks: they do nothing but check what a direct call passes them.
+    # The KVM hooks: they do nothing but check what a direct call passes them.  Each has
+    # the merged kernel's name and the June 2026 thread's: make_private is prepare and
+    # reclaim is free_folio; a subclass may define either (the file calls make_private
+    # or reclaim, whose base versions call prepare or free_folio).
+    def make_private(self, index: int, pfn: int, nr_pages: int) -> None:
+        self.prepare(index, pfn, nr_pages)
+
+    def reclaim(self, start_pfn: int, end_pfn: int) -> None:
+        self.free_folio(start_pfn, end_pfn)
+
+    def invalidate_range(self, start: int, end: int, kinds: int) -> None:
+        self._kinds(start, end, kinds)
+
     def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
         self._prepare_args(index, pfn, nr_pages)
 
@@ -372,20 +384,29 @@ class Recorder(Arch):
     def stats(self) -> dict[str, int]:
         return {"calls": len(self.calls)}
 
+    def _name(self, mainline: str, thread: str) -> str:
+        """Logged under the names of the file's design."""
+        return mainline if self._file.hook_design == "mainline" else thread
+
     def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
-        self.calls.append(("prepare", *self._prepare_args(index, pfn, nr_pages)))
+        args = self._prepare_args(index, pfn, nr_pages)
+        self.calls.append((self._name("make_private", "prepare"), *args))
 
     def make_shared(self, start_pfn: int, end_pfn: int) -> None:
         self.calls.append(("make_shared", *self._pfns(start_pfn, end_pfn)))
 
     def free_folio(self, start_pfn: int, end_pfn: int) -> None:
-        self.calls.append(("free_folio", *self._pfns(start_pfn, end_pfn)))
+        args = self._pfns(start_pfn, end_pfn)
+        self.calls.append((self._name("reclaim", "free_folio"), *args))
 
     def invalidate_start(self, start: int, end: int, kinds: int) -> None:
         self.calls.append(("invalidate_start", *self._kinds(start, end, kinds)))
 
     def invalidate_end(self, start: int, end: int) -> None:
         self.calls.append(("invalidate_end", *self._range(start, end)))
+
+    def invalidate_range(self, start: int, end: int, kinds: int) -> None:
+        self.calls.append(("invalidate_range", *self._kinds(start, end, kinds)))
 
     def ranges(self, hook: str) -> npt.NDArray[np.uint64]:
         rows = [c[1:3] for c in self.calls if c[0] == hook]

@@ -9,16 +9,18 @@ violation and re-raised when the operation has completed.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
 from gmem._consts import (
     BUILTIN_ARCHS,
+    CONFIG_ALIASES,
     FILTER_PRIVATE,
     FILTER_SHARED,
     FLAG_INIT_SHARED,
@@ -26,6 +28,7 @@ from gmem._consts import (
     FOLIO_BATCH_SIZE,
     GARBLED,
     HOOK_CONFIGS,
+    HOOK_DESIGNS,
     MAX_ORDER,
     PAGE_SIZE,
     PRIVATE,
@@ -60,24 +63,49 @@ STAT_KEYS = (
     "make_shared_calls",
     "free_calls",
     "hook_ranges",
+    "invalidate_range_calls",
 )
 
 
 def config_names(config: Any) -> frozenset[str]:
-    """A hook config as a frozenset of names, validated."""
+    """A hook config as a frozenset of the thread's names (and INVALIDATE), validated:
+    CONVERT stands for PREPARE + FREE_ON_SHARED_CONVERSION, RECLAIM for FREE."""
     if isinstance(config, str) or not hasattr(config, "__iter__"):
         raise TypeError(f"config: must be a set of hook names, got {type(config).__name__}")
-    names = frozenset(config)
-    for name in names:
+    items = list(itertools.islice(iter(config), 65))
+    if len(items) > 64:
+        raise ValueError("config: more than 64 items; allowed: a set of hook names")
+    names: set[str] = set()
+    for name in items:
         if name not in HOOK_CONFIGS:
             raise ValueError(
-                f"config: unknown hook config {name!r}; allowed: PREPARE, FREE, "
-                "FREE_ON_SHARED_CONVERSION"
+                f"config: unknown hook config {name!r}; allowed: CONVERT, RECLAIM, INVALIDATE "
+                "(or PREPARE, FREE, FREE_ON_SHARED_CONVERSION)"
             )
-    return names
+        names |= CONFIG_ALIASES.get(name, {name})
+    return frozenset(names)
 
 
-HOOK_NAMES = ("prepare", "make_shared", "free_folio", "invalidate_start", "invalidate_end")
+def config_for(names: frozenset[str], design: str) -> set[str]:
+    """A normalised config in the vocabulary of ``design``."""
+    out = set(names)
+    if design == "mainline":
+        for alias, parts in CONFIG_ALIASES.items():
+            if parts <= out:
+                out = (out - parts) | {alias}
+    return out
+
+
+HOOK_NAMES = (
+    "make_private",
+    "prepare",
+    "make_shared",
+    "reclaim",
+    "free_folio",
+    "invalidate_range",
+    "invalidate_start",
+    "invalidate_end",
+)
 
 
 def _arch_attr(arch: Arch, name: str) -> Any:
@@ -113,16 +141,18 @@ class GuestMemfd:
         folio_order: Any = 0,
         physmem: PhysMem | None = None,
         arch: Any = "sw_protected",
-        hook_design: Any = "split",
+        hook_design: Any = "mainline",
     ) -> None:
         size, fl = u64(size_bytes, "size_bytes"), u64(flags, "flags")
         order = order_arg(folio_order, "folio_order")
         if physmem is not None and not isinstance(physmem, PhysMem):
             raise TypeError("physmem: must be a gmem.reference.PhysMem or None")
         if not isinstance(hook_design, str):
-            raise TypeError("hook_design: must be 'split' or 'overloaded'")
-        if hook_design not in ("split", "overloaded"):
-            raise ValueError(f"hook_design: must be 'split' or 'overloaded', got '{hook_design}'")
+            raise TypeError("hook_design: must be 'mainline', 'split' or 'overloaded'")
+        if hook_design not in HOOK_DESIGNS:
+            raise ValueError(
+                f"hook_design: must be 'mainline', 'split' or 'overloaded', got '{hook_design}'"
+            )
         a = _make_arch(arch)
         config = config_names(_arch_attr(a, "config"))
         batched = _arch_attr(a, "batched")
@@ -173,7 +203,7 @@ class GuestMemfd:
     folio_order = property(lambda self: self._folio_order)
     closed = property(lambda self: self._closed)
     hook_design = property(lambda self: self._design)
-    config = property(lambda self: set(self._config))
+    config = property(lambda self: config_for(self._config, self._design))
     arch = property(lambda self: self._arch)
     physmem = property(lambda self: self._pm)
 
@@ -203,9 +233,26 @@ class GuestMemfd:
             raise exc
         return result
 
+    # The hooks' names in the vocabulary of the file's design, for logs and violations.
+    _THREAD_NAMES: ClassVar[dict[str, str]] = {"make_private": "prepare", "reclaim": "free_folio"}
+
+    def _label(self, name: str) -> str:
+        return name if self._design == "mainline" else self._THREAD_NAMES.get(name, name)
+
+    def _invalidate_begin(self, start: int, end: int, kinds: int) -> None:
+        """invalidate_start; under "mainline", invalidate_range right after (INVALIDATE)."""
+        self._stats["invalidations"] += 1
+        self._hook("invalidate_start", start, end, kinds)
+        if self._design == "mainline" and "INVALIDATE" in self._config:
+            self._stats["invalidate_range_calls"] += 1
+            self._hook("invalidate_range", start, end, kinds)
+
     def _hook(self, name: str, *args: Any) -> None:
         try:
             method = getattr(self._arch, name)
+            thread_name = self._THREAD_NAMES.get(name)
+            if thread_name and getattr(type(self._arch), name, None) is getattr(Arch, name):
+                method = getattr(self._arch, thread_name)  # the class defines the old name
             if getattr(method, "__module__", None) != Arch.__module__:
                 self._arch.contents_touched = True  # a user's hook may write pages
             if not callable(method):
@@ -218,7 +265,7 @@ class GuestMemfd:
                     "hook-raised",
                     None,
                     None,
-                    f"{name} raised {type(exc).__name__}: {exc}",
+                    f"{self._label(name)} raised {type(exc).__name__}: {exc}",
                 )
             )
             if self._pending is None:
@@ -313,7 +360,7 @@ class GuestMemfd:
         self._arch._guest_mapped(block, block_pfn, 1 << order, private)
         if private and "PREPARE" in self._config:
             self._stats["prepare_calls"] += 1
-            self._hook("prepare", block, block_pfn, 1 << order)
+            self._hook("make_private", block, block_pfn, 1 << order)
         return f.file_pfn(index), order
 
     def _host_fault(self, index: int) -> int:
@@ -445,7 +492,7 @@ class GuestMemfd:
             if "FREE" in self._config:
                 self._stats["free_calls"] += len(batch)
                 self._stats["hook_ranges"] += len(batch)
-                self._ranges_hook("free_folio", [(f.pfn, f.pfn + f.nr_pages) for f in batch])
+                self._ranges_hook("reclaim", [(f.pfn, f.pfn + f.nr_pages) for f in batch])
             for f in batch:
                 if f.pfn not in pinned:
                     continue
@@ -566,8 +613,7 @@ class GuestMemfd:
             stop = min(e, self._nr_pages)  # truncation stops at EOF
             if s >= stop:
                 return
-            self._stats["invalidations"] += 1
-            self._hook("invalidate_start", s, stop, FILTER_SHARED | FILTER_PRIVATE)
+            self._invalidate_begin(s, stop, FILTER_SHARED | FILTER_PRIVATE)
             self._unmap(s, stop)
             self._cache.split_range_pages(s, stop)
             self._expected.store(s, stop, 0)
@@ -579,10 +625,9 @@ class GuestMemfd:
     def _close(self) -> None:
         if self._closed:
             return
-        self._stats["invalidations"] += 1
         # kvm_gmem_release(): invalidate both kinds over the file, start and end; the
         # folios are reclaimed afterwards, at eviction.
-        self._hook("invalidate_start", 0, self._nr_pages, FILTER_SHARED | FILTER_PRIVATE)
+        self._invalidate_begin(0, self._nr_pages, FILTER_SHARED | FILTER_PRIVATE)
         self._mapped.clear()
         self._hook("invalidate_end", 0, self._nr_pages)
         self._pins.clear()  # the pinning devices go away with the VM
@@ -662,7 +707,7 @@ class GuestMemfd:
             ranges = [(sp, ep) for _, sp, ep in batch]
             if free_hook:
                 self._stats["free_calls"] += len(batch)
-                self._ranges_hook("free_folio", ranges)
+                self._ranges_hook("reclaim", ranges)
             else:
                 self._stats["make_shared_calls"] += len(batch)
                 self._ranges_hook("make_shared", ranges)
@@ -691,8 +736,7 @@ class GuestMemfd:
                     )
             self._unmap(s, e)
         # 4. Point of no return: KVM zaps its mappings of the old kind.
-        self._stats["invalidations"] += 1
-        self._hook("invalidate_start", s, e, FILTER_SHARED if attrs == PRIVATE else FILTER_PRIVATE)
+        self._invalidate_begin(s, e, FILTER_SHARED if attrs == PRIVATE else FILTER_PRIVATE)
         self._convert_contents(s, e, attrs)
         hooked = False
         if attrs == SHARED:  # 5. the arch gets the clamped PFN ranges
