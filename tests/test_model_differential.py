@@ -13,7 +13,7 @@ import gmem.reference as ref
 
 from model import snapshot
 
-HOOKS = ["PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"]
+HOOKS = ["PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION", "CONVERT", "RECLAIM", "INVALIDATE"]
 P = gmem.PAGE_SIZE
 
 
@@ -69,7 +69,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         "physmem_pages": draw(st.sampled_from([None, 64, 24])),
         "arch": arch,
         "config": draw(st.sets(st.sampled_from(HOOKS))),
-        "design": draw(st.sampled_from(["split", "overloaded"])),
+        "design": draw(st.sampled_from(["mainline", "split", "overloaded"])),
         "ops": draw(st.lists(ops(nr_pages), min_size=4, max_size=40)),
     }
 

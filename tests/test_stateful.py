@@ -56,7 +56,7 @@ class Pair:
         self.files = []
         for impl, pm in zip((gmem, ref), pms, strict=True):
             a = (
-                impl.arch.Recorder({"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"})
+                impl.arch.Recorder({"CONVERT", "RECLAIM", "INVALIDATE"})
                 if arch == "recorder"
                 else arch
             )
@@ -95,7 +95,7 @@ class Model(RuleBasedStateMachine):
     @rule(
         target=files,
         arch=st.sampled_from(ARCHS),
-        design=st.sampled_from(["split", "overloaded"]),
+        design=st.sampled_from(["mainline", "split", "overloaded"]),
         pages=st.integers(1, 96),
         flags=st.sampled_from([0, gmem.FLAG_MMAP, 3]),
         order=st.sampled_from([0, 1, 2, 4, 9]),
