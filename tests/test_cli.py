@@ -50,12 +50,12 @@ def rows(stdout: str) -> dict[tuple[str, str], list[str]]:
 def test_demo_prints_the_table_with_a_progress_bar() -> None:
     out = run("demo", "--size", "256M")
     assert out.returncode == 0, out.stderr
-    assert "[" + "#" * 30 + "] 8/8 done" in out.stderr
+    assert "[" + "#" * 30 + "] 12/12 done" in out.stderr
     lines = out.stdout.splitlines()
     assert lines[2].split()[:3] == ["arch", "design", "calls"]
     assert "engine" in lines[1] and "(ms)" in lines[2] and "(pages)" in lines[2]
     table = rows(out.stdout)
-    assert len(table) == 8
+    assert len(table) == 12
     assert table[("pkvm", "overloaded")][-2] != "0" and table[("pkvm", "split")][-2] == "0"
     assert table[("pkvm", "split")][4] == "65,536"  # scrubbed pages, with separators
     assert all(re.fullmatch(r"\d+\.\d\d", r[-1]) for r in table.values())  # ms: 2 decimals
@@ -77,11 +77,13 @@ def test_demo_json_carries_version_size_seed_and_structured_violations() -> None
     assert (doc["size"], doc["seed"], doc["folio_size"]) == (64 << 20, 3, 2 << 20)
     runs = doc["runs"]
     assert [(r["arch"], r["hook_design"]) for r in runs] == [
+        ("pkvm", "mainline"),
         ("pkvm", "split"),
         ("pkvm", "overloaded"),
     ]
-    assert runs[1]["violations"] == len(runs[1]["violation_list"]) > 0
-    v = runs[1]["violation_list"][0]
+    assert runs[0]["violations"] == runs[1]["violations"] == 0
+    assert runs[2]["violations"] == len(runs[2]["violation_list"]) > 0
+    v = runs[2]["violation_list"][0]
     assert set(v) == {"arch", "rule", "index", "pfn", "detail"}
     assert v["arch"] == "pkvm" and v["rule"] == "conversion-keeps-guest-data"
     assert isinstance(v["index"], int) and isinstance(v["pfn"], int)
@@ -188,16 +190,16 @@ def test_demo_streams_its_trace() -> None:
 def test_replay_runs_a_trace() -> None:
     out = run("replay", str(ROOT / "examples" / "elevated-refcount.jsonl"), "--arch", "snp", "-q")
     assert out.returncode == 0, out.stderr
-    assert set(rows(out.stdout)) == {("snp", "split"), ("snp", "overloaded")}
+    assert set(rows(out.stdout)) == {("snp", "mainline"), ("snp", "split"), ("snp", "overloaded")}
 
 
 def test_replay_runs_every_arch_and_shows_a_failing_run_as_a_row() -> None:
     path = str(ROOT / "examples" / "share-in-place.jsonl")
     out = run("replay", path)
     assert out.returncode == 1, out.stderr
-    assert "[" + "#" * 30 + "] 8/8 done" in out.stderr  # every run ran
+    assert "[" + "#" * 30 + "] 12/12 done" in out.stderr  # every run ran
     table = rows(out.stdout)
-    assert len(table) == 8
+    assert len(table) == 12
     garbled = "fails at line 9: expected value 0xbeef from line 8 (host_read), got GARBLED"
     assert table[("snp", "split")][2] == garbled
     assert table[("tdx", "split")][2].endswith("got 0x0")

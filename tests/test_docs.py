@@ -31,7 +31,7 @@ def test_every_example_is_in_the_table_under_every_arch_and_design() -> None:
         (name, arch, design)
         for name in names
         for arch in ("sw_protected", "snp", "tdx", "pkvm")
-        for design in ("split", "overloaded")
+        for design in ("mainline", "split", "overloaded")
     }
 
 

@@ -26,9 +26,9 @@ from typing import Any, NoReturn
 import numpy as np
 
 import gmem
-from gmem._consts import BUILTIN_ARCHS, MAX_ORDER, PAGE_SIZE
+from gmem._consts import BUILTIN_ARCHS, HOOK_DESIGNS, MAX_ORDER, PAGE_SIZE
 
-DESIGNS = ("split", "overloaded")
+DESIGNS = HOOK_DESIGNS
 DIST = "gmem-kvm"  # the distribution name on PyPI (the import name and command are gmem)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_STATUS = """\
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--hook-design",
             action="append",
             choices=DESIGNS,
-            help=f"only this hook design, one of {', '.join(DESIGNS)} (repeatable; default: both)",
+            help=f"only this hook design, one of {', '.join(DESIGNS)} (repeatable; default: all)",
         )
         p.add_argument(
             "--fail-on-violation",

@@ -5,8 +5,9 @@ pieces, back and forth), the host writes into them, a pinned page makes one to-p
 conversion fail with EAGAIN until it is unpinned, a hole is punched into a huge folio,
 and the VM is torn down.  Under pKVM the "overloaded" hook design (v8 of the in-place
 conversion series: the free hook also runs on private->shared conversion) scrubs the
-guest's shared buffers; the "split" design (a separate, config-gated make_shared) does
-not.  The run is a trace (gmem.trace), so ``gmem replay`` can run it from a file too.
+guest's shared buffers; the "split" design (a separate, config-gated make_shared) and the
+kernel as merged ("mainline") do not.  The run is a trace (gmem.trace), so ``gmem
+replay`` can run it from a file too.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from typing import Any
 
 import gmem
 from gmem import trace
-from gmem._consts import BUILTIN_ARCHS, FLAG_MMAP, PAGE_SIZE, PRIVATE, SHARED
+from gmem._consts import BUILTIN_ARCHS, FLAG_MMAP, HOOK_DESIGNS, PAGE_SIZE, PRIVATE, SHARED
 
-HOOK_DESIGNS = ("split", "overloaded")
 HUGE = 512  # the I/O pieces are 2 MiB, whatever the folio size
 
 

@@ -373,7 +373,7 @@ def replay(
     records: Iterable[Record],
     *,
     arch: str = "sw_protected",
-    hook_design: str = "split",
+    hook_design: str = "mainline",
     impl: ModuleType = gmem,
     where: str = "<trace>",
     progress: Callable[[int], None] | None = None,
