@@ -395,6 +395,10 @@ void bind_errors(py::module_ &m)
             py::object cls = py::module_::import("gmem.errors").attr("ConversionBusy");
             py::object exc = cls(e.what(), e.error_index);
             PyErr_SetObject(cls.ptr(), exc.ptr());
+        } catch (const HWPoison &e) {
+            py::object cls = py::module_::import("gmem.errors").attr("HWPoison");
+            py::object exc = cls(e.what(), e.index);
+            PyErr_SetObject(cls.ptr(), exc.ptr());
         } catch (const SigBus &e) {
             py::object cls = py::module_::import("gmem.errors").attr("SigBus");
             py::object exc = cls(e.what(), e.index);
@@ -859,18 +863,19 @@ PyHookState *hook_state(Arch &a) { return dynamic_cast<PyHookState *>(&a); }
 /* The hooks a Python Arch may override. */
 const char *const HOOK_NAMES[] = {"make_private",     "prepare",        "make_shared",
                                   "reclaim",          "free_folio",     "invalidate_range",
-                                  "invalidate_start", "invalidate_end"};
+                                  "invalidate_start", "invalidate_end", "post_populate"};
 
 /* Config names in both vocabularies: the merged kernel's, and the June 2026 thread's. */
 const std::pair<const char *, unsigned> CONFIG_NAMES[] = {
     {"CONVERT", CONFIG_CONVERT},
     {"RECLAIM", CONFIG_RECLAIM}, // the same bit as FREE: config_set() names it by design
     {"INVALIDATE", CONFIG_INVALIDATE},
+    {"POPULATE", CONFIG_POPULATE},
     {"PREPARE", CONFIG_PREPARE},
     {"FREE", CONFIG_FREE},
     {"FREE_ON_SHARED_CONVERSION", CONFIG_FREE_ON_SHARED_CONVERSION}};
 const char *const CONFIG_ALLOWED =
-    "CONVERT, RECLAIM, INVALIDATE (or PREPARE, FREE, FREE_ON_SHARED_CONVERSION)";
+    "CONVERT, RECLAIM, INVALIDATE, POPULATE (or PREPARE, FREE, FREE_ON_SHARED_CONVERSION)";
 
 unsigned config_bits(py::handle obj)
 {
@@ -949,6 +954,21 @@ public:
     {
         ranges_hook(f, mainline(f) ? "reclaim" : "free_folio", r, n,
                     [&] { Base::free_folio(f, r, n); });
+    }
+    void post_populate(GuestMemfd &f, uint64_t index, uint64_t pfn, bool has_token,
+                       uint64_t token) override
+    {
+        py::gil_scoped_acquire gil;
+        py::object fn;
+        if (Lookup l = lookup(f, "post_populate", "post_populate", nullptr, fn);
+            l != Lookup::Found) {
+            if (l == Lookup::Absent)
+                Base::post_populate(f, index, pfn, has_token, token);
+            return;
+        }
+        call(f, "post_populate", [&] {
+            fn(index, pfn, has_token ? py::object(py::int_(token)) : py::object(py::none()));
+        });
     }
     void invalidate_range(GuestMemfd &f, uint64_t start, uint64_t end, unsigned kinds) override
     {
@@ -1216,6 +1236,19 @@ void bind_hook_methods(Cls &cls)
              }),
              py::arg("start"), py::arg("end"), py::arg("kinds"))
         .def(
+            "post_populate",
+            [](T &a, py::handle i, py::handle p, py::handle t) {
+                uint64_t index = to_u64(i, "index"), pfn = to_u64(p, "pfn");
+                bool has_token = !t.is_none();
+                uint64_t token = has_token ? to_u64(t, "token") : 0;
+                FileRef f = file_of(a);
+                Guard lk(f->physmem().lock(), Mode::Write);
+                f->check_index(index);
+                check_hook_pfns(*f, pfn, pfn + 1, "pfn", "pfn");
+                a.T::post_populate(*f, index, pfn, has_token, token);
+            },
+            py::arg("index"), py::arg("pfn"), py::arg("token") = py::none())
+        .def(
             "invalidate_end",
             [](T &a, py::handle s, py::handle e) {
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
@@ -1230,6 +1263,9 @@ void bind_hook_methods(Cls &cls)
 py::tuple call_tuple(const HookCall &c)
 {
     std::string hook = c.hook;
+    if (hook == "post_populate")
+        return py::make_tuple(c.hook, c.a, c.b,
+                              c.c == NO_PFN ? py::object(py::none()) : py::object(py::int_(c.c)));
     if (hook == "prepare" || hook == "make_private" || hook == "invalidate_start" ||
         hook == "invalidate_range")
         return py::make_tuple(c.hook, c.a, c.b, c.c);
@@ -1580,6 +1616,19 @@ void bind_guest_memfd(py::module_ &m)
     def_file_op(cls, "pin", &GM::pin, {"index"});
     def_file_op(cls, "unpin", &GM::unpin, {"index"});
     def_file_op(cls, "unpin_pfn", &GM::unpin_pfn, {"pfn"});
+    def_file_op(cls, "memory_failure", &GM::memory_failure, {"index"});
+    cls.def(
+        "populate",
+        [](GM &f, py::handle i, py::handle t) {
+            uint64_t index = to_u64(i, "index");
+            bool has_token = !t.is_none();
+            uint64_t token = has_token ? to_u64(t, "token") : 0;
+            file_op(f, Mode::Write, false, [&] {
+                f.populate(index, has_token, token);
+                return 0;
+            });
+        },
+        py::arg("index"), py::arg("token") = py::none());
     cls.def(py::init([](py::handle size, py::handle flags, py::handle folio_order,
                         py::handle physmem, py::handle arch, py::handle hook_design) {
                 uint64_t sz = to_u64(size, "size_bytes"), fl = to_u64(flags, "flags");

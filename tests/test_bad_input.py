@@ -73,6 +73,8 @@ FILE_CALLS = [
     ("folios", (0, 8), ("start", "end")),
     ("pfn_ranges", (0, 8), ("start", "end")),
     ("page_pfns", (0, 8), ("start", "end")),
+    ("populate", (3,), ("index",)),  # token: None populates in place
+    ("memory_failure", (3,), ("index",)),
 ]
 
 
@@ -298,6 +300,7 @@ HOOK_CALLS = [
     ("make_private", (0, BASE + 64, 4), ("index", "pfn", "nr_pages")),
     ("reclaim", (BASE, BASE + 4), ("start_pfn", "end_pfn")),
     ("invalidate_range", (0, 4, 3), ("start", "end", "kinds")),
+    ("post_populate", (0, BASE + 64), ("index", "pfn")),
 ]
 
 
@@ -562,7 +565,7 @@ def index_side_effect_mismatches(impl: Any, effect: str) -> list[str]:
             cases += 1
             if got != want:
                 bad.append(f"{case}: {got[0]!r}, as if before: {want[0]!r}")
-    assert cases == 33 + 3 * 20  # file calls; 3 archs x the hooks' arguments
+    assert cases == 35 + 3 * 22  # file calls; 3 archs x the hooks' arguments
     return bad
 
 
@@ -638,6 +641,9 @@ UNINIT_ARGS: dict[str, tuple[Any, ...]] = {
     "ranges": ("free_folio",),
     "__eq__": (None,),
     "__exit__": (None, None, None),
+    "populate": (0,),
+    "memory_failure": (0,),
+    "post_populate": (0, 0),
 }
 # (__enter__ has a test of its own, below)
 UNINIT_SPECIAL = ["__repr__", "__str__", "__eq__", "__hash__", "__len__", "__exit__"]

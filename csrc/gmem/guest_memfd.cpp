@@ -42,7 +42,9 @@ std::vector<std::pair<const char *, uint64_t>> GmemStats::items() const
             {"make_shared_calls", make_shared_calls},
             {"free_calls", free_calls},
             {"hook_ranges", hook_ranges},
-            {"invalidate_range_calls", invalidate_range_calls}};
+            {"invalidate_range_calls", invalidate_range_calls},
+            {"pages_populated", pages_populated},
+            {"memory_failures", memory_failures}};
 }
 
 static uint64_t checked_nr_pages(uint64_t size, uint64_t flags, unsigned folio_order,
@@ -230,10 +232,21 @@ unsigned GuestMemfd::max_order(const Folio &f, uint64_t index, uint64_t *block) 
     return 0;
 }
 
+/* A poisoned folio's pages fail every access until it is punched out. */
+void GuestMemfd::check_poison(uint64_t index) const
+{
+    auto it = poisoned_.upper_bound(index);
+    if (it != poisoned_.begin() && index < std::prev(it)->second)
+        throw HWPoison("index " + std::to_string(index) +
+                           ": the folio had a memory failure (EHWPOISON); punch it out",
+                       index);
+}
+
 std::pair<uint64_t, unsigned> GuestMemfd::get_pfn(uint64_t index)
 {
     check_open();
     check_index(index);
+    check_poison(index);
     Folio f = fault_in(index);
     zero_folio(f);
     uint64_t block;
@@ -263,6 +276,7 @@ uint64_t GuestMemfd::host_fault(uint64_t index)
     if (attrs_.load(index) & ATTR_PRIVATE)
         throw SigBus("host fault at index " + std::to_string(index) + ": the page is private",
                      index);
+    check_poison(index);
     Folio f = fault_in(index);
     zero_folio(f);
     mapped_.insert(index);
@@ -554,6 +568,7 @@ void GuestMemfd::punch_hole(uint64_t start, uint64_t end)
     cache_.split_range(start, end);
     expected_.store(start, end, 0);
     release_range(start, end, false, &chunk);
+    unpoison(start, end);
     arch_->invalidate_end(*this, start, end);
 }
 
@@ -562,6 +577,72 @@ void GuestMemfd::punch_hole(uint64_t start, uint64_t end)
  * end, and the folios are reclaimed afterwards, when the inode is evicted - so every
  * reclaim comes after invalidate_end.
  */
+/* Forget the poison of the pages of [start, end), which just left the page cache. */
+void GuestMemfd::unpoison(uint64_t start, uint64_t end)
+{
+    auto it = poisoned_.upper_bound(start);
+    if (it != poisoned_.begin() && std::prev(it)->second > start)
+        --it;
+    while (it != poisoned_.end() && it->first < end) {
+        uint64_t a = it->first, b = it->second;
+        it = poisoned_.erase(it);
+        if (a < start)
+            poisoned_[a] = start;
+        if (b > end)
+            poisoned_[end] = b;
+    }
+}
+
+/*
+ * populate - kvm_gmem_populate (SNP LAUNCH_UPDATE, TDX PAGE.ADD): the index must be
+ * private (else EINVAL); its folio is taken without zeroing and without make_private,
+ * and becomes uptodate; @token sets the page's contents, or the page keeps them (in
+ * place).  The arch's post_populate hook then runs (POPULATE).
+ */
+void GuestMemfd::populate(uint64_t index, bool has_token, uint64_t token)
+{
+    check_open();
+    check_index(index);
+    if (!(attrs_.load(index) & ATTR_PRIVATE))
+        throw invalid("index", "populate needs a private page (EINVAL), page " +
+                                   std::to_string(index) + " is shared");
+    check_poison(index);
+    Folio f = fault_in(index);
+    if (!f.uptodate) { // not zeroed: whatever the pages hold is what they are expected to
+        for (const Run &r : pm_->contents(f.pfn, f.nr_pages()))
+            expected_.store(f.index + (r.start - f.pfn), f.index + (r.end - f.pfn), r.value);
+        cache_.set_uptodate(f.index, true);
+    }
+    uint64_t pfn = f.file_pfn(index);
+    if (has_token) {
+        pm_->write(pfn, token);
+        expected_.store(index, index + 1, token);
+    }
+    stats_.pages_populated++;
+    if (config_ & CONFIG_POPULATE)
+        arch_->post_populate(*this, index, pfn, has_token, token);
+}
+
+/*
+ * memory_failure - error_remove_folio: the folio holding @index is poisoned.  The host's
+ * mappings of it go, KVM invalidates both kinds over it, nothing is truncated; every
+ * access to it then fails with HWPoison until a punch takes it out of the page cache.
+ */
+void GuestMemfd::memory_failure(uint64_t index)
+{
+    check_open();
+    check_index(index);
+    Folio f;
+    if (!cache_.lookup(index, &f))
+        throw invalid("index", "page " + std::to_string(index) +
+                                   " is a hole: no memory there to fail");
+    poisoned_[f.index] = f.end(); // reserved first: the steps below cannot fail
+    stats_.memory_failures++;
+    mapped_.erase(mapped_.lower_bound(f.index), mapped_.lower_bound(f.end()));
+    invalidate_begin(f.index, f.end(), FILTER_SHARED | FILTER_PRIVATE);
+    arch_->invalidate_end(*this, f.index, f.end());
+}
+
 void GuestMemfd::close()
 {
     if (closed_)
@@ -571,6 +652,7 @@ void GuestMemfd::close()
     arch_->invalidate_end(*this, 0, nr_pages_);
     pins_.clear(); // the pinning devices go away with the VM
     release_range(0, nr_pages_, true);
+    poisoned_.clear();
     closed_ = true;
 }
 

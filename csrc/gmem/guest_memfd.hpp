@@ -57,6 +57,12 @@ struct ConversionBusy : std::runtime_error {
     uint64_t error_index;
 };
 
+/// A poisoned folio (memory failure): kvm_gmem_get_pfn's -EHWPOISON, and SIGBUS on access.
+struct HWPoison : std::runtime_error {
+    HWPoison(const std::string &what, uint64_t index) : std::runtime_error(what), index(index) {}
+    uint64_t index;
+};
+
 /// Host access refused: the mmap fault would raise SIGBUS.
 struct SigBus : std::runtime_error {
     SigBus(const std::string &what, uint64_t index) : std::runtime_error(what), index(index) {}
@@ -72,7 +78,8 @@ struct GmemStats {
     uint64_t folios_allocated = 0, folios_freed = 0, pages_zeroed = 0, conversions = 0,
              conversions_noop = 0, conversions_busy = 0, pages_converted = 0,
              invalidations = 0, prepare_calls = 0, make_shared_calls = 0, free_calls = 0,
-             hook_ranges = 0, invalidate_range_calls = 0;
+             hook_ranges = 0, invalidate_range_calls = 0, pages_populated = 0,
+             memory_failures = 0;
     std::vector<std::pair<const char *, uint64_t>> items() const;
 };
 
@@ -129,6 +136,11 @@ public:
     uint64_t pin(uint64_t index);
     void unpin(uint64_t index);
     void unpin_pfn(uint64_t pfn);
+    /// kvm_gmem_populate: fill a private page without zeroing or make_private; @token, or
+    /// (has_token false) in place; then the arch's post_populate (POPULATE).
+    void populate(uint64_t index, bool has_token, uint64_t token);
+    /// error_remove_folio: poison the folio holding @index until it is punched out.
+    void memory_failure(uint64_t index);
 
     void set_attributes(uint64_t start, uint64_t end, uint64_t attrs);
     void set_memory_attributes2(uint64_t offset, uint64_t size, uint64_t attributes,
@@ -158,6 +170,7 @@ private:
     std::map<uint64_t, uint32_t> pins_;  // pfn -> pin count
     std::set<uint64_t> mapped_;          // host-mapped indexes
     std::map<uint64_t, unsigned> orphans_; // pfn -> order: punched out while pinned
+    std::map<uint64_t, uint64_t> poisoned_; // start -> end: file pages of poisoned folios
     std::vector<Violation> violations_;
     GmemStats stats_;
     bool closed_ = false, in_operation_ = false;
@@ -173,6 +186,8 @@ private:
                        std::vector<Folio> *buffer = nullptr);
     void hook_walk(uint64_t start, uint64_t end, bool free_hook);
     void invalidate_begin(uint64_t start, uint64_t end, unsigned kinds);
+    void check_poison(uint64_t index) const;
+    void unpoison(uint64_t start, uint64_t end);
     void convert_contents(uint64_t start, uint64_t end, uint64_t attrs);
     void check_contents(uint64_t start, uint64_t end, std::vector<Violation> &out) const;
     Violation violation(const std::string &rule, uint64_t index, uint64_t pfn,

@@ -34,7 +34,7 @@ from gmem._core import (
     clamp_folio_ranges,
 )
 from gmem.arch import AnyArch, BatchedArch, UnusedHookWarning
-from gmem.errors import ConversionBusy, GmemError, OutOfMemory, SigBus
+from gmem.errors import ConversionBusy, GmemError, HWPoison, OutOfMemory, SigBus
 
 __version__ = "0.1.0"
 
@@ -60,6 +60,7 @@ __all__ = [
     "FolioCache",
     "GmemError",
     "GuestMemfd",
+    "HWPoison",
     "HookDesign",
     "IntervalMap",
     "OutOfMemory",

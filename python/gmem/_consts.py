@@ -21,7 +21,15 @@ CONFIG_ALIASES = {
     "RECLAIM": frozenset({"FREE"}),
 }
 HOOK_CONFIGS = frozenset(
-    {"CONVERT", "RECLAIM", "INVALIDATE", "PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"}
+    {
+        "CONVERT",
+        "RECLAIM",
+        "INVALIDATE",
+        "POPULATE",
+        "PREPARE",
+        "FREE",
+        "FREE_ON_SHARED_CONVERSION",
+    }
 )
 HOOK_DESIGNS = ("mainline", "split", "overloaded")
 BUILTIN_ARCHS = ("sw_protected", "snp", "tdx", "pkvm")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno as _errno
 
-__all__ = ["ConversionBusy", "GmemError", "OutOfMemory", "SigBus"]
+__all__ = ["ConversionBusy", "GmemError", "HWPoison", "OutOfMemory", "SigBus"]
 
 _PAGE_SIZE = 4096
 
@@ -46,6 +46,17 @@ class SigBus(GmemError):
     """The host may not access this page: the mmap fault would raise SIGBUS."""
 
     errno = _errno.EFAULT
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class HWPoison(GmemError):
+    """The page's folio had a memory failure: every access fails until it is punched out
+    (kvm_gmem_get_pfn's -EHWPOISON)."""
+
+    errno = 133  # EHWPOISON
 
     def __init__(self, message: str, index: int) -> None:
         super().__init__(message)

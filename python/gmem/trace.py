@@ -22,12 +22,15 @@ guest_write     index, token                                     store a 64-bit 
 host_read       index                                            a host mmap access
 host_write      index, token
 pin / unpin     index                                            a GUP (DMA) pin
+populate        index, token (none: in place)                    kvm_gmem_populate
+memory_failure  index                                            poison the folio
 check                                                            run the checker
 close                                                            tear the file down
 expect          error, error_offset, value                       what the line before
                                                                  did: error is one of
                                                                  ConversionBusy, SigBus,
-                                                                 OutOfMemory, ValueError
+                                                                 HWPoison, OutOfMemory,
+                                                                 ValueError
 =============== ================================================ =======================
 
 Every line is validated before anything runs; a bad line is reported as ``FILE:LINE:
@@ -67,12 +70,14 @@ OPS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "host_write": (("index", "token"), {}),
     "pin": (("index",), {}),
     "unpin": (("index",), {}),
+    "populate": (("index",), {"token": None}),
+    "memory_failure": (("index",), {}),
     "set_attributes": (("offset", "size", "attributes"), {"flags": 0}),
     "check": ((), {}),
     "close": ((), {}),
     "expect": ((), {"error": None, "error_offset": None, "value": None}),
 }
-ERRORS = ("ConversionBusy", "SigBus", "OutOfMemory", "ValueError")
+ERRORS = ("ConversionBusy", "SigBus", "HWPoison", "OutOfMemory", "ValueError")
 # Fields in bytes that must be page aligned, per op; (offset field, length field).
 _BYTE_RANGES = {
     "fallocate": ("offset", "len"),
@@ -364,8 +369,10 @@ def _call(f: Any, r: Record) -> Any:
         return f.set_memory_attributes2(a["offset"], a["size"], a["attributes"], a["flags"])
     if r.op in ("guest_write", "host_write"):
         return getattr(f, r.op)(a["index"], a["token"])
-    if r.op in ("guest_read", "host_read", "pin", "unpin"):
+    if r.op in ("guest_read", "host_read", "pin", "unpin", "memory_failure"):
         return getattr(f, r.op)(a["index"])
+    if r.op == "populate":
+        return f.populate(a["index"], a["token"])
     return getattr(f, r.op)()
 
 

@@ -89,6 +89,9 @@ class Arch:
     def invalidate_range(self, start: int, end: int, kinds: int) -> None:
         self._kinds(start, end, kinds)
 
+    def post_populate(self, index: int, pfn: int, token: int | None = None) -> None:
+        self._populate_args(index, pfn, token)
+
     def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
         self._prepare_args(index, pfn, nr_pages)
 
@@ -159,6 +162,15 @@ class Arch:
         self._pfns(p, p + n, ("pfn", "nr_pages"))
         return i, p, n
 
+    def _populate_args(self, index: Any, pfn: Any, token: Any) -> tuple[int, int, int | None]:
+        i, p = u64(index, "index"), u64(pfn, "pfn")
+        t = None if token is None else u64(token, "token")
+        f = self._file
+        if i >= f.nr_pages:
+            raise ValueError(f"index: must be < nr_pages ({f.nr_pages}), got {i}")
+        self._pfns(p, p + 1, ("pfn", "pfn"))
+        return i, p, t
+
     def _kinds(self, start: Any, end: Any, kinds: Any) -> tuple[int, int, int]:
         s, e, k = u64(start, "start"), u64(end, "end"), u64(kinds, "kinds")
         self._range(s, e)
@@ -177,21 +189,31 @@ class SNP(Arch):
     """AMD SEV-SNP: the RMP assigns PFNs to the guest in 4 KiB or 2 MiB entries."""
 
     NAME = "snp"
-    config = frozenset({"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION"})
+    config = frozenset({"PREPARE", "FREE", "FREE_ON_SHARED_CONVERSION", "POPULATE"})
     CONTENTS = "garble"
     RMP_SHARED, RMP_4K, RMP_2M = 0, 1, 2
 
     def __init__(self) -> None:
         super().__init__()
-        self.rmp_updates = self.psmash = self.cache_flushes = 0
+        self.rmp_updates = self.psmash = self.cache_flushes = self.launch_updates = 0
 
     @property
     def stats(self) -> dict[str, int]:
         return {
             "cache_flushes": self.cache_flushes,
+            "launch_updates": self.launch_updates,
             "psmash": self.psmash,
             "rmp_updates": self.rmp_updates,
         }
+
+    def post_populate(self, index: int, pfn: int, token: int | None = None) -> None:
+        """LAUNCH_UPDATE: the page is assigned in the RMP (4 KiB) and measured."""
+        index, pfn, token = self._populate_args(index, pfn, token)
+        pm = self._file.physmem
+        if pm.rmp.load(pfn - pm.base_pfn) == self.RMP_SHARED:
+            pm.rmp.store(pfn - pm.base_pfn, pfn - pm.base_pfn + 1, self.RMP_4K)
+            self.rmp_updates += 1
+        self.launch_updates += 1
 
     def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
         index, pfn, nr_pages = self._prepare_args(index, pfn, nr_pages)
@@ -278,8 +300,22 @@ class TDX(Arch):
     """TDX: no gmem hooks; a conversion destroys the page, which then reads zero."""
 
     NAME = "tdx"
+    config = frozenset({"POPULATE"})
     CONTENTS = "zero"
     CONTENTS_RULE = "converted-page-reads-zero"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pages_added = 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"pages_added": self.pages_added}
+
+    def post_populate(self, index: int, pfn: int, token: int | None = None) -> None:
+        """PAGE.ADD: the TDX module copies the page into the TD and measures it."""
+        self._populate_args(index, pfn, token)
+        self.pages_added += 1
 
 
 class PKVM(Arch):
@@ -407,6 +443,9 @@ class Recorder(Arch):
 
     def invalidate_range(self, start: int, end: int, kinds: int) -> None:
         self.calls.append(("invalidate_range", *self._kinds(start, end, kinds)))
+
+    def post_populate(self, index: int, pfn: int, token: int | None = None) -> None:
+        self.calls.append(("post_populate", *self._populate_args(index, pfn, token)))
 
     def ranges(self, hook: str) -> npt.NDArray[np.uint64]:
         rows = [c[1:3] for c in self.calls if c[0] == hook]

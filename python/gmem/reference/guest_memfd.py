@@ -34,7 +34,7 @@ from gmem._consts import (
     PRIVATE,
     SHARED,
 )
-from gmem.errors import ConversionBusy, OutOfMemory, SigBus
+from gmem.errors import ConversionBusy, HWPoison, OutOfMemory, SigBus
 from gmem.reference._args import (
     SMALL_REQUEST,
     check_start_end,
@@ -64,6 +64,8 @@ STAT_KEYS = (
     "free_calls",
     "hook_ranges",
     "invalidate_range_calls",
+    "pages_populated",
+    "memory_failures",
 )
 
 
@@ -105,6 +107,7 @@ HOOK_NAMES = (
     "invalidate_range",
     "invalidate_start",
     "invalidate_end",
+    "post_populate",
 )
 
 
@@ -189,6 +192,7 @@ class GuestMemfd:
         self._pins: dict[int, int] = {}  # pfn -> pin count
         self._mapped: list[int] = []  # sorted host-mapped indexes
         self._orphans: dict[int, int] = {}  # pfn -> order: punched out while pinned
+        self._poisoned: list[tuple[int, int]] = []  # file pages of poisoned folios
         self._violations: list[Violation] = []
         self._stats = dict.fromkeys(STAT_KEYS, 0)
         self._closed = False
@@ -349,9 +353,18 @@ class GuestMemfd:
                 return order, block
         return 0, index
 
+    def _check_poison(self, index: int) -> None:
+        for start, end in self._poisoned:
+            if start <= index < end:
+                raise HWPoison(
+                    f"index {index}: the folio had a memory failure (EHWPOISON); punch it out",
+                    index,
+                )
+
     def _get_pfn(self, index: int) -> tuple[int, int]:
         self._check_open()
         self._check_index(index)
+        self._check_poison(index)
         f = self._fault_in(index)
         self._zero_folio(f)
         order, block = self._max_order(f, index)
@@ -377,6 +390,7 @@ class GuestMemfd:
             )
         if self._attrs.load(index) & PRIVATE:
             raise SigBus(f"host fault at index {index}: the page is private", index)
+        self._check_poison(index)
         f = self._fault_in(index)
         self._zero_folio(f)
         if index not in self._mapped:
@@ -447,6 +461,53 @@ class GuestMemfd:
                 del self._pins[pfn]
 
         self._operation(unpin)
+
+    def populate(self, index: Any, token: Any = None) -> None:
+        """kvm_gmem_populate: a private page, no zeroing, no make_private; ``token`` sets its
+        contents, None keeps them (in place); then post_populate (POPULATE)."""
+        i = u64(index, "index")
+        t = None if token is None else u64(token, "token")
+
+        def populate() -> None:
+            self._check_open()
+            self._check_index(i)
+            if not self._attrs.load(i) & PRIVATE:
+                raise ValueError(
+                    f"index: populate needs a private page (EINVAL), page {i} is shared"
+                )
+            self._check_poison(i)
+            f = self._fault_in(i)
+            if not f.uptodate:  # not zeroed: what the pages hold is what is expected
+                for a, b, v in self._pm.contents(f.pfn, f.nr_pages):
+                    self._expected.store(f.index + a - f.pfn, f.index + b - f.pfn, v)
+                f.uptodate = True
+            pfn = f.file_pfn(i)
+            if t is not None:
+                self._pm.write(pfn, t)
+                self._expected.store(i, i + 1, t)
+            self._stats["pages_populated"] += 1
+            if "POPULATE" in self._config:
+                self._hook("post_populate", i, pfn, t)
+
+        self._operation(populate)
+
+    def memory_failure(self, index: Any) -> None:
+        """error_remove_folio: poison the folio of ``index`` until it is punched out."""
+        i = u64(index, "index")
+
+        def fail() -> None:
+            self._check_open()
+            self._check_index(i)
+            f = self._cache.lookup_folio(i)
+            if f is None:
+                raise ValueError(f"index: page {i} is a hole: no memory there to fail")
+            self._poisoned.append((f.index, f.end))
+            self._stats["memory_failures"] += 1
+            self._unmap(f.index, f.end)
+            self._invalidate_begin(f.index, f.end, FILTER_SHARED | FILTER_PRIVATE)
+            self._hook("invalidate_end", f.index, f.end)
+
+        self._operation(fail)
 
     def unpin_pfn(self, pfn: Any) -> None:
         p = u64(pfn, "pfn")
@@ -618,6 +679,12 @@ class GuestMemfd:
             self._cache.split_range_pages(s, stop)
             self._expected.store(s, stop, 0)
             self._release_range(s, stop, with_orphans=False)
+            self._poisoned = [  # the punched pages are no longer poisoned
+                (a, b)
+                for start, end in self._poisoned
+                for a, b in ((start, min(end, s)), (max(start, stop), end))
+                if a < b
+            ]
             self._hook("invalidate_end", s, stop)
 
         self._operation(punch)
@@ -632,6 +699,7 @@ class GuestMemfd:
         self._hook("invalidate_end", 0, self._nr_pages)
         self._pins.clear()  # the pinning devices go away with the VM
         self._release_range(0, self._nr_pages, with_orphans=True)
+        self._poisoned.clear()
         self._closed = True
 
     def close(self) -> None:
