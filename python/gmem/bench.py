@@ -447,7 +447,7 @@ def plot(s: Suite, path: str) -> None:
 
 
 def main_bench(args: Any) -> int:
-    from gmem.cli import Progress
+    from gmem._progress import Progress
 
     s = run(args.full, Progress(not args.quiet and not args.json))
     if args.json:

@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from gmem._consts import PRIVATE
 from gmem.reference._args import u64
+from gmem.reference._config import config_names
 
 if TYPE_CHECKING:
     from gmem.reference.guest_memfd import GuestMemfd
@@ -411,8 +412,6 @@ class Recorder(Arch):
 
     def __init__(self, config: Any = frozenset()) -> None:
         super().__init__()
-        from gmem.reference.guest_memfd import config_names
-
         self.config = config_names(config)
         self.calls: list[tuple[Any, ...]] = []
 

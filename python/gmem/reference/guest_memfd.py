@@ -9,7 +9,6 @@ violation and re-raised when the operation has completed.
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator
@@ -20,14 +19,12 @@ import numpy.typing as npt
 
 from gmem._consts import (
     BUILTIN_ARCHS,
-    CONFIG_ALIASES,
     FILTER_PRIVATE,
     FILTER_SHARED,
     FLAG_INIT_SHARED,
     FLAG_MMAP,
     FOLIO_BATCH_SIZE,
     GARBLED,
-    HOOK_CONFIGS,
     HOOK_DESIGNS,
     MAX_ORDER,
     PAGE_SIZE,
@@ -43,6 +40,7 @@ from gmem.reference._args import (
     order_arg,
     u64,
 )
+from gmem.reference._config import config_for, config_names
 from gmem.reference.arch import PKVM, SNP, TDX, Arch, SwProtected, Violation
 from gmem.reference.folio_cache import Folio, FolioCache, folio_rows, ranges_array
 from gmem.reference.interval_map import IntervalMap
@@ -67,35 +65,6 @@ STAT_KEYS = (
     "pages_populated",
     "memory_failures",
 )
-
-
-def config_names(config: Any) -> frozenset[str]:
-    """A hook config as a frozenset of the thread's names (and INVALIDATE), validated:
-    CONVERT stands for PREPARE + FREE_ON_SHARED_CONVERSION, RECLAIM for FREE."""
-    if isinstance(config, str) or not hasattr(config, "__iter__"):
-        raise TypeError(f"config: must be a set of hook names, got {type(config).__name__}")
-    items = list(itertools.islice(iter(config), 65))
-    if len(items) > 64:
-        raise ValueError("config: more than 64 items; allowed: a set of hook names")
-    names: set[str] = set()
-    for name in items:
-        if name not in HOOK_CONFIGS:
-            raise ValueError(
-                f"config: unknown hook config {name!r}; allowed: CONVERT, RECLAIM, INVALIDATE "
-                "(or PREPARE, FREE, FREE_ON_SHARED_CONVERSION)"
-            )
-        names |= CONFIG_ALIASES.get(name, {name})
-    return frozenset(names)
-
-
-def config_for(names: frozenset[str], design: str) -> set[str]:
-    """A normalised config in the vocabulary of ``design``."""
-    out = set(names)
-    if design == "mainline":
-        for alias, parts in CONFIG_ALIASES.items():
-            if parts <= out:
-                out = (out - parts) | {alias}
-    return out
 
 
 HOOK_NAMES = (
