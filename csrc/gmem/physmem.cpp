@@ -239,17 +239,7 @@ void PhysMem::take(uint64_t pfn, unsigned order)
 void PhysMem::free(uint64_t pfn, unsigned order)
 {
     check_block(pfn, order);
-    uint64_t end = pfn + pages(order);
-    // No part of the block may be free: a larger free block around it, or a smaller one in it.
-    uint64_t b;
-    unsigned bo;
-    bool overlap = find_free_container(pfn, order, &b, &bo);
-    for (unsigned o = 0; o < order && !overlap; o++) {
-        overlap = free_[o].at_or_after(pfn) < end;
-    }
-    if (overlap)
-        throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " + std::to_string(end) +
-                                 ") are already free (double free)");
+    check_not_free(pfn, order);
     nr_free_ += pages(order);
     while (order < MAX_ORDER) {
         uint64_t buddy = pfn ^ pages(order);
@@ -263,6 +253,19 @@ void PhysMem::free(uint64_t pfn, unsigned order)
 }
 
 // The mark's store is reserved before the block changes hands: it cannot fail after.
+/* No part of the block may be free: a larger free block around it, or a smaller one in it. */
+void PhysMem::check_not_free(uint64_t pfn, unsigned order) const
+{
+    uint64_t end = pfn + pages(order), b;
+    unsigned bo;
+    bool overlap = find_free_container(pfn, order, &b, &bo);
+    for (unsigned o = 0; o < order && !overlap; o++)
+        overlap = free_[o].at_or_after(pfn) < end;
+    if (overlap)
+        throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " + std::to_string(end) +
+                                 ") are already free (double free)");
+}
+
 uint64_t PhysMem::user_alloc(unsigned order)
 {
     user_.reserve_stores(1);
@@ -291,15 +294,7 @@ void PhysMem::user_free(uint64_t pfn, unsigned order)
         return;
     }
     if (!user_.range_has(pfn - base_, end - base_, 1)) {
-        uint64_t b;
-        unsigned bo;
-        bool some_free = find_free_container(pfn, order, &b, &bo);
-        for (unsigned o = 0; o < order && !some_free; o++) {
-            some_free = free_[o].at_or_after(pfn) < end;
-        }
-        if (some_free)
-            throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " + std::to_string(end) +
-                                     ") are already free (double free)");
+        check_not_free(pfn, order);
         throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " + std::to_string(end) +
                                  ") are held by a guest_memfd file; only pages from "
                                  "PhysMem.alloc, take or fragment can be freed here");

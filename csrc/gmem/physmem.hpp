@@ -192,6 +192,7 @@ private:
     std::vector<uint64_t> kept_;       // pages kept by fragment(), sorted
 
     void add_free_range(uint64_t start, uint64_t end);
+    void check_not_free(uint64_t pfn, unsigned order) const;
     bool find_free_container(uint64_t pfn, unsigned order, uint64_t *block,
                              unsigned *block_order) const;
 };
