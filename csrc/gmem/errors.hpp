@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: MIT
-// errors.hpp - the exceptions the core throws; bindings.cpp maps each to its Python type.
+// errors.hpp - the exceptions the core throws; csrc/bind/module.cpp maps each to
+// its Python type.
 #pragma once
 
 #include <cstdint>

@@ -1,0 +1,71 @@
+// SPDX-License-Identifier: MIT
+// register_clamp.cpp - binds clamp_folio_ranges and the exhaustive PFN-walk check.
+#include "common.hpp"
+#include "gmem/pfn_check.hpp"
+
+namespace gmem_bind __attribute__((visibility("hidden"))) {
+namespace {
+
+} // namespace
+
+void register_clamp(py::module_ &m)
+{
+    m.def(
+        "check_pfn_exhaustive",
+        [](py::handle o) {
+            unsigned size_order = unsigned(std::min<uint64_t>(to_u64(o, "size_order"), 99));
+            PfnCheckReport rep;
+            {
+                py::gil_scoped_release nogil; // pure C++ on objects it creates itself
+                rep = check_pfn_exhaustive(size_order);
+            }
+            py::dict d;
+            d["ok"] = rep.ok;
+            d["files"] = rep.files;
+            d["layouts"] = rep.layouts;
+            d["ranges"] = rep.ranges;
+            if (!rep.ok) {
+                py::list layout, expected, emitted;
+                for (const Folio &f : rep.layout)
+                    layout.append(py::make_tuple(f.index, f.order, f.pfn));
+                for (const PfnRange &r : rep.expected)
+                    expected.append(py::make_tuple(r.start_pfn, r.end_pfn));
+                for (const PfnRange &r : rep.emitted)
+                    emitted.append(py::make_tuple(r.start_pfn, r.end_pfn));
+                d["layout"] = layout;
+                d["start"] = rep.start;
+                d["end"] = rep.end;
+                d["expected"] = expected;
+                d["emitted"] = emitted;
+                d["what"] = rep.what;
+            }
+            return d;
+        },
+        py::arg("size_order"));
+    m.def(
+        "clamp_folio_ranges",
+        [](py::handle i, py::handle o, py::handle p, py::handle s, py::handle e) {
+            Columns cols = to_columns(i, o, p, "index", "order", "pfn");
+            uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
+            check_start_end(start, end);
+            size_t n = cols.n;
+            const uint64_t *ip = cols.a.data(), *op = cols.b.data(), *pp = cols.c.data();
+            size_t first = 0, count = 0;
+            {
+                // Safe without the GIL: the three arrays are contiguous and referenced here.
+                py::gil_scoped_release nogil;
+                count = count_clamped(ip, op, n, start, end, &first);
+            }
+            auto out = new_u64_2d(count, 2);
+            auto *ranges = reinterpret_cast<PfnRange *>(out.mutable_data());
+            {
+                py::gil_scoped_release nogil;
+                clamp_folio_ranges(ip, op, pp, n, first, count, start, end, ranges);
+            }
+            return out;
+        },
+        py::arg("index"), py::arg("order"), py::arg("pfn"), py::arg("start"), py::arg("end"));
+}
+
+
+} // namespace gmem_bind
