@@ -330,3 +330,52 @@ def test_two_mib_folios_converted_in_4k_pieces(impl) -> None:
             [int(pfns[512]), int(pfns[1023]) + 1],
             [int(pfns[1024]), int(pfns[1029]) + 1],
         ]
+
+
+# Every hook call site and gate under the three designs: event -> the hook a Recorder logs.
+CALL_SITES = {
+    # event: (config that enables it, {design: logged name})
+    "private fault": (
+        {"PREPARE"},
+        {"mainline": "make_private", "split": "prepare", "overloaded": "prepare"},
+    ),
+    "to-shared conversion": (
+        {"CONVERT", "RECLAIM"},
+        {"mainline": "make_shared", "split": "make_shared", "overloaded": "free_folio"},
+    ),
+    "punch": (
+        {"RECLAIM"},
+        {"mainline": "reclaim", "split": "free_folio", "overloaded": "free_folio"},
+    ),
+    "invalidation": ({"INVALIDATE"}, {"mainline": "invalidate_range"}),
+    "populate": ({"POPULATE"}, dict.fromkeys(("mainline", "split", "overloaded"), "post_populate")),
+}
+
+
+def _event(f, event: str) -> None:
+    if event == "private fault":
+        f.get_pfn(0)
+    elif event == "to-shared conversion":
+        f.set_attributes(0, 4, gmem.SHARED)
+    elif event == "punch":
+        f.punch_hole(0, 4)
+    elif event == "invalidation":
+        f.set_attributes(0, 4, gmem.SHARED)
+    else:
+        f.populate(1, 5)
+
+
+@IMPLS
+@pytest.mark.parametrize("design", ["mainline", "split", "overloaded"])
+@pytest.mark.parametrize("event", sorted(CALL_SITES))
+@pytest.mark.parametrize("gated", [True, False])
+def test_every_call_site_and_gate_under_every_design(impl, design, event, gated) -> None:
+    config, names = CALL_SITES[event]
+    rec = impl.arch.Recorder(config if gated else set())
+    with impl.GuestMemfd(8 * P, folio_order=2, arch=rec, hook_design=design) as f:
+        f.fallocate(0, 8)
+        rec.clear()
+        _event(f, event)
+        logged = {c[0] for c in rec.calls} - {"invalidate_start", "invalidate_end"}
+        want = names.get(design) if gated else None
+        assert logged == ({want} if want else set()), (event, design, gated, rec.calls)
