@@ -693,3 +693,75 @@ def test_a_file_collected_in_a_cycle_gives_its_pages_back(impl: Any) -> None:
     del h
     gc.collect()
     assert pm.nr_free == 64
+
+
+@IMPLS
+@pytest.mark.parametrize(
+    "steps",
+    [
+        # (operations, then the index read and whether it must be poisoned)
+        ([("memory_failure", 4), ("punch_hole", 6, 8), ("memory_failure", 0)], 5, True),
+        ([("memory_failure", 0), ("punch_hole", 0, 1), ("memory_failure", 2)], 5, True),
+        (
+            [
+                ("memory_failure", 0),
+                ("punch_hole", 6, 8),
+                ("memory_failure", 4),
+                ("punch_hole", 4, 6),
+            ],
+            4,
+            False,
+        ),
+    ],
+)
+def test_pieces_of_a_poisoned_folio_failing_again(impl: Any, steps: Any) -> None:
+    ops, index, poisoned = steps
+    f = impl.GuestMemfd(8 * P, folio_order=3)
+    f.fallocate(0, 8)
+    for name, *args in ops:
+        getattr(f, name)(*args)
+    if poisoned:
+        with pytest.raises(gmem.HWPoison):
+            f.get_pfn(index)
+    else:
+        f.get_pfn(index)
+    f.close()
+
+
+@IMPLS
+@pytest.mark.parametrize("base", ["Arch", "SNP", "PKVM"])
+def test_super_make_private_from_prepare_runs_the_model_once(impl: Any, base: str) -> None:
+    log: list[str] = []
+    cls = getattr(impl, base) if base == "Arch" else getattr(impl.arch, base)
+
+    class Mine(cls):  # type: ignore[misc,valid-type]
+        config = {"CONVERT", "RECLAIM"}
+
+        def prepare(self, index: int, pfn: int, nr_pages: int) -> None:
+            log.append("prepare")
+            super().make_private(index, pfn, nr_pages)
+
+        def free_folio(self, start_pfn: int, end_pfn: int) -> None:
+            log.append("free_folio")
+            super().reclaim(start_pfn, end_pfn)
+
+    f = impl.GuestMemfd(4 * P, arch=Mine())
+    f.get_pfn(0)
+    f.close()
+    assert log == ["prepare", "free_folio"]
+    assert f.check() == []
+
+
+@IMPLS
+def test_populate_zeroes_the_rest_of_a_larger_folio_it_touches_first(impl: Any) -> None:
+    pm = impl.PhysMem(64)
+    a = pm.alloc(3)
+    pm.write(a, 7)
+    pm.write(a + 5, 9)
+    pm.free(a, 3)  # a previous owner's data, left in the pages
+    f = impl.GuestMemfd(16 * P, folio_order=3, physmem=pm, flags=gmem.FLAG_MMAP)
+    f.set_attributes(0, 4, gmem.SHARED)
+    f.populate(5)  # in place: page 5 keeps 9; the others are zeroed
+    assert f.host_read(0) == 0 and f.guest_read(5) == 9
+    assert f.check() == []
+    f.close()

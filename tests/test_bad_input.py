@@ -24,7 +24,7 @@ from conftest import IMPLS
 from model import snapshot
 
 P = gmem.PAGE_SIZE
-HOOKS = {"CONVERT", "RECLAIM", "INVALIDATE"}
+HOOKS = {"CONVERT", "RECLAIM", "INVALIDATE", "POPULATE"}
 
 # Values that are not a u64: (value, exception).
 NOT_U64 = [

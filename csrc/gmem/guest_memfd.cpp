@@ -572,11 +572,6 @@ void GuestMemfd::punch_hole(uint64_t start, uint64_t end)
     arch_->invalidate_end(*this, start, end);
 }
 
-/*
- * close - kvm_gmem_release(): KVM invalidates both kinds over the whole file, start and
- * end, and the folios are reclaimed afterwards, when the inode is evicted - so every
- * reclaim comes after invalidate_end.
- */
 /* Forget the poison of the pages of [start, end), which just left the page cache. */
 void GuestMemfd::unpoison(uint64_t start, uint64_t end)
 {
@@ -608,12 +603,17 @@ void GuestMemfd::populate(uint64_t index, bool has_token, uint64_t token)
                                    std::to_string(index) + " is shared");
     check_poison(index);
     Folio f = fault_in(index);
-    if (!f.uptodate) { // not zeroed: whatever the pages hold is what they are expected to
-        for (const Run &r : pm_->contents(f.pfn, f.nr_pages()))
-            expected_.store(f.index + (r.start - f.pfn), f.index + (r.end - f.pfn), r.value);
-        cache_.set_uptodate(f.index, true);
-    }
     uint64_t pfn = f.file_pfn(index);
+    if (!f.uptodate) {
+        // The populated page is not zeroed (its contents are the launch image); the rest of
+        // a larger folio is, as the first touch would, so that no stale page becomes
+        // reachable (the kernel populates order-0 folios; gmem's may be larger).
+        uint64_t keep = pm_->read(pfn);
+        zero_folio(f);
+        pm_->write(pfn, keep);
+        expected_.store(index, index + 1, keep);
+        stats_.pages_zeroed--;
+    }
     if (has_token) {
         pm_->write(pfn, token);
         expected_.store(index, index + 1, token);
@@ -636,13 +636,22 @@ void GuestMemfd::memory_failure(uint64_t index)
     if (!cache_.lookup(index, &f))
         throw invalid("index", "page " + std::to_string(index) +
                                    " is a hole: no memory there to fail");
-    poisoned_[f.index] = f.end(); // reserved first: the steps below cannot fail
+    // A folio lies inside a poisoned range or outside them all (folios only split): a
+    // piece of a poisoned folio failing again changes nothing.
+    auto in = poisoned_.upper_bound(f.index);
+    if (in == poisoned_.begin() || std::prev(in)->second <= f.index)
+        poisoned_[f.index] = f.end(); // first: the steps below cannot fail
     stats_.memory_failures++;
     mapped_.erase(mapped_.lower_bound(f.index), mapped_.lower_bound(f.end()));
     invalidate_begin(f.index, f.end(), FILTER_SHARED | FILTER_PRIVATE);
     arch_->invalidate_end(*this, f.index, f.end());
 }
 
+/*
+ * close - kvm_gmem_release(): KVM invalidates both kinds over the whole file, start and
+ * end, and the folios are reclaimed afterwards, when the inode is evicted - so every
+ * reclaim comes after invalidate_end.
+ */
 void GuestMemfd::close()
 {
     if (closed_)

@@ -252,7 +252,6 @@ void PhysMem::free(uint64_t pfn, unsigned order)
     free_[order].insert(pfn);
 }
 
-// The mark's store is reserved before the block changes hands: it cannot fail after.
 /* No part of the block may be free: a larger free block around it, or a smaller one in it. */
 void PhysMem::check_not_free(uint64_t pfn, unsigned order) const
 {
@@ -266,6 +265,7 @@ void PhysMem::check_not_free(uint64_t pfn, unsigned order) const
                                  ") are already free (double free)");
 }
 
+// The mark's store is reserved before the block changes hands: it cannot fail after.
 uint64_t PhysMem::user_alloc(unsigned order)
 {
     user_.reserve_stores(1);

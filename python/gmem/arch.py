@@ -48,6 +48,7 @@ HOOK_CONFIGS = {
     "free_folio": "FREE",
     "make_shared": "FREE_ON_SHARED_CONVERSION",
     "invalidate_range": "INVALIDATE",
+    "post_populate": "POPULATE",
 }
 
 

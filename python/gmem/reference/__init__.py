@@ -22,7 +22,7 @@ from gmem._consts import (
     PRIVATE,
     SHARED,
 )
-from gmem.errors import ConversionBusy, GmemError, OutOfMemory, SigBus
+from gmem.errors import ConversionBusy, GmemError, HWPoison, OutOfMemory, SigBus
 from gmem.reference import arch
 from gmem.reference.arch import Arch, Violation
 from gmem.reference.folio_cache import FolioCache, clamp_folio_ranges
@@ -49,6 +49,7 @@ __all__ = [
     "FolioCache",
     "GmemError",
     "GuestMemfd",
+    "HWPoison",
     "IntervalMap",
     "OutOfMemory",
     "PhysMem",

@@ -21,8 +21,8 @@ def config_names(config: Any) -> frozenset[str]:
     for name in items:
         if name not in HOOK_CONFIGS:
             raise ValueError(
-                f"config: unknown hook config {name!r}; allowed: CONVERT, RECLAIM, INVALIDATE "
-                "(or PREPARE, FREE, FREE_ON_SHARED_CONVERSION)"
+                f"config: unknown hook config {name!r}; allowed: CONVERT, RECLAIM, INVALIDATE, "
+                "POPULATE (or PREPARE, FREE, FREE_ON_SHARED_CONVERSION)"
             )
         names |= CONFIG_ALIASES.get(name, {name})
     return frozenset(names)

@@ -82,10 +82,18 @@ class Arch:
     # reclaim is free_folio; a subclass may define either (the file calls make_private
     # or reclaim, whose base versions call prepare or free_folio).
     def make_private(self, index: int, pfn: int, nr_pages: int) -> None:
-        self.prepare(index, pfn, nr_pages)
+        self._model("prepare")(self, index, pfn, nr_pages)
 
     def reclaim(self, start_pfn: int, end_pfn: int) -> None:
-        self.free_folio(start_pfn, end_pfn)
+        self._model("free_folio")(self, start_pfn, end_pfn)
+
+    def _model(self, name: str) -> Any:
+        """The built-in model's own ``name`` (as the engine's T::prepare): never a Python
+        override, so super().make_private() from an overriding prepare cannot recurse."""
+        for klass in type(self).__mro__:
+            if klass.__module__ == __name__ and name in vars(klass):
+                return vars(klass)[name]
+        raise AttributeError(name)
 
     def invalidate_range(self, start: int, end: int, kinds: int) -> None:
         self._kinds(start, end, kinds)

@@ -446,11 +446,13 @@ class GuestMemfd:
                 )
             self._check_poison(i)
             f = self._fault_in(i)
-            if not f.uptodate:  # not zeroed: what the pages hold is what is expected
-                for a, b, v in self._pm.contents(f.pfn, f.nr_pages):
-                    self._expected.store(f.index + a - f.pfn, f.index + b - f.pfn, v)
-                f.uptodate = True
             pfn = f.file_pfn(i)
+            if not f.uptodate:  # the page keeps its contents; the rest of the folio is zeroed
+                keep = self._pm.read(pfn)
+                self._zero_folio(f)
+                self._pm.write(pfn, keep)
+                self._expected.store(i, i + 1, keep)
+                self._stats["pages_zeroed"] -= 1
             if t is not None:
                 self._pm.write(pfn, t)
                 self._expected.store(i, i + 1, t)
@@ -470,7 +472,8 @@ class GuestMemfd:
             f = self._cache.lookup_folio(i)
             if f is None:
                 raise ValueError(f"index: page {i} is a hole: no memory there to fail")
-            self._poisoned.append((f.index, f.end))
+            if not any(a <= f.index < b for a, b in self._poisoned):
+                self._poisoned.append((f.index, f.end))
             self._stats["memory_failures"] += 1
             self._unmap(f.index, f.end)
             self._invalidate_begin(f.index, f.end, FILTER_SHARED | FILTER_PRIVATE)
