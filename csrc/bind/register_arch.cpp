@@ -22,15 +22,9 @@ public:
     // make_private or prepare: a subclass may define either name (make_private first).
     void prepare(GuestMemfd &f, uint64_t index, uint64_t pfn, uint64_t nr) override
     {
-        py::gil_scoped_acquire gil;
-        py::object fn;
-        const char *label = mainline(f) ? "make_private" : "prepare";
-        if (Lookup l = lookup(f, label, "make_private", "prepare", fn); l != Lookup::Found) {
-            if (l == Lookup::Absent)
-                Base::prepare(f, index, pfn, nr);
-            return;
-        }
-        call(f, label, [&] { fn(index, pfn, nr); });
+        hook(f, mainline(f) ? "make_private" : "prepare", "make_private", "prepare",
+             [&] { Base::prepare(f, index, pfn, nr); },
+             [&](py::object &fn) { fn(index, pfn, nr); });
     }
     void make_shared(GuestMemfd &f, const PfnRange *r, size_t n) override
     {
@@ -45,57 +39,51 @@ public:
     void post_populate(GuestMemfd &f, uint64_t index, uint64_t pfn, bool has_token,
                        uint64_t token) override
     {
-        py::gil_scoped_acquire gil;
-        py::object fn;
-        if (Lookup l = lookup(f, "post_populate", "post_populate", nullptr, fn);
-            l != Lookup::Found) {
-            if (l == Lookup::Absent)
-                Base::post_populate(f, index, pfn, has_token, token);
-            return;
-        }
-        call(f, "post_populate", [&] {
-            fn(index, pfn, has_token ? py::object(py::int_(token)) : py::object(py::none()));
-        });
+        hook(f, "post_populate", "post_populate", nullptr,
+             [&] { Base::post_populate(f, index, pfn, has_token, token); },
+             [&](py::object &fn) {
+                 fn(index, pfn, has_token ? py::object(py::int_(token)) : py::object(py::none()));
+             });
     }
     void invalidate_range(GuestMemfd &f, uint64_t start, uint64_t end, unsigned kinds) override
     {
-        py::gil_scoped_acquire gil;
-        py::object fn;
-        if (Lookup l = lookup(f, "invalidate_range", "invalidate_range", nullptr, fn);
-            l != Lookup::Found) {
-            if (l == Lookup::Absent)
-                Base::invalidate_range(f, start, end, kinds);
-            return;
-        }
-        call(f, "invalidate_range", [&] { fn(start, end, kinds); });
+        hook(f, "invalidate_range", "invalidate_range", nullptr,
+             [&] { Base::invalidate_range(f, start, end, kinds); },
+             [&](py::object &fn) { fn(start, end, kinds); });
     }
     void invalidate_start(GuestMemfd &f, uint64_t start, uint64_t end, unsigned kinds) override
     {
-        py::gil_scoped_acquire gil;
-        py::object fn;
-        if (Lookup l = lookup(f, "invalidate_start", "invalidate_start", nullptr, fn);
-            l != Lookup::Found) {
-            if (l == Lookup::Absent)
-                Base::invalidate_start(f, start, end, kinds);
-            return;
-        }
-        call(f, "invalidate_start", [&] { fn(start, end, kinds); });
+        hook(f, "invalidate_start", "invalidate_start", nullptr,
+             [&] { Base::invalidate_start(f, start, end, kinds); },
+             [&](py::object &fn) { fn(start, end, kinds); });
     }
     void invalidate_end(GuestMemfd &f, uint64_t start, uint64_t end) override
     {
-        py::gil_scoped_acquire gil;
-        py::object fn;
-        if (Lookup l = lookup(f, "invalidate_end", "invalidate_end", nullptr, fn);
-            l != Lookup::Found) {
-            if (l == Lookup::Absent)
-                Base::invalidate_end(f, start, end);
-            return;
-        }
-        call(f, "invalidate_end", [&] { fn(start, end); });
+        hook(f, "invalidate_end", "invalidate_end", nullptr,
+             [&] { Base::invalidate_end(f, start, end); },
+             [&](py::object &fn) { fn(start, end); });
     }
 
 private:
     static bool mainline(const GuestMemfd &f) { return f.hook_design() == HookDesign::Mainline; }
+
+    /*
+     * A hook with scalar arguments: the Python override of @name (or @alias), called
+     * by @with_python under the GIL (@label names it in a violation); none: @fallback,
+     * the Base model's own; a lookup that failed: nothing (recorded as hook-raised).
+     */
+    template <class Fallback, class WithPython>
+    void hook(GuestMemfd &f, const char *label, const char *name, const char *alias,
+              Fallback &&fallback, WithPython &&with_python)
+    {
+        py::gil_scoped_acquire gil;
+        py::object fn;
+        Lookup l = lookup(f, label, name, alias, fn);
+        if (l == Lookup::Absent)
+            fallback();
+        else if (l == Lookup::Found)
+            call(f, label, [&] { with_python(fn); });
+    }
 
     std::string base_name() const
     {
@@ -240,17 +228,6 @@ void check_hook_pfns(const GuestMemfd &f, uint64_t start_pfn, uint64_t end_pfn,
                                     "], got " + hex(end_pfn));
 }
 
-/* A direct hook call's range of file pages: not empty, inside the file. */
-void check_hook_range(const GuestMemfd &f, uint64_t start, uint64_t end)
-{
-    if (start >= end)
-        throw invalid("start", "must be < end, got start=" + std::to_string(start) +
-                                   " end=" + std::to_string(end));
-    if (end > f.nr_pages())
-        throw invalid("end", "must be <= nr_pages (" + std::to_string(f.nr_pages()) +
-                                 "), got " + std::to_string(end));
-}
-
 /*
  * The hooks as methods, so that Python can call them directly or through super().  Every
  * argument is converted (which may run Python: __index__) before the file is looked up,
@@ -287,7 +264,7 @@ void bind_hook_methods(Cls &cls)
             uint64_t kinds = to_u64(k, "kinds");
             FileRef f = file_of(a);
             Guard lk(f->physmem().lock(), Mode::Write);
-            check_hook_range(*f, start, end);
+            f->check_range(start, end);
             if (kinds == 0 || kinds > (FILTER_SHARED | FILTER_PRIVATE))
                 throw invalid("kinds", "must be FILTER_SHARED (1), FILTER_PRIVATE (2) or "
                                        "both (3), got " +
@@ -341,7 +318,7 @@ void bind_hook_methods(Cls &cls)
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
                 FileRef f = file_of(a);
                 Guard lk(f->physmem().lock(), Mode::Write);
-                check_hook_range(*f, start, end);
+                f->check_range(start, end);
                 a.T::invalidate_end(*f, start, end);
             },
             py::arg("start"), py::arg("end"));

@@ -154,11 +154,7 @@ class Arch:
 
     def _range(self, start: Any, end: Any) -> tuple[int, int]:
         s, e = u64(start, "start"), u64(end, "end")
-        f = self._file
-        if s >= e:
-            raise ValueError(f"start: must be < end, got start={s} end={e}")
-        if e > f.nr_pages:
-            raise ValueError(f"end: must be <= nr_pages ({f.nr_pages}), got {e}")
+        self._file._check_range(s, e)
         return s, e
 
     def _prepare_args(self, index: Any, pfn: Any, nr_pages: Any) -> tuple[int, int, int]:
