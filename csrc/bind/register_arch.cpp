@@ -405,7 +405,12 @@ void register_arch(py::module_ &m)
     snp.def(py::init<>());
     bind_hook_methods<SNP>(snp);
     py::class_<TDX, Arch, PyArch<TDX>, std::shared_ptr<TDX>> tdx(sub, "TDX");
-    tdx.def(py::init<>());
+    tdx.def(py::init([](py::handle every) { return new TDX(to_u64(every, "demote_busy_every")); },
+                     [](py::handle every) {
+                         return new PyArch<TDX>(to_u64(every, "demote_busy_every"));
+                     }),
+            py::arg("demote_busy_every") = 0)
+        .def_property_readonly("demote_busy_every", &TDX::demote_busy_every);
     bind_hook_methods<TDX>(tdx);
     py::class_<PKVM, Arch, PyArch<PKVM>, std::shared_ptr<PKVM>> pkvm(sub, "PKVM");
     pkvm.def(py::init<>());

@@ -263,7 +263,8 @@ void register_guest_memfd(py::module_ &m)
         },
         py::arg("index"), py::arg("token") = py::none());
     cls.def(py::init([](py::handle size, py::handle flags, py::handle folio_order,
-                        py::handle physmem, py::handle arch, py::handle hook_design) {
+                        py::handle physmem, py::handle arch, py::handle hook_design,
+                        py::handle huge_policy) {
                 uint64_t sz = to_u64(size, "size_bytes"), fl = to_u64(flags, "flags");
                 unsigned order = to_order(folio_order, "folio_order");
                 std::shared_ptr<PhysMem> pm;
@@ -289,6 +290,12 @@ void register_guest_memfd(py::module_ &m)
                     throw invalid("hook_design",
                                   "must be 'mainline', 'split' or 'overloaded', got '" + name +
                                       "'");
+                if (!py::isinstance<py::str>(huge_policy))
+                    throw py::type_error("huge_policy: must be 'none' or 'hugetlb'");
+                std::string pname = huge_policy.cast<std::string>();
+                if (pname != "none" && pname != "hugetlb")
+                    throw invalid("huge_policy", "must be 'none' or 'hugetlb', got '" + pname + "'");
+                HugePolicy policy = pname == "hugetlb" ? HugePolicy::HugeTLB : HugePolicy::None;
                 std::shared_ptr<Arch> a = make_arch(arch);
                 ArchConfig cfg(*a, arch);
                 std::unique_ptr<Guard> g;
@@ -297,7 +304,7 @@ void register_guest_memfd(py::module_ &m)
                 std::function<void()> undo = cfg.apply();
                 GM *file;
                 try {
-                    file = new GM(sz, fl, order, pm, a, design);
+                    file = new GM(sz, fl, order, pm, a, design, policy);
                 } catch (...) {
                     undo();
                     throw;
@@ -307,7 +314,7 @@ void register_guest_memfd(py::module_ &m)
             py::arg("size_bytes"), py::kw_only(), py::arg("flags") = 0,
             py::arg("folio_order") = 0, py::arg("physmem") = py::none(),
             py::arg("arch") = "sw_protected", py::arg("hook_design") = "mainline",
-            py::keep_alive<1, 6>())
+            py::arg("huge_policy") = "none", py::keep_alive<1, 6>())
         .def_property_readonly("size", &GM::size)
         .def_property_readonly("nr_pages", &GM::nr_pages)
         .def_property_readonly("flags", &GM::flags)
@@ -315,6 +322,8 @@ void register_guest_memfd(py::module_ &m)
         .def_property_readonly("closed", &GM::closed)
         .def_property_readonly("hook_design",
                                [](const GM &f) { return design_name(f.hook_design()); })
+        .def_property_readonly("huge_policy",
+                               [](const GM &f) { return policy_name(f.huge_policy()); })
         .def_property_readonly("config",
                                [](const GM &f) {
                                    return config_set(f.config(),

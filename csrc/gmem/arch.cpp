@@ -138,12 +138,128 @@ void SNP::post_populate(GuestMemfd &f, uint64_t, uint64_t pfn, bool, uint64_t)
     launch_updates++;
 }
 
+/* A huge folio is split: its 2 MiB RMP entries become 512 4 KiB ones each (PSMASH). */
+void SNP::split_folio(GuestMemfd &f, uint64_t, uint64_t pfn, unsigned order)
+{
+    PhysMem &pm = f.physmem();
+    const uint64_t base = pm.base_pfn();
+    for (uint64_t p = pfn; p + PMD_PAGES <= pfn + (uint64_t(1) << order); p += PMD_PAGES)
+        if (pm.rmp().range_has(p - base, p - base + PMD_PAGES, RMP_2M)) {
+            pm.rmp().store(p - base, p - base + PMD_PAGES, RMP_4K);
+            psmash++;
+        }
+}
+
+/*
+ * Pieces merged back into a huge folio: each 2 MiB region whose 512 pages are all assigned
+ * becomes one 2 MiB entry again (RMPUPDATE).  A region with unassigned pages keeps its
+ * 4 KiB entries; one wholly unassigned gets its 2 MiB entry at the next huge fault.
+ */
+void SNP::merge_folio(GuestMemfd &f, uint64_t, uint64_t pfn, unsigned order)
+{
+    PhysMem &pm = f.physmem();
+    const uint64_t base = pm.base_pfn();
+    for (uint64_t p = pfn; p + PMD_PAGES <= pfn + (uint64_t(1) << order); p += PMD_PAGES)
+        if (pm.rmp().range_has(p - base, p - base + PMD_PAGES, RMP_4K)) {
+            pm.rmp().store(p - base, p - base + PMD_PAGES, RMP_2M);
+            rmp_2m_restores++;
+        }
+}
+
+/* No assigned 2 MiB RMP entry may cover a page of the file that is shared. */
+void SNP::check_state(const GuestMemfd &f, std::vector<Violation> &out) const
+{
+    const PhysMem &pm = f.physmem();
+    const uint64_t base = pm.base_pfn();
+    f.cache().walk_extents(0, f.nr_pages(), [&](uint64_t index, uint64_t pfn, uint64_t nr, bool) {
+        pm.rmp().for_each_run(pfn - base, pfn + nr - base, [&](uint64_t a, uint64_t b, uint64_t v) {
+            uint64_t i0 = index + (a + base - pfn), i1 = index + (b + base - pfn);
+            if (v == RMP_2M && !f.attrs().range_has(i0, i1, ATTR_PRIVATE))
+                out.push_back(Violation{name(), "rmp-2m-covers-shared-page", i0, a + base,
+                                        "an assigned 2 MiB RMP entry covers a shared page of "
+                                        "[" + std::to_string(i0) + ", " + std::to_string(i1) +
+                                        ")"});
+        });
+    });
+}
+
 std::map<std::string, uint64_t> SNP::stats() const
 {
     return {{"rmp_updates", rmp_updates},
             {"psmash", psmash},
             {"cache_flushes", cache_flushes},
-            {"launch_updates", launch_updates}};
+            {"launch_updates", launch_updates},
+            {"rmp_2m_restores", rmp_2m_restores}};
+}
+
+/* A private fault of a 2 MiB (or larger) block maps it with 2 MiB leaves. */
+void TDX::guest_mapped(GuestMemfd &, uint64_t index, uint64_t, uint64_t nr, bool priv)
+{
+    if (!priv || nr < PMD_PAGES)
+        return;
+    for (uint64_t r = index; r + PMD_PAGES <= index + nr; r += PMD_PAGES)
+        leaves_2m_.insert(r);
+}
+
+/* TDH.MEM.PAGE.DEMOTE of the 2 MiB leaf at @region, retried once after a BUSY. */
+void TDX::demote(uint64_t region)
+{
+    if (busy_every_ && ++attempts_ % busy_every_ == 0)
+        demote_busy++; // TDX_OPERAND_BUSY: KVM kicks the vCPUs out and tries again
+    demotes++;
+    leaves_2m_.erase(region);
+}
+
+/* A zap of private mappings: 2 MiB leaves inside go, ones the range cuts are demoted. */
+void TDX::invalidate_start(GuestMemfd &, uint64_t start, uint64_t end, unsigned kinds)
+{
+    if (!(kinds & FILTER_PRIVATE))
+        return;
+    auto it = leaves_2m_.lower_bound(start >= PMD_PAGES ? start - PMD_PAGES + 1 : 0);
+    while (it != leaves_2m_.end() && *it < end) {
+        uint64_t r = *it++;
+        if (r < start || r + PMD_PAGES > end)
+            demote(r);
+        else
+            leaves_2m_.erase(r);
+    }
+}
+
+void TDX::split_folio(GuestMemfd &, uint64_t index, uint64_t, unsigned order)
+{
+    auto it = leaves_2m_.lower_bound(index);
+    while (it != leaves_2m_.end() && *it < index + (uint64_t(1) << order))
+        demote(*it++);
+}
+
+void TDX::merge_folio(GuestMemfd &, uint64_t index, uint64_t, unsigned order)
+{
+    for (uint64_t r = index; r + PMD_PAGES <= index + (uint64_t(1) << order); r += PMD_PAGES) {
+        leaves_2m_.insert(r);
+        promotes++;
+    }
+}
+
+/* A 2 MiB leaf maps only private pages, all in one folio of at least 2 MiB. */
+void TDX::check_state(const GuestMemfd &f, std::vector<Violation> &out) const
+{
+    for (uint64_t r : leaves_2m_) {
+        Folio folio;
+        if (!f.attrs().range_has(r, r + PMD_PAGES, ATTR_PRIVATE))
+            out.push_back(Violation{name(), "sept-2m-covers-shared-page", r, NO_PFN,
+                                    "a 2 MiB Secure EPT leaf maps a shared page"});
+        else if (!f.cache().lookup(r, &folio) || folio.nr_pages() < PMD_PAGES)
+            out.push_back(Violation{name(), "sept-2m-within-one-folio", r, NO_PFN,
+                                    "a 2 MiB Secure EPT leaf maps pages of smaller folios"});
+    }
+}
+
+std::map<std::string, uint64_t> TDX::stats() const
+{
+    return {{"pages_added", pages_added},
+            {"demotes", demotes},
+            {"demote_busy", demote_busy},
+            {"promotes", promotes}};
 }
 
 void PKVM::set_owner(PhysMem &pm, uint64_t start_pfn, uint64_t end_pfn, uint64_t owner)

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -84,6 +85,20 @@ public:
     /// kvm_arch_gmem_invalidate_range: after invalidate_start, "mainline" design only.
     virtual void invalidate_range(GuestMemfd &, uint64_t, uint64_t, unsigned /*kinds*/) {}
 
+    /// Huge folios under the "hugetlb" policy (model notifications, not KVM hooks): the
+    /// folio [index, index + 2**order) at @pfn is about to be split into order-0 folios
+    /// (SNP: PSMASH its 2 MiB RMP entries; TDX: demote its 2 MiB S-EPT leaves), or its
+    /// order-0 pieces were just merged back into one (SNP: 2 MiB RMP entries restored;
+    /// TDX: promote).  Neither may fail.
+    virtual void split_folio(GuestMemfd &, uint64_t /*index*/, uint64_t /*pfn*/,
+                             unsigned /*order*/)
+    {
+    }
+    virtual void merge_folio(GuestMemfd &, uint64_t /*index*/, uint64_t /*pfn*/,
+                             unsigned /*order*/)
+    {
+    }
+
     /// The model is done handing out ranges for now (end of a conversion's walk, or of a
     /// batch of frees): an arch that defers work across ranges finishes it here.
     virtual void flush(GuestMemfd &) {}
@@ -100,6 +115,8 @@ public:
                                   std::vector<Violation> &) const
     {
     }
+    /// Contract checks over the arch's own state, for check().
+    virtual void check_state(const GuestMemfd &, std::vector<Violation> &) const {}
     /// The contract rule broken when a page's contents differ from what is expected.
     virtual std::string contents_rule() const { return "contents-as-expected"; }
 
@@ -140,16 +157,20 @@ public:
     void make_shared(GuestMemfd &f, const PfnRange *r, size_t n) override;
     void free_folio(GuestMemfd &f, const PfnRange *r, size_t n) override;
     void flush(GuestMemfd &f) override;
+    void split_folio(GuestMemfd &f, uint64_t index, uint64_t pfn, unsigned order) override;
+    void merge_folio(GuestMemfd &f, uint64_t index, uint64_t pfn, unsigned order) override;
     void check_freed(const GuestMemfd &f, uint64_t pfn, uint64_t nr,
                      std::vector<Violation> &out) const override;
     void check_host_reach(const GuestMemfd &f, uint64_t index, uint64_t pfn,
                           std::vector<Violation> &out) const override;
+    void check_state(const GuestMemfd &f, std::vector<Violation> &out) const override;
     std::map<std::string, uint64_t> stats() const override;
 
     /// Give [start_pfn, end_pfn) back to the host in the RMP.
     void rmp_make_shared(GuestMemfd &f, uint64_t start_pfn, uint64_t end_pfn);
 
-    uint64_t rmp_updates = 0, psmash = 0, cache_flushes = 0, launch_updates = 0;
+    uint64_t rmp_updates = 0, psmash = 0, cache_flushes = 0, launch_updates = 0,
+             rmp_2m_restores = 0;
 
 private:
     PfnRange pending_{0, 0}; // ranges given back but not yet applied: they continue
@@ -158,9 +179,17 @@ private:
 /*
  * TDX - the TDX module owns private memory; KVM's gmem hooks are not used.  Zapping the
  * private mapping destroys the page: a conversion leaves the pages reading zero.
+ *
+ * The Secure EPT maps private memory in 4 KiB or 2 MiB leaves; the model keeps the 2 MiB
+ * ones (a private guest fault of a 2 MiB block maps one).  A zap that covers a 2 MiB
+ * leaf in part, and the split of a huge folio, demote it first (TDH.MEM.PAGE.DEMOTE);
+ * a demote can fail with TDX_OPERAND_BUSY while vCPUs run, and KVM retries it with the
+ * vCPUs kicked out.  @demote_busy_every makes every n-th attempt fail that way (0: none).
+ * A merge of a huge folio promotes its 2 MiB regions (TDH.MEM.PAGE.PROMOTE).
  */
 class TDX : public Arch {
 public:
+    explicit TDX(uint64_t demote_busy_every = 0) : busy_every_(demote_busy_every) {}
     std::string name() const override { return "tdx"; }
     unsigned config() const override { return CONFIG_POPULATE; }
     /// PAGE.ADD: the TDX module copies the page into the TD and measures it.
@@ -168,10 +197,23 @@ public:
     {
         pages_added++;
     }
-    std::map<std::string, uint64_t> stats() const override { return {{"pages_added", pages_added}}; }
-    uint64_t pages_added = 0;
+    void guest_mapped(GuestMemfd &f, uint64_t index, uint64_t pfn, uint64_t nr,
+                      bool priv) override;
+    void invalidate_start(GuestMemfd &f, uint64_t start, uint64_t end, unsigned kinds) override;
+    void split_folio(GuestMemfd &f, uint64_t index, uint64_t pfn, unsigned order) override;
+    void merge_folio(GuestMemfd &f, uint64_t index, uint64_t pfn, unsigned order) override;
+    void check_state(const GuestMemfd &f, std::vector<Violation> &out) const override;
+    std::map<std::string, uint64_t> stats() const override;
     Contents conversion_contents() const override { return Contents::Zero; }
     std::string contents_rule() const override { return "converted-page-reads-zero"; }
+    uint64_t demote_busy_every() const { return busy_every_; }
+
+    uint64_t pages_added = 0, demotes = 0, demote_busy = 0, promotes = 0;
+
+private:
+    uint64_t busy_every_, attempts_ = 0;
+    std::set<uint64_t> leaves_2m_; // file index of each 2 MiB S-EPT leaf
+    void demote(uint64_t region);
 };
 
 /*

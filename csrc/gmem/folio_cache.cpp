@@ -129,6 +129,32 @@ void FolioCache::split(uint64_t index, unsigned new_order)
         tree_.insert(f.index + off, pack(f.pfn + off, new_order, f.uptodate));
 }
 
+void FolioCache::split_to_pages(uint64_t index)
+{
+    Folio f;
+    if (!lookup(index, &f) || f.index != index)
+        throw invalid("index", "no folio starts at index " + std::to_string(index));
+    // The first page keeps the folio's slot, so undoing needs no allocation.
+    tree_.set_val(tree_.floor(index), pack(f.pfn, 0, f.uptodate));
+    uint64_t off = 1;
+    try {
+        for (; off < f.nr_pages(); off++)
+            tree_.insert(f.index + off, pack(f.pfn + off, 0, f.uptodate));
+    } catch (...) {
+        tree_.erase_range(f.index + 1, f.index + off);
+        tree_.set_val(tree_.floor(index), pack(f.pfn, f.order, f.uptodate));
+        throw;
+    }
+}
+
+void FolioCache::merge(uint64_t index, unsigned order, bool uptodate)
+{
+    auto p = tree_.floor(index);
+    Folio first = unpack(tree_.key(p), tree_.val(p));
+    tree_.set_val(p, pack(first.pfn, order, uptodate));
+    tree_.erase_range(index + 1, index + (uint64_t(1) << order));
+}
+
 /* Replace @f by the largest aligned pieces that cross neither @cut1 nor @cut2. */
 void FolioCache::split_at(const Folio &f, uint64_t cut1, uint64_t cut2)
 {

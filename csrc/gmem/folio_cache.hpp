@@ -80,6 +80,12 @@ public:
 
     /// Split the folio covering @index into 2**(order - new_order) folios of @new_order.
     void split(uint64_t index, unsigned new_order);
+    /// Split the folio that starts at @index into order-0 folios, PFNs unchanged.  All or
+    /// nothing: host memory running out (bad_alloc) leaves the folio as it was.
+    void split_to_pages(uint64_t index);
+    /// Merge the order-0 folios of [index, index + 2**order), which the caller has checked
+    /// are all present with PFNs first.pfn + i, into one folio.  Allocates nothing.
+    void merge(uint64_t index, unsigned order, bool uptodate);
     /// Split the folios that cross @start or @end into the largest aligned pieces that do
     /// not, so that [start, end) is made of whole folios.  Returns how many were split.
     size_t split_range(uint64_t start, uint64_t end);

@@ -44,11 +44,15 @@ std::vector<std::pair<const char *, uint64_t>> GmemStats::items() const
             {"hook_ranges", hook_ranges},
             {"invalidate_range_calls", invalidate_range_calls},
             {"pages_populated", pages_populated},
-            {"memory_failures", memory_failures}};
+            {"memory_failures", memory_failures},
+            {"folio_splits", folio_splits},
+            {"folio_merges", folio_merges},
+            {"merges_blocked", merges_blocked},
+            {"pages_punched_zeroed", pages_punched_zeroed}};
 }
 
 static uint64_t checked_nr_pages(uint64_t size, uint64_t flags, unsigned folio_order,
-                                 const Arch *arch)
+                                 const Arch *arch, HugePolicy policy)
 {
     if (size == 0)
         throw invalid("size", "must be > 0");
@@ -64,6 +68,16 @@ static uint64_t checked_nr_pages(uint64_t size, uint64_t flags, unsigned folio_o
         throw invalid("arch", "must be an Arch");
     if (arch->file)
         throw invalid("arch", "this Arch already serves another file; create one per file");
+    if (policy == HugePolicy::HugeTLB) {
+        if (folio_order == 0)
+            throw invalid("folio_order", "huge_policy 'hugetlb' needs huge folios: must be in "
+                                         "1..18, got 0");
+        uint64_t huge = PAGE_SIZE << folio_order;
+        if (size % huge)
+            throw invalid("size", "under huge_policy 'hugetlb' must be a multiple of the folio "
+                                  "size (" + std::to_string(huge) + " bytes), got " +
+                                      std::to_string(size));
+    }
     return size / PAGE_SIZE;
 }
 
@@ -80,9 +94,10 @@ static std::shared_ptr<PhysMem> default_physmem(uint64_t nr_pages, unsigned foli
 
 GuestMemfd::GuestMemfd(uint64_t size, uint64_t flags, unsigned folio_order,
                        std::shared_ptr<PhysMem> physmem, std::shared_ptr<Arch> arch,
-                       HookDesign design)
-    : nr_pages_(checked_nr_pages(size, flags, folio_order, arch.get())), flags_(flags),
-      folio_order_(folio_order), config_(arch->config()), design_(design),
+                       HookDesign design, HugePolicy huge_policy)
+    : nr_pages_(checked_nr_pages(size, flags, folio_order, arch.get(), huge_policy)),
+      flags_(flags), folio_order_(folio_order), config_(arch->config()), design_(design),
+      policy_(huge_policy),
       pm_(physmem ? std::move(physmem) : default_physmem(nr_pages_, folio_order)),
       arch_(std::move(arch)), attrs_(nr_pages_, (flags & FLAG_INIT_SHARED) ? 0 : ATTR_PRIVATE),
       expected_(nr_pages_, 0)
@@ -166,26 +181,36 @@ uint64_t GuestMemfd::mapped_in(uint64_t start, uint64_t end) const
  * alloc_folio - allocate the folio for the hole at @index: the naturally aligned block of
  * folio_order around it, or the largest smaller order whose block fits in the file,
  * overlaps no folio and can be had from PhysMem.  Sets *oom when not even one page can.
- * Host memory running out (bad_alloc) changes nothing: the PFN goes back.
+ * Under "hugetlb" only the huge block will do, and it is split at once if a page of it is
+ * shared.  Host memory running out (bad_alloc) changes nothing: the PFN goes back.
  */
 Folio GuestMemfd::alloc_folio(uint64_t index, bool *oom)
 {
-    for (int o = int(folio_order_); o >= 0; o--) {
+    // A HugeTLB pool hands out huge pages only: no smaller fallback.
+    for (int o = int(folio_order_), lowest = hugetlb() ? o : 0; o >= lowest; o--) {
         uint64_t block = index & ~(pages(unsigned(o)) - 1);
         if (block + pages(unsigned(o)) > nr_pages_ ||
             cache_.count(block, block + pages(unsigned(o))))
             continue;
         uint64_t pfn;
         if (pm_->try_alloc(unsigned(o), &pfn)) {
+            Folio f{block, pfn, unsigned(o), false};
             try {
                 cache_.add(block, unsigned(o), pfn);
+                try {
+                    if (hugetlb())
+                        split_if_shared(f);
+                } catch (...) {
+                    cache_.remove(block);
+                    throw;
+                }
             } catch (...) {
                 pm_->free(pfn, unsigned(o));
                 throw;
             }
             stats_.folios_allocated++;
             *oom = false;
-            return Folio{block, pfn, unsigned(o), false};
+            return f;
         }
     }
     *oom = true;
@@ -202,6 +227,8 @@ Folio GuestMemfd::fault_in(uint64_t index)
     f = alloc_folio(index, &oom);
     if (oom)
         throw OutOfMemory("guest_memfd: no free page for index " + std::to_string(index));
+    if (f.index != index && hugetlb())
+        cache_.lookup(index, &f); // it was split
     return f;
 }
 
@@ -249,6 +276,7 @@ std::pair<uint64_t, unsigned> GuestMemfd::get_pfn(uint64_t index)
     check_poison(index);
     Folio f = fault_in(index);
     zero_folio(f);
+    touch(index, index + 1);
     uint64_t block;
     unsigned order = max_order(f, index, &block);
     bool priv = attrs_.load(index) & ATTR_PRIVATE;
@@ -279,6 +307,7 @@ uint64_t GuestMemfd::host_fault(uint64_t index)
     check_poison(index);
     Folio f = fault_in(index);
     zero_folio(f);
+    touch(index, index + 1);
     mapped_.insert(index);
     return f.file_pfn(index);
 }
@@ -410,7 +439,8 @@ void GuestMemfd::give_back(const Folio &f)
 /*
  * release_range - truncate_inode_pages_range(): take the folios of [start, end), which
  * all lie inside it, out of the page cache (RELEASE_CHUNK folios at a time; a whole-file
- * teardown empties the cache at once) and reclaim them, in batches of up to 31.  Pinned
+ * teardown empties the cache at once) and reclaim them, in batches of up to 31 (under
+ * "hugetlb", the pieces of a split block as the one huge folio they were).  Pinned
  * folios are reclaimed too and wait for their last unpin; @with_orphans (teardown: the
  * pins are gone) gives every waiting folio back.  Memory stays bounded however many folios.
  */
@@ -419,7 +449,16 @@ void GuestMemfd::release_range(uint64_t start, uint64_t end, bool with_orphans,
 {
     std::vector<Folio> batch;
     batch.reserve(FOLIO_BATCH_SIZE);
-    auto release = [&](const Folio &f) {
+    Folio block{};
+    auto release = [&](Folio f) {
+        if (f.order < folio_order_ && hugetlb()) {
+            // The pieces of a split huge folio come in order: reclaimed whole, once.
+            if (f.index == huge_block(f.index))
+                block = Folio{f.index, f.pfn, folio_order_, f.uptodate};
+            if (f.end() != block.end())
+                return;
+            f = block;
+        }
         batch.push_back(f);
         if (batch.size() == FOLIO_BATCH_SIZE) {
             reclaim(batch.data(), batch.size());
@@ -467,7 +506,7 @@ void GuestMemfd::fallocate(uint64_t start, uint64_t end)
     // What this call allocated, as runs of index-contiguous new folios: O(holes) memory
     // even for 2**28 folios, and enough to give them all back.
     std::vector<std::pair<uint64_t, uint64_t>> got;
-    uint64_t allocated = 0;
+    uint64_t allocated = 0, splits = stats_.folio_splits;
     auto give_back = [&] {
         // The buddy allocator's free state depends only on which pages are free, so
         // freeing in any order restores it exactly.
@@ -479,6 +518,7 @@ void GuestMemfd::fallocate(uint64_t start, uint64_t end)
                     pm_->free(chunk[k].pfn, chunk[k].order);
             }
         stats_.folios_allocated -= allocated;
+        stats_.folio_splits = splits; // new huge folios split for shared pages: gone again
     };
     InterruptCheck interrupted;
     try {
@@ -514,6 +554,7 @@ void GuestMemfd::fallocate(uint64_t start, uint64_t end)
         give_back();
         throw;
     }
+    touch(start, end);
 }
 
 void GuestMemfd::add_folio(uint64_t index, unsigned order, uint64_t pfn)
@@ -527,6 +568,10 @@ void GuestMemfd::add_folio(uint64_t index, unsigned order, uint64_t pfn)
                                    std::to_string(index + pages(order)) +
                                    ") runs past the end of the file (" +
                                    std::to_string(nr_pages_) + " pages)");
+    if (hugetlb() && order != folio_order_)
+        throw invalid("order", "under huge_policy 'hugetlb' a folio is a huge page: must be " +
+                                   std::to_string(folio_order_) + ", got " +
+                                   std::to_string(order));
     pm_->check_block(pfn, order);
     if (!pm_->is_free(pfn, order))
         throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " +
@@ -535,6 +580,13 @@ void GuestMemfd::add_folio(uint64_t index, unsigned order, uint64_t pfn)
     pm_->take(pfn, order);
     try {
         cache_.add(index, order, pfn, false);
+        try {
+            if (hugetlb())
+                split_if_shared(Folio{index, pfn, order, false});
+        } catch (...) {
+            cache_.remove(index);
+            throw;
+        }
     } catch (...) {
         pm_->free(pfn, order); // host memory ran out: the block goes back
         throw;
@@ -551,6 +603,8 @@ void GuestMemfd::punch_hole(uint64_t start, uint64_t end)
     end = std::min(end, nr_pages_); // truncate_inode_pages_range stops at EOF
     if (start >= end)
         return;
+    if (hugetlb())
+        return punch_huge(start, end);
     // What the steps after the point of no return store, reserved first: the pieces of the
     // (at most two) folios that straddle the range's edges (a cut makes at most 2 * order
     // of them), the expected contents, and the buffer the release works through.
@@ -572,22 +626,6 @@ void GuestMemfd::punch_hole(uint64_t start, uint64_t end)
     arch_->invalidate_end(*this, start, end);
 }
 
-/* Forget the poison of the pages of [start, end), which just left the page cache. */
-void GuestMemfd::unpoison(uint64_t start, uint64_t end)
-{
-    auto it = poisoned_.upper_bound(start);
-    if (it != poisoned_.begin() && std::prev(it)->second > start)
-        --it;
-    while (it != poisoned_.end() && it->first < end) {
-        uint64_t a = it->first, b = it->second;
-        it = poisoned_.erase(it);
-        if (a < start)
-            poisoned_[a] = start;
-        if (b > end)
-            poisoned_[end] = b;
-    }
-}
-
 /*
  * populate - kvm_gmem_populate (SNP LAUNCH_UPDATE, TDX PAGE.ADD): the index must be
  * private (else EINVAL); its folio is taken without zeroing and without make_private,
@@ -603,6 +641,7 @@ void GuestMemfd::populate(uint64_t index, bool has_token, uint64_t token)
                                    std::to_string(index) + " is shared");
     check_poison(index);
     Folio f = fault_in(index);
+    touch(index, index + 1);
     uint64_t pfn = f.file_pfn(index);
     if (!f.uptodate) {
         // The populated page is not zeroed (its contents are the launch image); the rest of
@@ -662,6 +701,7 @@ void GuestMemfd::close()
     pins_.clear(); // the pinning devices go away with the VM
     release_range(0, nr_pages_, true);
     poisoned_.clear();
+    punched_.clear();
     closed_ = true;
 }
 
@@ -747,6 +787,8 @@ void GuestMemfd::set_attributes(uint64_t start, uint64_t end, uint64_t attrs)
         stats_.conversions_noop++;
         return;
     }
+    // Under "hugetlb", the buffer a merge reads a block's pieces into, taken now.
+    std::vector<Folio> pieces(hugetlb() && attrs == ATTR_PRIVATE ? huge_pages() : 0);
     // 3. To private: a folio pinned anywhere, or mapped by the host outside the range, is
     //    busy.  Checked before anything changes, then the range is unmapped.
     if (attrs == ATTR_PRIVATE) {
@@ -782,7 +824,14 @@ void GuestMemfd::set_attributes(uint64_t start, uint64_t end, uint64_t attrs)
     }
     // What the store at step 6 needs, taken now: past this point nothing may fail.
     attrs_.reserve_stores(1);
-    // 4. Point of no return: KVM zaps its mappings of the old kind.
+    // 3b. To shared under "hugetlb": split the huge folios first (undone if that fails).
+    std::vector<Folio> split;
+    if (hugetlb() && attrs == 0)
+        split = split_for_share(start, end);
+    // 4. Point of no return: the arch hears of the splits (SNP PSMASH, TDX demote), then
+    //    KVM zaps its mappings of the old kind.
+    for (const Folio &f : split)
+        split_huge(f);
     invalidate_begin(start, end, attrs == ATTR_PRIVATE ? FILTER_SHARED : FILTER_PRIVATE);
     convert_contents(start, end, attrs);
     // 5. To shared: the arch gets the clamped PFN ranges.
@@ -804,6 +853,9 @@ void GuestMemfd::set_attributes(uint64_t start, uint64_t end, uint64_t attrs)
     attrs_.store(start, end, attrs);
     stats_.conversions++;
     stats_.pages_converted += end - start;
+    // 7. Under "hugetlb", blocks wholly private again are merged back.
+    if (hugetlb() && attrs == ATTR_PRIVATE)
+        merge_after_unshare(start, end, pieces);
     arch_->attributes_set(*this, start, end, attrs);
     arch_->invalidate_end(*this, start, end);
 }
@@ -866,6 +918,9 @@ std::vector<Violation> GuestMemfd::check() const
         arch_->check_host_reach(*this, index, pfn, out);
     }
     check_contents(0, nr_pages_, out);
+    if (hugetlb())
+        check_huge(out);
+    arch_->check_state(*this, out);
     // A violation recorded during a call may still stand in the current state: once.
     std::set<std::tuple<std::string, uint64_t, uint64_t, std::string>> seen;
     std::vector<Violation> unique;
@@ -908,7 +963,7 @@ std::string GuestMemfd::dump() const
 {
     std::ostringstream os;
     os << "GuestMemfd(size=" << size() << ", arch=" << arch_->name() << ", hook_design="
-       << design_name(design_) << ", folios="
+       << design_name(design_) << ", huge_policy=" << policy_name(policy_) << ", folios="
        << cache_.nr_folios() << ", attribute runs=" << attrs_.nr_runs()
        << (closed_ ? ", closed" : "") << ")";
     size_t shown = 0;

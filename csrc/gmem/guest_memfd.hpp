@@ -74,12 +74,19 @@ struct SigBus : std::runtime_error {
 enum class HookDesign { Mainline, Split, Overloaded };
 const char *design_name(HookDesign d);
 
+/// What a conversion does to a huge folio it covers in part: "none" never splits (round
+/// 1, the kernel as merged); "hugetlb" is the guest_memfd HugeTLB series' policy - split on
+/// share, merge on unshare, zero on partial punch (docs/model.md, "Huge folios").
+enum class HugePolicy { None, HugeTLB };
+const char *policy_name(HugePolicy p);
+
 struct GmemStats {
     uint64_t folios_allocated = 0, folios_freed = 0, pages_zeroed = 0, conversions = 0,
              conversions_noop = 0, conversions_busy = 0, pages_converted = 0,
              invalidations = 0, prepare_calls = 0, make_shared_calls = 0, free_calls = 0,
              hook_ranges = 0, invalidate_range_calls = 0, pages_populated = 0,
-             memory_failures = 0;
+             memory_failures = 0, folio_splits = 0, folio_merges = 0, merges_blocked = 0,
+             pages_punched_zeroed = 0;
     std::vector<std::pair<const char *, uint64_t>> items() const;
 };
 
@@ -96,7 +103,7 @@ public:
     /// @physmem null: a private PhysMem of the file's size rounded up to whole folios.
     GuestMemfd(uint64_t size, uint64_t flags, unsigned folio_order,
                std::shared_ptr<PhysMem> physmem, std::shared_ptr<Arch> arch,
-               HookDesign design);
+               HookDesign design, HugePolicy huge_policy = HugePolicy::None);
     ~GuestMemfd();
     GuestMemfd(const GuestMemfd &) = delete;
     GuestMemfd &operator=(const GuestMemfd &) = delete;
@@ -107,6 +114,9 @@ public:
     unsigned folio_order() const { return folio_order_; }
     unsigned config() const { return config_; }
     HookDesign hook_design() const { return design_; }
+    HugePolicy huge_policy() const { return policy_; }
+    /// Under "hugetlb": the huge block (2**folio_order pages) holding @index.
+    uint64_t huge_block(uint64_t index) const { return index & ~((uint64_t(1) << folio_order_) - 1); }
     bool closed() const { return closed_; }
     PhysMem &physmem() { return *pm_; }
     const PhysMem &physmem() const { return *pm_; }
@@ -163,6 +173,7 @@ private:
     uint64_t nr_pages_, flags_;
     unsigned folio_order_, config_;
     HookDesign design_;
+    HugePolicy policy_;
     std::shared_ptr<PhysMem> pm_;
     std::shared_ptr<Arch> arch_;
     IntervalMap attrs_, expected_;
@@ -171,6 +182,7 @@ private:
     std::set<uint64_t> mapped_;          // host-mapped indexes
     std::map<uint64_t, unsigned> orphans_; // pfn -> order: punched out while pinned
     std::map<uint64_t, uint64_t> poisoned_; // start -> end: file pages of poisoned folios
+    std::map<uint64_t, uint64_t> punched_;  // start -> end: "hugetlb" pages punched, kept
     std::vector<Violation> violations_;
     GmemStats stats_;
     bool closed_ = false, in_operation_ = false;
@@ -188,6 +200,17 @@ private:
     void invalidate_begin(uint64_t start, uint64_t end, unsigned kinds);
     void check_poison(uint64_t index) const;
     void unpoison(uint64_t start, uint64_t end);
+    bool poisoned_in(uint64_t start, uint64_t end) const;
+    // The "hugetlb" policy (guest_memfd_huge.cpp).
+    bool hugetlb() const { return policy_ == HugePolicy::HugeTLB; }
+    uint64_t huge_pages() const { return uint64_t(1) << folio_order_; }
+    void split_huge(const Folio &f);
+    std::vector<Folio> split_for_share(uint64_t start, uint64_t end);
+    void merge_after_unshare(uint64_t start, uint64_t end, std::vector<Folio> &pieces);
+    void split_if_shared(const Folio &f);
+    void punch_huge(uint64_t start, uint64_t end);
+    void touch(uint64_t start, uint64_t end);
+    void check_huge(std::vector<Violation> &out) const;
     void convert_contents(uint64_t start, uint64_t end, uint64_t attrs);
     void check_contents(uint64_t start, uint64_t end, std::vector<Violation> &out) const;
     Violation violation(const std::string &rule, uint64_t index, uint64_t pfn,

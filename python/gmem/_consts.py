@@ -32,10 +32,12 @@ HOOK_CONFIGS = frozenset(
     }
 )
 HOOK_DESIGNS = ("mainline", "split", "overloaded")
+HUGE_POLICIES = ("none", "hugetlb")
 BUILTIN_ARCHS = ("sw_protected", "snp", "tdx", "pkvm")
 # The names GuestMemfd takes, for type checkers.
 ArchName = Literal["sw_protected", "snp", "tdx", "pkvm"]
 HookDesign = Literal["mainline", "split", "overloaded"]
+HugePolicy = Literal["none", "hugetlb"]
 MAX_ORDER = 18
 FOLIO_BATCH_SIZE = 31  # PAGEVEC_SIZE - 1: folios per filemap_get_folios() batch
 NO_PFN = 2**64 - 1  # page_pfns() value for a hole

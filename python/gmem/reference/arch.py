@@ -129,6 +129,17 @@ class Arch:
     def _check_host_reach(self, index: int, pfn: int, out: list[Violation]) -> None:
         pass
 
+    # "hugetlb": a huge folio is about to be split into order-0 folios, or its pieces
+    # were just merged back into one (SNP PSMASH / 2 MiB restore, TDX demote / promote).
+    def _split_folio(self, index: int, pfn: int, order: int) -> None:
+        pass
+
+    def _merge_folio(self, index: int, pfn: int, order: int) -> None:
+        pass
+
+    def _check_state(self, f: GuestMemfd, out: list[Violation]) -> None:
+        pass
+
     @property
     def _file(self) -> GuestMemfd:
         f = self._op_file if self._op_file is not None else self.file
@@ -201,6 +212,7 @@ class SNP(Arch):
     def __init__(self) -> None:
         super().__init__()
         self.rmp_updates = self.psmash = self.cache_flushes = self.launch_updates = 0
+        self.rmp_2m_restores = 0
 
     @property
     def stats(self) -> dict[str, int]:
@@ -208,8 +220,43 @@ class SNP(Arch):
             "cache_flushes": self.cache_flushes,
             "launch_updates": self.launch_updates,
             "psmash": self.psmash,
+            "rmp_2m_restores": self.rmp_2m_restores,
             "rmp_updates": self.rmp_updates,
         }
+
+    def _split_folio(self, index: int, pfn: int, order: int) -> None:
+        """PSMASH every 2 MiB RMP entry of the folio being split."""
+        pm = self._file.physmem
+        for p in range(pfn, pfn + (1 << order) - PMD_PAGES + 1, PMD_PAGES):
+            a = p - pm.base_pfn
+            if pm.rmp.range_has(a, a + PMD_PAGES, self.RMP_2M):
+                pm.rmp.store(a, a + PMD_PAGES, self.RMP_4K)
+                self.psmash += 1
+
+    def _merge_folio(self, index: int, pfn: int, order: int) -> None:
+        """A 2 MiB region whose pages are all assigned becomes one 2 MiB entry again."""
+        pm = self._file.physmem
+        for p in range(pfn, pfn + (1 << order) - PMD_PAGES + 1, PMD_PAGES):
+            a = p - pm.base_pfn
+            if pm.rmp.range_has(a, a + PMD_PAGES, self.RMP_4K):
+                pm.rmp.store(a, a + PMD_PAGES, self.RMP_2M)
+                self.rmp_2m_restores += 1
+
+    def _check_state(self, f: GuestMemfd, out: list[Violation]) -> None:
+        pm = f.physmem
+        for index, pfn, nr, _ in f._extents(0, f.nr_pages):
+            for a, b, v in pm.rmp.runs(pfn - pm.base_pfn, pfn + nr - pm.base_pfn).tolist():
+                i0, i1 = index + a + pm.base_pfn - pfn, index + b + pm.base_pfn - pfn
+                if v == self.RMP_2M and not f._attrs.range_has(i0, i1, PRIVATE):
+                    out.append(
+                        Violation(
+                            self.name,
+                            "rmp-2m-covers-shared-page",
+                            i0,
+                            a + pm.base_pfn,
+                            f"an assigned 2 MiB RMP entry covers a shared page of [{i0}, {i1})",
+                        )
+                    )
 
     def post_populate(self, index: int, pfn: int, token: int | None = None) -> None:
         """LAUNCH_UPDATE: the page is assigned in the RMP (4 KiB) and measured."""
@@ -302,25 +349,94 @@ class SNP(Arch):
 
 
 class TDX(Arch):
-    """TDX: no gmem hooks; a conversion destroys the page, which then reads zero."""
+    """TDX: no gmem hooks; a conversion destroys the page, which then reads zero.  The
+    2 MiB Secure EPT leaves are modelled: demoted before a zap that cuts them or a split
+    of their folio (every ``demote_busy_every``-th attempt fails BUSY and is retried),
+    promoted when a huge folio is merged."""
 
     NAME = "tdx"
     config = frozenset({"POPULATE"})
     CONTENTS = "zero"
     CONTENTS_RULE = "converted-page-reads-zero"
 
-    def __init__(self) -> None:
+    def __init__(self, demote_busy_every: Any = 0) -> None:
         super().__init__()
-        self.pages_added = 0
+        self._busy_every = u64(demote_busy_every, "demote_busy_every")
+        self._attempts = 0
+        self._leaves_2m: set[int] = set()  # file index of each 2 MiB S-EPT leaf
+        self.pages_added = self.demotes = self.demote_busy = self.promotes = 0
+
+    demote_busy_every = property(lambda self: self._busy_every)
 
     @property
     def stats(self) -> dict[str, int]:
-        return {"pages_added": self.pages_added}
+        return {
+            "demote_busy": self.demote_busy,
+            "demotes": self.demotes,
+            "pages_added": self.pages_added,
+            "promotes": self.promotes,
+        }
 
     def post_populate(self, index: int, pfn: int, token: int | None = None) -> None:
         """PAGE.ADD: the TDX module copies the page into the TD and measures it."""
         self._populate_args(index, pfn, token)
         self.pages_added += 1
+
+    def _guest_mapped(self, index: int, pfn: int, nr: int, private: bool) -> None:
+        if private and nr >= PMD_PAGES:
+            self._leaves_2m.update(range(index, index + nr - PMD_PAGES + 1, PMD_PAGES))
+
+    def _demote(self, region: int) -> None:
+        if self._busy_every:
+            self._attempts += 1
+            if self._attempts % self._busy_every == 0:
+                self.demote_busy += 1  # TDX_OPERAND_BUSY: retried with the vCPUs kicked out
+        self.demotes += 1
+        self._leaves_2m.discard(region)
+
+    def invalidate_start(self, start: int, end: int, kinds: int) -> None:
+        """A zap of private mappings: leaves inside go, leaves the range cuts are demoted."""
+        start, end, kinds = self._kinds(start, end, kinds)
+        if not kinds & 2:
+            return
+        for r in sorted(r for r in self._leaves_2m if r < end and r + PMD_PAGES > start):
+            if r < start or r + PMD_PAGES > end:
+                self._demote(r)
+            else:
+                self._leaves_2m.discard(r)
+
+    def _split_folio(self, index: int, pfn: int, order: int) -> None:
+        for r in sorted(r for r in self._leaves_2m if index <= r < index + (1 << order)):
+            self._demote(r)
+
+    def _merge_folio(self, index: int, pfn: int, order: int) -> None:
+        for r in range(index, index + (1 << order) - PMD_PAGES + 1, PMD_PAGES):
+            self._leaves_2m.add(r)
+            self.promotes += 1
+
+    def _check_state(self, f: GuestMemfd, out: list[Violation]) -> None:
+        for r in sorted(self._leaves_2m):
+            folio = f._cache.lookup_folio(r)
+            if not f._attrs.range_has(r, r + PMD_PAGES, PRIVATE):
+                out.append(
+                    Violation(
+                        self.name,
+                        "sept-2m-covers-shared-page",
+                        r,
+                        None,
+                        "a 2 MiB Secure EPT leaf maps a shared page",
+                    )
+                )
+            elif folio is None or folio.nr_pages < PMD_PAGES:
+                out.append(
+                    Violation(
+                        self.name,
+                        "sept-2m-within-one-folio",
+                        r,
+                        None,
+                        "a 2 MiB Secure EPT leaf maps pages of smaller folios",
+                    )
+                )
 
 
 class PKVM(Arch):

@@ -26,6 +26,7 @@ from gmem._consts import (
     FOLIO_BATCH_SIZE,
     GARBLED,
     HOOK_DESIGNS,
+    HUGE_POLICIES,
     MAX_ORDER,
     PAGE_SIZE,
     PRIVATE,
@@ -64,6 +65,10 @@ STAT_KEYS = (
     "invalidate_range_calls",
     "pages_populated",
     "memory_failures",
+    "folio_splits",
+    "folio_merges",
+    "merges_blocked",
+    "pages_punched_zeroed",
 )
 
 
@@ -104,6 +109,32 @@ def _make_arch(arch: Any) -> Arch:
     return arch
 
 
+def _erase_ranges(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """Disjoint sorted ranges without [start, end)."""
+    return [
+        (a, b)
+        for lo, hi in ranges
+        for a, b in ((lo, min(hi, start)), (max(lo, end), hi))
+        if a < b
+    ]
+
+
+def _merge_range(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """Disjoint sorted ranges with [start, end) added, touching ranges joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted([*ranges, (start, end)]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _covered(ranges: list[tuple[int, int]], start: int, end: int) -> int:
+    """Pages of [start, end) that disjoint ranges cover."""
+    return sum(max(0, min(end, b) - max(start, a)) for a, b in ranges)
+
+
 class GuestMemfd:
     def __init__(
         self,
@@ -114,6 +145,7 @@ class GuestMemfd:
         physmem: PhysMem | None = None,
         arch: Any = "sw_protected",
         hook_design: Any = "mainline",
+        huge_policy: Any = "none",
     ) -> None:
         size, fl = u64(size_bytes, "size_bytes"), u64(flags, "flags")
         order = order_arg(folio_order, "folio_order")
@@ -125,6 +157,10 @@ class GuestMemfd:
             raise ValueError(
                 f"hook_design: must be 'mainline', 'split' or 'overloaded', got '{hook_design}'"
             )
+        if not isinstance(huge_policy, str):
+            raise TypeError("huge_policy: must be 'none' or 'hugetlb'")
+        if huge_policy not in HUGE_POLICIES:
+            raise ValueError(f"huge_policy: must be 'none' or 'hugetlb', got '{huge_policy}'")
         a = _make_arch(arch)
         config = config_names(_arch_attr(a, "config"))
         batched = _arch_attr(a, "batched")
@@ -142,8 +178,20 @@ class GuestMemfd:
             raise ValueError(
                 f"flags: unknown bits {fl & ~3:#x}; allowed: FLAG_MMAP (1) | FLAG_INIT_SHARED (2)"
             )
+        if huge_policy == "hugetlb":
+            if order == 0:
+                raise ValueError(
+                    "folio_order: huge_policy 'hugetlb' needs huge folios: must be in 1..18, got 0"
+                )
+            if size % (PAGE_SIZE << order):
+                raise ValueError(
+                    "size: under huge_policy 'hugetlb' must be a multiple of the folio size "
+                    f"({PAGE_SIZE << order} bytes), got {size}"
+                )
         self._nr_pages = size // PAGE_SIZE
         self._flags, self._folio_order, self._design = fl, order, hook_design
+        self._policy = huge_policy
+        self._punched: list[tuple[int, int]] = []  # "hugetlb": pages punched but kept
         self._config, self._batched = config, bool(batched)
         if physmem is None:
             if self._nr_pages > 1 << 40:
@@ -176,6 +224,7 @@ class GuestMemfd:
     folio_order = property(lambda self: self._folio_order)
     closed = property(lambda self: self._closed)
     hook_design = property(lambda self: self._design)
+    huge_policy = property(lambda self: self._policy)
     config = property(lambda self: config_for(self._config, self._design))
     arch = property(lambda self: self._arch)
     physmem = property(lambda self: self._pm)
@@ -281,8 +330,10 @@ class GuestMemfd:
 
     # ---- allocation and faults --------------------------------------------------
     def _alloc_folio(self, index: int) -> Folio | None:
-        """The folio for the hole at index: folio_order, or the largest order that fits."""
-        for order in range(self._folio_order, -1, -1):
+        """The folio for the hole at index: folio_order, or the largest order that fits
+        (under "hugetlb" the huge page only, split at once if a page of it is shared)."""
+        lowest = self._folio_order if self._policy == "hugetlb" else 0
+        for order in range(self._folio_order, lowest - 1, -1):
             block = index & ~((1 << order) - 1)
             if block + (1 << order) > self._nr_pages or self._cache.overlapping(
                 block, block + (1 << order)
@@ -292,6 +343,7 @@ class GuestMemfd:
             if pfn is not None:
                 folio = Folio(block, order, pfn)
                 self._cache.insert(folio)
+                self._split_if_shared(folio)
                 self._stats["folios_allocated"] += 1
                 return folio
         return None
@@ -302,6 +354,8 @@ class GuestMemfd:
             folio = self._alloc_folio(index)
             if folio is None:
                 raise OutOfMemory(f"guest_memfd: no free page for index {index}")
+            folio = self._cache.lookup_folio(index)  # it may have been split
+            assert folio is not None
         return folio
 
     def _zero_folio(self, f: Folio) -> None:
@@ -336,6 +390,7 @@ class GuestMemfd:
         self._check_poison(index)
         f = self._fault_in(index)
         self._zero_folio(f)
+        self._touch(index, index + 1)
         order, block = self._max_order(f, index)
         private = bool(self._attrs.load(index) & PRIVATE)
         block_pfn = f.file_pfn(block)
@@ -362,6 +417,7 @@ class GuestMemfd:
         self._check_poison(index)
         f = self._fault_in(index)
         self._zero_folio(f)
+        self._touch(index, index + 1)
         if index not in self._mapped:
             insort(self._mapped, index)
         return f.file_pfn(index)
@@ -446,6 +502,7 @@ class GuestMemfd:
                 )
             self._check_poison(i)
             f = self._fault_in(i)
+            self._touch(i, i + 1)
             pfn = f.file_pfn(i)
             if not f.uptodate:  # the page keeps its contents; the rest of the folio is zeroed
                 keep = self._pm.read(pfn)
@@ -557,8 +614,16 @@ class GuestMemfd:
         once on teardown, else RELEASE_CHUNK at a time) and are reclaimed in batches of up
         to 31; with_orphans (teardown: the pins are gone) gives back the pinned ones."""
         batch: list[Folio] = []
+        block: list[Folio] = []
 
         def release(f: Folio) -> None:
+            if self._policy == "hugetlb" and f.order < self._folio_order:
+                # The pieces of a split huge folio come in order: reclaimed whole, once.
+                if f.index == self._huge_block(f.index):
+                    block[:] = [Folio(f.index, self._folio_order, f.pfn, f.uptodate)]
+                if f.end != block[0].end:
+                    return
+                f = block[0]
             batch.append(f)
             if len(batch) == FOLIO_BATCH_SIZE:
                 self._reclaim(batch)
@@ -595,6 +660,7 @@ class GuestMemfd:
                     "page cache), more than the host has available; nothing was allocated"
                 )
             got: list[Folio] = []
+            splits = self._stats["folio_splits"]
             i = s
             while i < e:
                 f = self._cache.lookup_folio(i)
@@ -602,15 +668,18 @@ class GuestMemfd:
                     f = self._alloc_folio(i)
                     if f is None:
                         for g in reversed(got):  # give back what this call took
-                            self._cache.pop(g.index)
-                            self._pm._free_block(g.pfn, g.order)
+                            for piece in self._cache.overlapping(g.index, g.end):
+                                self._cache.pop(piece.index)
+                                self._pm._free_block(piece.pfn, piece.order)
                         self._stats["folios_allocated"] -= len(got)
+                        self._stats["folio_splits"] = splits
                         raise OutOfMemory(
                             f"fallocate: physical memory ran out at index {i}; "
                             "nothing was allocated"
                         )
                     got.append(f)
                 i = f.end
+            self._touch(s, e)
 
         self._operation(fallocate)
 
@@ -625,13 +694,20 @@ class GuestMemfd:
                     f"index: folio [{i}, {i + (1 << o)}) runs past the end of the file "
                     f"({self._nr_pages} pages)"
                 )
+            if self._policy == "hugetlb" and o != self._folio_order:
+                raise ValueError(
+                    "order: under huge_policy 'hugetlb' a folio is a huge page: must be "
+                    f"{self._folio_order}, got {o}"
+                )
             self._pm.check_block(p, o)
             if not self._pm.is_free(p, o):
                 raise ValueError(
                     f"pfn: pages [{p}, {p + (1 << o)}) are not free in the file's PhysMem"
                 )
             self._pm._take_block(p, o)
-            self._cache.insert(Folio(i, o, p))
+            folio = Folio(i, o, p)
+            self._cache.insert(folio)
+            self._split_if_shared(folio)
             self._stats["folios_allocated"] += 1
 
         self._operation(add)
@@ -646,17 +722,15 @@ class GuestMemfd:
             stop = min(e, self._nr_pages)  # truncation stops at EOF
             if s >= stop:
                 return
+            if self._policy == "hugetlb":
+                self._punch_huge(s, stop)
+                return
             self._invalidate_begin(s, stop, FILTER_SHARED | FILTER_PRIVATE)
             self._unmap(s, stop)
             self._cache.split_range_pages(s, stop)
             self._expected.store(s, stop, 0)
             self._release_range(s, stop, with_orphans=False)
-            self._poisoned = [  # the punched pages are no longer poisoned
-                (a, b)
-                for start, end in self._poisoned
-                for a, b in ((start, min(end, s)), (max(start, stop), end))
-                if a < b
-            ]
+            self._poisoned = _erase_ranges(self._poisoned, s, stop)
             self._hook("invalidate_end", s, stop)
 
         self._operation(punch)
@@ -672,6 +746,7 @@ class GuestMemfd:
         self._pins.clear()  # the pinning devices go away with the VM
         self._release_range(0, self._nr_pages, with_orphans=True)
         self._poisoned.clear()
+        self._punched.clear()
         self._closed = True
 
     def close(self) -> None:
@@ -775,7 +850,11 @@ class GuestMemfd:
                         max(s, f.index),
                     )
             self._unmap(s, e)
-        # 4. Point of no return: KVM zaps its mappings of the old kind.
+        # 3b. To shared under "hugetlb": the huge folios the range touches are split.
+        split = self._split_for_share(s, e) if self._policy == "hugetlb" and not attrs else []
+        # 4. Point of no return: the arch hears of the splits, then KVM zaps its mappings.
+        for f in split:
+            self._split_huge(f)
         self._invalidate_begin(s, e, FILTER_SHARED if attrs == PRIVATE else FILTER_PRIVATE)
         self._convert_contents(s, e, attrs)
         hooked = False
@@ -793,6 +872,8 @@ class GuestMemfd:
         self._attrs.store(s, e, attrs)  # 6.
         self._stats["conversions"] += 1
         self._stats["pages_converted"] += e - s
+        if self._policy == "hugetlb" and attrs == PRIVATE:  # 7. merge wholly private blocks
+            self._merge_after_unshare(s, e)
         self._arch._attributes_set(s, e, attrs)
         self._hook("invalidate_end", s, e)
 
@@ -896,6 +977,193 @@ class GuestMemfd:
                 i += at == want[i][1]
                 j += at == got[j][1]
 
+    # ---- the "hugetlb" policy (guest_memfd_huge.cpp) -------------------------------
+    def _huge_block(self, index: int) -> int:
+        return index & ~((1 << self._folio_order) - 1)
+
+    def _touch(self, start: int, end: int) -> None:
+        """A page the file uses again (a fault, populate, fallocate) is no longer punched."""
+        if self._punched:
+            self._punched = _erase_ranges(self._punched, start, end)
+
+    def _split_huge(self, f: Folio) -> None:
+        self._arch._split_folio(f.index, f.pfn, f.order)
+        self._stats["folio_splits"] += 1
+
+    def _split_to_pages(self, f: Folio) -> None:
+        self._cache.pop(f.index)
+        for i in range(f.nr_pages):
+            self._cache.insert(Folio(f.index + i, 0, f.pfn + i, f.uptodate))
+
+    def _split_if_shared(self, f: Folio) -> None:
+        """A huge folio just added over a block with a shared page is split at once."""
+        if self._policy != "hugetlb" or f.order == 0:
+            return
+        if self._attrs.range_has(f.index, f.end, PRIVATE):
+            return
+        self._split_to_pages(f)
+        self._split_huge(f)
+
+    def _split_for_share(self, s: int, e: int) -> list[Folio]:
+        """Split every huge folio [s, e) touches into order-0 folios; returns them."""
+        huge = []
+        for b in range(self._huge_block(s), e, 1 << self._folio_order):
+            f = self._cache.lookup_folio(b)
+            if f is not None and f.order > 0:
+                huge.append(f)
+        pieces = sum(f.nr_pages for f in huge)
+        if pieces > SMALL_REQUEST // 16 and pieces > host_memory_available() // 16:
+            raise OutOfMemory(
+                f"set_attributes: splitting {len(huge)} huge folios needs "
+                f"{pieces * 16 >> 20} MiB of page cache, more than the host has available; "
+                "nothing was converted"
+            )
+        for f in huge:
+            self._split_to_pages(f)
+        return huge
+
+    def _merge_after_unshare(self, s: int, e: int) -> None:
+        """Merge each split block [s, e) touches that is wholly private again; a poisoned
+        page blocks the merge (counted)."""
+        nr = 1 << self._folio_order
+        for b in range(self._huge_block(s), e, nr):
+            f = self._cache.lookup_folio(b)
+            if f is None or f.order == self._folio_order:
+                continue
+            if not self._attrs.range_has(b, b + nr, PRIVATE):
+                continue
+            if _covered(self._poisoned, b, b + nr):
+                self._stats["merges_blocked"] += 1
+                continue
+            pieces = self._cache.overlapping(b, b + nr)
+            base = pieces[0].pfn
+            whole = len(pieces) == nr and base % nr == 0
+            whole = whole and all(p.order == 0 and p.pfn == base + i for i, p in enumerate(pieces))
+            if not whole:
+                self._violations.append(
+                    self._violation(
+                        "split-block-contiguous",
+                        b,
+                        base,
+                        "the pieces of a split huge folio are not its pages, contiguous "
+                        "and aligned",
+                    )
+                )
+                continue
+            any_up = any(p.uptodate for p in pieces)
+            if any_up and not all(p.uptodate for p in pieces):
+                for p in pieces:
+                    if not p.uptodate:
+                        self._pm.fill(p.pfn, 1, 0)
+                        self._expected.store(p.index, p.index + 1, 0)
+                        self._stats["pages_zeroed"] += 1
+            for p in pieces:
+                self._cache.pop(p.index)
+            self._cache.insert(Folio(b, self._folio_order, base, any_up))
+            self._stats["folio_merges"] += 1
+            self._arch._merge_folio(b, base, self._folio_order)
+
+    def _punch_huge(self, s: int, e: int) -> None:
+        """Zero and keep the pages of blocks [s, e) covers in part; reclaim whole, once,
+        each block the punches have covered whole."""
+        nr = 1 << self._folio_order
+        lo, hi = (s + nr - 1) & ~(nr - 1), self._huge_block(e)
+
+        def whole_after(b: int) -> bool:
+            a, z = max(s, b), min(e, b + nr)
+            done = _covered(self._punched, b, b + nr) - _covered(self._punched, a, z)
+            return done + z - a == nr
+
+        if lo > hi:
+            lo = hi = self._huge_block(s)
+            if whole_after(lo):
+                hi = lo + nr
+        else:
+            if lo > s and whole_after(self._huge_block(s)):
+                lo = self._huge_block(s)
+            if hi < e and whole_after(hi):
+                hi += nr
+        self._invalidate_begin(s, e, FILTER_SHARED | FILTER_PRIVATE)
+        self._unmap(s, e)
+        for a, z in ((s, min(e, lo)), (max(s, hi), e)):
+            if a >= z:
+                continue
+            for index, pfn, n, _ in list(self._extents(a, z)):
+                self._pm.fill(pfn, n, 0)
+                self._stats["pages_punched_zeroed"] += n
+                self._punched = _merge_range(self._punched, index, index + n)
+        self._expected.store(s, e, 0)
+        if lo < hi:
+            self._release_range(lo, hi, with_orphans=False)
+            self._punched = _erase_ranges(self._punched, lo, hi)
+            self._poisoned = _erase_ranges(self._poisoned, lo, hi)
+        self._hook("invalidate_end", s, e)
+
+    def _check_huge(self, out: list[Violation]) -> None:
+        """No shared, mapped or pinned page in a huge folio; split blocks contiguous and
+        complete."""
+        nr = 1 << self._folio_order
+        block: int | None = None
+        base = seen = 0
+
+        def close_block() -> None:
+            nonlocal block
+            if block is not None and seen != nr:
+                out.append(
+                    self._violation(
+                        "split-block-complete",
+                        block,
+                        base,
+                        f"{seen} of the {nr} pages of a split huge folio are in the page cache",
+                    )
+                )
+            block = None
+
+        for f in self._cache.overlapping(0, self._nr_pages):
+            if f.order == self._folio_order:
+                close_block()
+                if (
+                    not self._attrs.range_has(f.index, f.end, PRIVATE)
+                    or self._mapped_in(f.index, f.end)
+                    or self._pins_in(f.pfn, f.nr_pages)
+                ):
+                    out.append(
+                        self._violation(
+                            "huge-folio-holds-only-private-pages",
+                            f.index,
+                            f.pfn,
+                            "a huge folio holds a page that is shared, or that the host maps "
+                            "or pins",
+                        )
+                    )
+                continue
+            if f.order != 0:
+                out.append(
+                    self._violation(
+                        "hugetlb-folio-order",
+                        f.index,
+                        f.pfn,
+                        f"a folio of order {f.order} under the hugetlb policy",
+                    )
+                )
+                continue
+            if self._huge_block(f.index) != block:
+                close_block()
+                block = self._huge_block(f.index)
+                base, seen = f.pfn - (f.index - block), 0
+            seen += 1
+            if f.pfn != base + f.index - block or base % nr:
+                out.append(
+                    self._violation(
+                        "split-block-contiguous",
+                        f.index,
+                        f.pfn,
+                        "a piece of a split huge folio is not the block's page (pfns not "
+                        "contiguous or not aligned)",
+                    )
+                )
+        close_block()
+
     def check(self) -> list[Violation]:
         """Violations recorded during calls, plus those in the current state, each once."""
         out = list(self._violations)
@@ -912,11 +1180,15 @@ class GuestMemfd:
                 )
             self._arch._check_host_reach(index, pfn, out)
         self._check_contents(0, self._nr_pages, out)
+        if self._policy == "hugetlb":
+            self._check_huge(out)
+        self._arch._check_state(self, out)
         return list(dict.fromkeys(out))
 
     def dump(self) -> str:
         lines = [
             f"GuestMemfd(size={self.size}, arch={self._arch.name}, hook_design={self._design}, "
+            f"huge_policy={self._policy}, "
             f"folios={len(self._cache)}, attribute runs={len(self._attrs)}"
             + (", closed)" if self._closed else ")")
         ]
