@@ -34,12 +34,18 @@ def run(*args: str, columns: int = 200) -> subprocess.CompletedProcess[str]:
     )
 
 
-def rows(stdout: str) -> dict[tuple[str, str], list[str]]:
-    """The table's rows by (arch, design), split on runs of two or more spaces."""
+def rows(stdout: str, policy: str = "none") -> dict[tuple[str, str], list[str]]:
+    """The table's rows of one huge-folio policy by (arch, design), split on runs of two or
+    more spaces; the cells start at the arch."""
     out = {}
     for line in stdout.splitlines():
-        cells = re.split(r"\s{2,}", line.strip())
-        if len(cells) >= 3 and cells[0] in gmem._consts.BUILTIN_ARCHS and cells[1] in cli.DESIGNS:
+        cells = re.split(r"\s{2,}", line.strip())[1:]
+        if (
+            line.startswith(policy + " ")
+            and len(cells) >= 3
+            and cells[0] in gmem._consts.BUILTIN_ARCHS
+            and cells[1] in cli.DESIGNS
+        ):
             out[(cells[0], cells[1])] = cells
     return out
 
@@ -50,14 +56,16 @@ def rows(stdout: str) -> dict[tuple[str, str], list[str]]:
 def test_demo_prints_the_table_with_a_progress_bar() -> None:
     out = run("demo", "--size", "256M")
     assert out.returncode == 0, out.stderr
-    assert "[" + "#" * 30 + "] 12/12 done" in out.stderr
+    assert "[" + "#" * 30 + "] 24/24 done" in out.stderr  # 2 policies x 4 archs x 3 designs
     lines = out.stdout.splitlines()
-    assert lines[2].split()[:3] == ["arch", "design", "calls"]
+    assert lines[2].split()[:4] == ["policy", "arch", "design", "calls"]
     assert "engine" in lines[1] and "(ms)" in lines[2] and "(pages)" in lines[2]
     table = rows(out.stdout)
     assert len(table) == 12
     assert table[("pkvm", "overloaded")][-2] != "0" and table[("pkvm", "split")][-2] == "0"
     assert table[("pkvm", "split")][4] == "65,536"  # scrubbed pages, with separators
+    huge = rows(out.stdout, "hugetlb")
+    assert len(huge) == 12 and huge[("snp", "split")][7] == "4"  # folio splits
     assert all(re.fullmatch(r"\d+\.\d\d", r[-1]) for r in table.values())  # ms: 2 decimals
     assert "first violation, pkvm/overloaded: pkvm: conversion-keeps-guest-data" in out.stdout
 
@@ -75,7 +83,8 @@ def test_demo_json_carries_version_size_seed_and_structured_violations() -> None
     doc = json.loads(out.stdout)
     assert doc["gmem_version"] == gmem.__version__
     assert (doc["size"], doc["seed"], doc["folio_size"]) == (64 << 20, 3, 2 << 20)
-    runs = doc["runs"]
+    assert [r["huge_policy"] for r in doc["runs"]] == ["none"] * 3 + ["hugetlb"] * 3
+    runs = doc["runs"][:3]
     assert [(r["arch"], r["hook_design"]) for r in runs] == [
         ("pkvm", "mainline"),
         ("pkvm", "split"),

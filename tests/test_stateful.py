@@ -50,9 +50,16 @@ class Pair:
     """One file in both implementations."""
 
     def __init__(
-        self, arch: str, design: str, pages: int, flags: int, order: int, pms: tuple[Any, Any]
+        self,
+        arch: str,
+        design: str,
+        pages: int,
+        flags: int,
+        order: int,
+        pms: tuple[Any, Any],
+        policy: str = "none",
     ) -> None:
-        self.arch, self.design, self.pages = arch, design, pages
+        self.arch, self.design, self.pages, self.policy = arch, design, pages, policy
         self.files = []
         for impl, pm in zip((gmem, ref), pms, strict=True):
             a = (
@@ -68,12 +75,13 @@ class Pair:
                     physmem=pm,
                     arch=a,
                     hook_design=design,
+                    huge_policy=policy,
                 )
             )
         self.pinned: list[int] = []
 
     def __repr__(self) -> str:
-        return f"Pair({self.arch}/{self.design}, {self.pages} pages)"
+        return f"Pair({self.arch}/{self.design}/{self.policy}, {self.pages} pages)"
 
 
 class Model(RuleBasedStateMachine):
@@ -99,9 +107,13 @@ class Model(RuleBasedStateMachine):
         pages=st.integers(1, 96),
         flags=st.sampled_from([0, gmem.FLAG_MMAP, 3]),
         order=st.sampled_from([0, 1, 2, 4, 9]),
+        huge=st.sampled_from([0, 0, 1, 2, 3, 4]),
     )
-    def create(self, arch: str, design: str, pages: int, flags: int, order: int) -> Pair:
-        pair = Pair(arch, design, pages, flags, order, self.pms)
+    def create(self, arch: str, design: str, pages: int, flags: int, order: int, huge: int) -> Pair:
+        # huge > 0: a "hugetlb" file of folio order huge, a whole number of huge pages.
+        if huge:
+            order, pages = huge, -(-pages // (1 << huge)) << huge
+        pair = Pair(arch, design, pages, flags, order, self.pms, "hugetlb" if huge else "none")
         self.pairs.append(pair)
         return pair
 

@@ -227,8 +227,9 @@ Folio GuestMemfd::fault_in(uint64_t index)
     f = alloc_folio(index, &oom);
     if (oom)
         throw OutOfMemory("guest_memfd: no free page for index " + std::to_string(index));
-    if (f.index != index && hugetlb())
-        cache_.lookup(index, &f); // it was split
+    if (hugetlb())
+        cache_.lookup(index, &f); // it may have been split
+
     return f;
 }
 

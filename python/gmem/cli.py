@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 import gmem
-from gmem._consts import BUILTIN_ARCHS, HOOK_DESIGNS, MAX_ORDER, PAGE_SIZE
+from gmem._consts import BUILTIN_ARCHS, HOOK_DESIGNS, HUGE_POLICIES, MAX_ORDER, PAGE_SIZE
 from gmem._progress import Progress
 
 DESIGNS = HOOK_DESIGNS
@@ -104,13 +104,21 @@ def terminal_width() -> int:
 
 
 # (key, two header lines, format): one format per column, units in the header.
-RUN_KEYS = [("arch", ("", "arch")), ("hook_design", ("", "design"))]
+RUN_KEYS = [
+    ("huge_policy", ("", "policy")),
+    ("arch", ("", "arch")),
+    ("hook_design", ("", "design")),
+]
 RUN_COLUMNS: list[tuple[str, tuple[str, str], str]] = [
     ("hook_calls", ("hook", "calls"), "{:,}"),
     ("pfn_ranges", ("PFN", "ranges"), "{:,}"),
     ("pages_scrubbed", ("scrubbed", "(pages)"), "{:,}"),
     ("rmp_updates", ("RMP", "updates"), "{:,}"),
     ("psmash", ("", "PSMASH"), "{:,}"),
+    ("folio_splits", ("folio", "splits"), "{:,}"),
+    ("folio_merges", ("folio", "merges"), "{:,}"),
+    ("demotes", ("S-EPT", "demotes"), "{:,}"),
+    ("conversions_busy", ("EAGAIN", "(busy)"), "{:,}"),
     ("rmp_left", ("RMP left", "(pages)"), "{:,}"),
     ("expected_errors", ("expected", "errors"), "{:,}"),
     ("violations", ("", "violations"), "{:,}"),
@@ -191,8 +199,9 @@ def _run_row(summary: Any) -> dict[str, Any]:
     return row
 
 
-def _failed_row(arch: str, design: str, exc: Any) -> dict[str, Any]:
+def _failed_row(policy: str, arch: str, design: str, exc: Any) -> dict[str, Any]:
     return {
+        "huge_policy": policy,
         "arch": arch,
         "hook_design": design,
         "ok": False,
@@ -226,7 +235,8 @@ def _demo(args: argparse.Namespace) -> int:
     if args.write_trace:
         with open(args.write_trace, "w") as f:
             lines = 0
-            for line in trace.dump_lines(demo.boot_trace(args.size, order, args.seed)):
+            policy = (args.huge_policy or ["none"])[0]
+            for line in trace.dump_lines(demo.boot_trace(args.size, order, args.seed, policy)):
                 f.write(line)
                 lines += 1
         print(f"wrote {lines:,} lines to {args.write_trace}", file=sys.stderr)
@@ -235,6 +245,8 @@ def _demo(args: argparse.Namespace) -> int:
         order,
         archs=tuple(args.arch or BUILTIN_ARCHS),
         designs=tuple(args.hook_design or DESIGNS),
+        # hugetlb needs huge folios: with 4 KiB ones the demo runs "none" only.
+        policies=tuple(args.huge_policy or (HUGE_POLICIES if order else ("none",))),
         seed=args.seed,
         progress=progress,
         on_operations=lambda n: progress.note(f"{n:,} operations"),
@@ -261,20 +273,22 @@ def _replay(args: argparse.Namespace) -> int:
     archs, designs = tuple(args.arch or BUILTIN_ARCHS), tuple(args.hook_design or DESIGNS)
     progress = Progress(not args.json and not args.quiet)
     rows = []
-    runs = [(a, d) for a in archs for d in designs]
-    for n, (a, d) in enumerate(runs):
-        progress(n, len(runs), f"{a}/{d}")
+    policies = tuple(args.huge_policy or [create.args["huge_policy"]])
+    runs = [(p, a, d) for p in policies for a in archs for d in designs]
+    for n, (p, a, d) in enumerate(runs):
+        progress(n, len(runs), f"{p}: {a}/{d}")
         try:
             summary = trace.replay(
                 trace.stream(args.trace),
                 arch=a,
                 hook_design=d,
+                huge_policy=p,
                 where=args.trace,
                 progress=lambda k: progress.note(f"{k:,} of {operations:,} operations"),
             )
             rows.append(_run_row(summary))
         except trace.TraceError as exc:
-            rows.append(_failed_row(a, d, exc))
+            rows.append(_failed_row(p, a, d, exc))
     progress(len(runs), len(runs), "done")
     c = create.args
     header = f"gmem replay {args.trace}: {operations:,} operations on a {c['size']:,}-byte file"
@@ -419,6 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
             action="append",
             choices=DESIGNS,
             help=f"only this hook design, one of {', '.join(DESIGNS)} (repeatable; default: all)",
+        )
+        p.add_argument(
+            "--huge-policy",
+            action="append",
+            choices=HUGE_POLICIES,
+            help="only this huge-folio policy, none (never split) or hugetlb (split on share, "
+            "merge on unshare; docs/model.md) (repeatable; default: "
+            + ("both)" if p.prog.endswith("demo") else "the trace's create line)"),
         )
         p.add_argument(
             "--fail-on-violation",

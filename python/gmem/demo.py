@@ -19,7 +19,15 @@ from typing import Any
 
 import gmem
 from gmem import trace
-from gmem._consts import BUILTIN_ARCHS, FLAG_MMAP, HOOK_DESIGNS, PAGE_SIZE, PRIVATE, SHARED
+from gmem._consts import (
+    BUILTIN_ARCHS,
+    FLAG_MMAP,
+    HOOK_DESIGNS,
+    HUGE_POLICIES,
+    PAGE_SIZE,
+    PRIVATE,
+    SHARED,
+)
 
 HUGE = 512  # the I/O pieces are 2 MiB, whatever the folio size
 
@@ -52,17 +60,21 @@ def check_size(size_bytes: int, folio_order: int) -> None:
 
 
 def boot_trace(
-    size_bytes: int = 64 << 30, folio_order: int = 9, seed: int = 0
+    size_bytes: int = 64 << 30, folio_order: int = 9, seed: int = 0, policy: str = "none"
 ) -> Iterator[dict[str, Any]]:
     """The operations of one boot-like run of a guest of ``size_bytes``, as trace lines.
 
     A generator: a 64 GiB guest of 4 KiB folios is 16 million lines, produced as they are
     replayed, never held."""
     check_size(size_bytes, folio_order)
-    return _boot_ops(size_bytes, folio_order, seed)
+    if policy not in HUGE_POLICIES:
+        raise ValueError(f"policy: must be 'none' or 'hugetlb', got {policy!r}")
+    return _boot_ops(size_bytes, folio_order, seed, policy)
 
 
-def _boot_ops(size_bytes: int, folio_order: int, seed: int) -> Iterator[dict[str, Any]]:
+def _boot_ops(
+    size_bytes: int, folio_order: int, seed: int, policy: str
+) -> Iterator[dict[str, Any]]:
     nr_pages = size_bytes // PAGE_SIZE
     block = 1 << folio_order
     # Four 2 MiB I/O buffers, each at the start of its own folio when folios are larger:
@@ -87,6 +99,7 @@ def _boot_ops(size_bytes: int, folio_order: int, seed: int) -> Iterator[dict[str
         "size": size_bytes,
         "flags": FLAG_MMAP,
         "folio_order": folio_order,
+        **({"huge_policy": policy} if policy != "none" else {}),
     }
     # Boot: the guest touches every folio (private: prepare runs) and writes a token.
     for i in range(0, nr_pages, block):
@@ -117,6 +130,10 @@ def _boot_ops(size_bytes: int, folio_order: int, seed: int) -> Iterator[dict[str
     busy_at = max(piece, pinned & ~(block - 1))  # max(start, index of the pinned folio)
     yield {"op": "pin", "index": pinned}
     yield share(piece, piece + HUGE, PRIVATE)
+    # The first busy page: the pinned folio's start, or under "hugetlb" (the 2 MiB was
+    # split when it was shared) the pinned page itself.
+    if policy == "hugetlb":
+        busy_at = pinned
     yield {"op": "expect", "error": "ConversionBusy", "error_offset": busy_at * PAGE_SIZE}
     yield {"op": "unpin", "index": pinned}
     yield share(piece, piece + HUGE, PRIVATE)
@@ -134,30 +151,37 @@ def run_all(
     designs: tuple[str, ...] = HOOK_DESIGNS,
     impl: ModuleType = gmem,
     seed: int = 0,
-    records: Callable[[], Iterable[trace.Record]] | None = None,
+    policies: tuple[str, ...] = ("none",),
+    records: Callable[[str], Iterable[trace.Record]] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     on_operations: Callable[[int], None] | None = None,
 ) -> list[trace.Summary]:
-    """Replay the boot trace (or what ``records()`` yields) under every arch x design.
+    """Replay the boot trace (or what ``records(policy)`` yields) under every huge-folio
+    policy x arch x design.
 
     Each run reads a fresh stream of records, so the trace is never held whole."""
 
-    def boot() -> Iterable[trace.Record]:
-        return trace.iter_records(boot_trace(size_bytes, folio_order, seed))
+    def boot(policy: str) -> Iterable[trace.Record]:
+        return trace.iter_records(boot_trace(size_bytes, folio_order, seed, policy))
 
     make = records or boot
-    runs = [(a, d) for a in archs for d in designs]
+    runs = [(p, a, d) for p in policies for a in archs for d in designs]
     out = []
-    for n, (a, d) in enumerate(runs):
+    for n, (p, a, d) in enumerate(runs):
         if progress:
-            progress(n, len(runs), f"{a}/{d}")
-        out.append(trace.replay(make(), arch=a, hook_design=d, impl=impl, progress=on_operations))
+            progress(n, len(runs), f"{p}: {a}/{d}")
+        out.append(
+            trace.replay(
+                make(p), arch=a, hook_design=d, huge_policy=p, impl=impl, progress=on_operations
+            )
+        )
     if progress:
         progress(len(runs), len(runs), "done")
     return out
 
 
 COLUMNS = [
+    ("huge_policy", "policy"),
     ("arch", "arch"),
     ("hook_design", "design"),
     ("hook_calls", "hook calls"),

@@ -54,14 +54,22 @@ from types import ModuleType
 from typing import Any
 
 import gmem
-from gmem._consts import FLAG_INIT_SHARED, FLAG_MMAP, GARBLED, MAX_ORDER, PAGE_SIZE, PRIVATE
+from gmem._consts import (
+    FLAG_INIT_SHARED,
+    FLAG_MMAP,
+    GARBLED,
+    HUGE_POLICIES,
+    MAX_ORDER,
+    PAGE_SIZE,
+    PRIVATE,
+)
 
 VERSION = 1
 U64_MAX = 2**64 - 1
 
 # op -> (required fields, optional fields with defaults)
 OPS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
-    "create": (("version", "size"), {"flags": 0, "folio_order": 0}),
+    "create": (("version", "size"), {"flags": 0, "folio_order": 0, "huge_policy": "none"}),
     "fallocate": (("offset", "len"), {}),
     "punch_hole": (("offset", "len"), {}),
     "guest_read": (("index",), {}),
@@ -171,6 +179,12 @@ def _check_values(where: str, line: int, op: str, args: dict[str, Any]) -> None:
             if value is not None and value not in ERRORS:
                 raise _fail(where, line, op, f"error must be one of {', '.join(ERRORS)}")
             continue
+        if key == "huge_policy":
+            if value not in HUGE_POLICIES:
+                raise _fail(
+                    where, line, op, f"huge_policy must be 'none' or 'hugetlb', got {value!r}"
+                )
+            continue
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int):
@@ -217,6 +231,8 @@ def _check_values(where: str, line: int, op: str, args: dict[str, Any]) -> None:
             raise _fail(
                 where, line, op, f"folio_order must be in 0..{MAX_ORDER}, got {args['folio_order']}"
             )
+        if args["huge_policy"] == "hugetlb" and not args["folio_order"]:
+            raise _fail(where, line, op, "huge_policy 'hugetlb' needs folio_order >= 1")
     if op == "expect":
         if args["error"] is None and args["value"] is None:
             raise TraceError(where, line, "expect: needs an error or a value")
@@ -340,18 +356,24 @@ class Summary:
     extra: dict[str, Any] = field(default_factory=dict)
     # The same violations as data (arch, rule, index, pfn, detail).
     violation_records: list[dict[str, Any]] = field(default_factory=list)
+    huge_policy: str = "none"
 
     def row(self) -> dict[str, Any]:
         s, a = self.stats, self.arch_stats
         return {
             "arch": self.arch,
             "hook_design": self.hook_design,
+            "huge_policy": self.huge_policy,
             "operations": self.operations,
             "hook_calls": s["prepare_calls"] + s["make_shared_calls"] + s["free_calls"],
             "pfn_ranges": s["hook_ranges"],
             "pages_scrubbed": a.get("pages_scrubbed", 0),
             "rmp_updates": a.get("rmp_updates", 0),
             "psmash": a.get("psmash", 0),
+            "folio_splits": s["folio_splits"],
+            "folio_merges": s["folio_merges"],
+            "demotes": a.get("demotes", 0),
+            "conversions_busy": s["conversions_busy"],
             "rmp_left": self.rmp_left,
             "expected_errors": self.expected_errors,
             "violations": len(self.violations),
@@ -381,6 +403,7 @@ def replay(
     *,
     arch: str = "sw_protected",
     hook_design: str = "mainline",
+    huge_policy: str | None = None,
     impl: ModuleType = gmem,
     where: str = "<trace>",
     progress: Callable[[int], None] | None = None,
@@ -388,10 +411,12 @@ def replay(
     """Run a trace on a new file; raise TraceError at the first unmet expectation.
 
     ``records`` may be any iterable, a list or a stream: it is read once, one record
-    ahead.  ``progress(operations)``, if given, is called every 65,536 operations."""
+    ahead.  ``huge_policy`` overrides the create line's (default "none").
+    ``progress(operations)``, if given, is called every 65,536 operations."""
     it = _in_order(records, where)
     first = next(it)
     c = first.args
+    policy = huge_policy if huge_policy is not None else c["huge_policy"]
     try:
         f = impl.GuestMemfd(
             c["size"],
@@ -399,6 +424,7 @@ def replay(
             folio_order=c["folio_order"],
             arch=arch,
             hook_design=hook_design,
+            huge_policy=policy,
         )
     except (gmem.GmemError, ValueError) as exc:
         raise TraceError(where, first.line, f"create failed: {type(exc).__name__}: {exc}") from None
@@ -445,6 +471,7 @@ def replay(
         rmp_left,
         operations=operations,
         violation_records=[violation_record(v) for v in found.values()],
+        huge_policy=policy,
     )
 
 

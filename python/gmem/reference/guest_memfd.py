@@ -112,10 +112,7 @@ def _make_arch(arch: Any) -> Arch:
 def _erase_ranges(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
     """Disjoint sorted ranges without [start, end)."""
     return [
-        (a, b)
-        for lo, hi in ranges
-        for a, b in ((lo, min(hi, start)), (max(lo, end), hi))
-        if a < b
+        (a, b) for lo, hi in ranges for a, b in ((lo, min(hi, start)), (max(lo, end), hi)) if a < b
     ]
 
 
