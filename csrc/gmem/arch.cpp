@@ -151,17 +151,18 @@ void SNP::split_folio(GuestMemfd &f, uint64_t, uint64_t pfn, unsigned order)
 }
 
 /*
- * Pieces merged back into a huge folio: each 2 MiB region whose 512 pages are all assigned
- * becomes one 2 MiB entry again (RMPUPDATE).  A region with unassigned pages keeps its
- * 4 KiB entries; one wholly unassigned gets its 2 MiB entry at the next huge fault.
+ * Pieces merged back into a huge folio, wholly private: each 2 MiB region of it is made
+ * one assigned 2 MiB entry again (one RMPUPDATE), the pages converted back included -
+ * the private fault that follows maps the block at 2 MiB and finds it assigned.
  */
 void SNP::merge_folio(GuestMemfd &f, uint64_t, uint64_t pfn, unsigned order)
 {
     PhysMem &pm = f.physmem();
     const uint64_t base = pm.base_pfn();
     for (uint64_t p = pfn; p + PMD_PAGES <= pfn + (uint64_t(1) << order); p += PMD_PAGES)
-        if (pm.rmp().range_has(p - base, p - base + PMD_PAGES, RMP_4K)) {
+        if (!pm.rmp().range_has(p - base, p - base + PMD_PAGES, RMP_2M)) {
             pm.rmp().store(p - base, p - base + PMD_PAGES, RMP_2M);
+            rmp_updates++;
             rmp_2m_restores++;
         }
 }

@@ -23,6 +23,7 @@ from gmem._consts import (
     SHARED,
     ArchName,
     HookDesign,
+    HugePolicy,
 )
 from gmem._core import (
     Arch,
@@ -62,6 +63,7 @@ __all__ = [
     "GuestMemfd",
     "HWPoison",
     "HookDesign",
+    "HugePolicy",
     "IntervalMap",
     "OutOfMemory",
     "PhysMem",

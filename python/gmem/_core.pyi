@@ -6,7 +6,7 @@ from typing import Any, SupportsIndex
 import numpy as np
 import numpy.typing as npt
 
-from gmem._consts import ArchName, HookDesign
+from gmem._consts import ArchName, HookDesign, HugePolicy
 
 _Int = SupportsIndex
 _U64Array = npt.NDArray[np.uint64]
@@ -127,7 +127,12 @@ class Arch(AnyArch):
 
 class SwProtected(Arch): ...
 class SNP(Arch): ...
-class TDX(Arch): ...
+
+class TDX(Arch):
+    def __init__(self, demote_busy_every: _Int = 0) -> None: ...
+    @property
+    def demote_busy_every(self) -> int: ...
+
 class PKVM(Arch): ...
 
 class Recorder(Arch):
@@ -147,6 +152,7 @@ class GuestMemfd:
         physmem: PhysMem | None = None,
         arch: ArchName | AnyArch = "sw_protected",
         hook_design: HookDesign = "mainline",
+        huge_policy: HugePolicy = "none",
     ) -> None: ...
     @property
     def size(self) -> int: ...
@@ -160,6 +166,8 @@ class GuestMemfd:
     def closed(self) -> bool: ...
     @property
     def hook_design(self) -> HookDesign: ...
+    @property
+    def huge_policy(self) -> HugePolicy: ...
     @property
     def config(self) -> set[str]: ...
     @property

@@ -57,8 +57,12 @@ class QuietSNP(gmem.arch.SNP):
         super().make_shared(start_pfn, end_pfn)
 
 
-def converted_pages(arch: gmem.AnyArch, design: gmem.HookDesign = "split") -> int:
-    with gmem.GuestMemfd(4 << 20, folio_order=9, arch=arch, hook_design=design) as f:
+def converted_pages(
+    arch: gmem.AnyArch, design: gmem.HookDesign = "split", policy: gmem.HugePolicy = "none"
+) -> int:
+    with gmem.GuestMemfd(
+        4 << 20, folio_order=9, arch=arch, hook_design=design, huge_policy=policy
+    ) as f:
         f.fallocate(0, f.nr_pages)
         f.get_pfn(600)  # a private page: prepare runs
         f.set_attributes(0, 512, gmem.SHARED)

@@ -234,12 +234,13 @@ class SNP(Arch):
                 self.psmash += 1
 
     def _merge_folio(self, index: int, pfn: int, order: int) -> None:
-        """A 2 MiB region whose pages are all assigned becomes one 2 MiB entry again."""
+        """Each 2 MiB region of the merged (wholly private) folio: one 2 MiB entry again."""
         pm = self._file.physmem
         for p in range(pfn, pfn + (1 << order) - PMD_PAGES + 1, PMD_PAGES):
             a = p - pm.base_pfn
-            if pm.rmp.range_has(a, a + PMD_PAGES, self.RMP_4K):
+            if not pm.rmp.range_has(a, a + PMD_PAGES, self.RMP_2M):
                 pm.rmp.store(a, a + PMD_PAGES, self.RMP_2M)
+                self.rmp_updates += 1
                 self.rmp_2m_restores += 1
 
     def _check_state(self, f: GuestMemfd, out: list[Violation]) -> None:

@@ -95,7 +95,9 @@ def _arch_attr(arch: Arch, name: str) -> Any:
 
 def _make_arch(arch: Any) -> Arch:
     if isinstance(arch, str):
-        builtins = dict(zip(BUILTIN_ARCHS, (SwProtected, SNP, TDX, PKVM), strict=True))
+        builtins: dict[str, type[Arch]] = dict(
+            zip(BUILTIN_ARCHS, (SwProtected, SNP, TDX, PKVM), strict=True)
+        )
         if arch not in builtins:
             raise ValueError(
                 f"arch: unknown arch '{arch}'; allowed: sw_protected, snp, tdx, pkvm, "
