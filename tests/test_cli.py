@@ -383,11 +383,19 @@ def test_check_pfn_exhaustive_and_random() -> None:
     assert "] 2/2 done" in out.stderr  # the progress bar
 
 
+def test_check_pfn_split_merge_proves_contiguity_across_the_hugetlb_policy() -> None:
+    out = run("check-pfn", "--split-merge", "3", "--seed", "4", "-q")
+    assert out.returncode == 0, out.stderr
+    assert "split-merge: 3 sequences on hugetlb files (120 conversions" in out.stdout
+    assert "PFNs unchanged, walk and checker agree: ok" in out.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--exhaustive", "12"], "argument --exhaustive: invalid choice: 12 (choose from 1, 2, 4"),
         (["--random", "-1"], "argument --random: must be an integer >= 0, got '-1'"),
+        (["--split-merge", "x"], "argument --split-merge: must be an integer >= 0, got 'x'"),
         (["--ranges", "x"], "argument --ranges: must be an integer >= 0, got 'x'"),
         (["--seed", "-3"], "argument --seed: must be an integer >= 0"),
     ],

@@ -308,11 +308,18 @@ def _check_pfn(args: argparse.Namespace) -> int:
     if args.layout and args.layout_option:
         raise ValueError("layout: give the layout file once (FILE or --layout FILE)")
     layout = args.layout or args.layout_option
-    exhaustive, random = args.exhaustive, args.random
-    if not (exhaustive or random or layout):
-        exhaustive, random = 16, 20
+    exhaustive, random, split_merge = args.exhaustive, args.random, args.split_merge
+    if not (exhaustive or random or split_merge or layout):
+        exhaustive, random, split_merge = 16, 20, 20
     steps = [
-        s for s, on in (("layout", layout), ("exhaustive", exhaustive), ("random", random)) if on
+        s
+        for s, on in (
+            ("layout", layout),
+            ("exhaustive", exhaustive),
+            ("random", random),
+            ("split-merge", split_merge),
+        )
+        if on
     ]
     progress = Progress(not args.quiet)
     ok = True
@@ -322,6 +329,13 @@ def _check_pfn(args: argparse.Namespace) -> int:
             if step == "layout":
                 progress(n, len(steps), f"layout {layout}")
                 ok &= pfncheck.check_layout_file(layout, args.ranges, args.seed)
+            elif step == "split-merge":
+                progress(n, len(steps), f"split-merge: {split_merge:,} sequences")
+                ok &= pfncheck.check_split_merge(
+                    split_merge,
+                    args.seed,
+                    lambda k: progress.note(f"sequence {k + 1:,} of {split_merge:,}"),
+                )
             elif step == "exhaustive":
                 progress(n, len(steps), f"exhaustive: every layout of 1..{exhaustive} pages")
                 ok &= pfncheck.check_exhaustive(exhaustive)
@@ -488,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = command(
         "check-pfn",
         "validate the clamped PFN-range math: exhaustive, random, or on your layout",
-        "With no LAYOUT and no option: --exhaustive 16 --random 20 (about 25 s).\n"
+        "With no LAYOUT and no option: --exhaustive 16 --random 20 --split-merge 20\n"
+        "(about 25 s).\n"
         "A layout file is a .npy array ((n, 3) rows or fields index, order, pfn; integer\n"
         "dtype) or a CSV file: rows index,order,pfn (decimal or 0x hex), optionally under a\n"
         "header that names the columns in any order; # lines are skipped.\n\n" + EXIT_STATUS,
@@ -514,6 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="N random large layouts (mixed orders up to 18, fragmented memory); N >= 0 "
         "(default: 0, or 20 when no check is named)",
+    )
+    c.add_argument(
+        "--split-merge",
+        type=_int_in(0),
+        default=0,
+        metavar="N",
+        help="N random conversion sequences on huge_policy='hugetlb' files: PFNs unchanged "
+        "across every split and merge; N >= 0 (default: 0, or 20 when no check is named)",
     )
     c.add_argument(
         "--ranges",

@@ -249,6 +249,69 @@ def load_layout(path: str | Path) -> tuple[U64, U64, U64]:
     return index, order, pfn
 
 
+def check_split_merge(count: int, seed: int, progress: Callable[[int], None] | None = None) -> bool:
+    """PFN contiguity across the "hugetlb" policy's splits and merges: ``count`` random
+    sequences of conversions (and pins, faults, poison) on huge folios of 2**2..2**9
+    pages.  After every step each page keeps the PFN it had (a split or merge never moves
+    memory), the page cache's walk agrees with the pure function on the file's current
+    layout, and check() finds nothing."""
+    rng = np.random.default_rng(seed)
+    steps = ranges = 0
+    for n in range(count):
+        if progress:
+            progress(n)
+        order = int(rng.integers(2, 10))
+        blocks = int(rng.integers(2, 9))
+        nr = blocks << order
+        f = gmem.GuestMemfd(
+            nr * gmem.PAGE_SIZE, folio_order=order, flags=gmem.FLAG_MMAP, huge_policy="hugetlb"
+        )
+        f.fallocate(0, nr)
+        pfns = f.page_pfns(0, nr)
+        pinned: list[int] = []
+        for step in range(40):
+            s = int(rng.integers(0, nr))
+            e = int(rng.integers(s + 1, min(nr, s + 3 << order) + 1))
+            kind = rng.random()
+            try:
+                if kind < 0.4:
+                    f.set_attributes(s, e, gmem.SHARED)
+                elif kind < 0.8:
+                    f.set_attributes(s, e, gmem.PRIVATE)
+                elif kind < 0.9 and not f.get_attributes(s):
+                    f.pin(s)
+                    pinned.append(s)
+                elif pinned:
+                    f.unpin(pinned.pop())
+            except gmem.ConversionBusy:
+                pass
+            folios = f.folios()
+            index, order_, pfn = (folios[k].astype(np.uint64) for k in ("index", "order", "pfn"))
+            cuts = np.sort(rng.integers(0, nr + 1, size=(8, 2)), axis=1)
+            rs = [(0, nr), (s, e)] + [(int(a), int(b)) for a, b in cuts if a < b]
+            problem = check_ranges(index, order_, pfn, rs)
+            if not np.array_equal(f.page_pfns(0, nr), pfns):
+                problem = problem or "  a split or merge moved a page to another PFN"
+            for a, b in rs[:4]:
+                if not np.array_equal(
+                    f.pfn_ranges(a, b), gmem.clamp_folio_ranges(index, order_, pfn, a, b)
+                ):
+                    problem = problem or f"  GuestMemfd.pfn_ranges({a}, {b}) differs"
+            if f.check():
+                problem = problem or f"  check(): {f.check()[0]}"
+            if problem:
+                print(f"split-merge: sequence {n} step {step} (seed {seed}): FAILED\n{problem}")
+                return False
+            steps += 1
+            ranges += len(rs)
+        f.close()
+    print(
+        f"split-merge: {count} sequences on hugetlb files ({steps:,} conversions, "
+        f"{ranges:,} ranges): PFNs unchanged, walk and checker agree: ok"
+    )
+    return True
+
+
 def check_layout_file(path: str, count: int, seed: int) -> bool:
     index, order, pfn = load_layout(path)
     try:
