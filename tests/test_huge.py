@@ -263,3 +263,20 @@ def test_every_convert_and_punch_range_of_a_two_folio_file(order: int, arch: str
         for name, args, _, snap in engine:
             assert snap["violations"] == [], (order, arch, s, e, name, args)
             assert engine[-1][3]["nr_free"] == n  # everything went back
+
+
+def test_the_policy_comparison_shows_what_hugetlb_costs_and_buys() -> None:
+    from gmem import policies
+
+    rows = policies.compare(orders=(9,), archs=("snp", "tdx"))
+    churn = {(r["policy"], r["arch"]): r for r in rows if r["workload"] == "virtio churn"}
+    for arch in ("snp", "tdx"):
+        none, huge = churn[("none", arch)], churn[("hugetlb", arch)]
+        assert none["eagain"] > 0 and huge["eagain"] == 0  # EAGAINs avoided
+        assert none["shared_in_huge"] > 0 and huge["shared_in_huge"] == 0
+        assert none["splits"] == none["merges"] == 0
+        assert huge["splits"] == huge["merges"] > 0
+    assert churn[("hugetlb", "snp")]["psmash"] > 0 and churn[("hugetlb", "tdx")]["demotes"] > 0
+    assert all(r["violations"] == 0 for r in rows)
+    text = policies.table(rows)
+    assert "shared in huge" in text and "virtio churn" in text
