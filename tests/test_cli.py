@@ -554,6 +554,10 @@ def test_bench_reports_every_target_as_json() -> None:
     assert any("IntervalMap.store vs sortedcontainers" in n for n in names)
     assert all(t["measured"] > 0 for t in result["targets"])
     assert {r["series"] for r in result["scaling"]} == {"1 GiB folios", "2 MiB folios"}
+    churn = {
+        r["policy"]: r["eagain"] for r in result["policies"] if r["workload"] == "virtio churn"
+    }
+    assert churn["none"] > churn["hugetlb"] == 0  # the policy's EAGAINs avoided
 
 
 def _fake_bench(monkeypatch: pytest.MonkeyPatch, measured: float) -> list[str]:

@@ -447,9 +447,16 @@ def plot(s: Suite, path: str) -> None:
 
 
 def main_bench(args: Any) -> int:
+    from gmem import policies
     from gmem._progress import Progress
 
-    s = run(args.full, Progress(not args.quiet and not args.json))
+    progress = Progress(not args.quiet and not args.json)
+    s = run(args.full, progress)
+    # The huge-folio policies side by side: 2 MiB folios, and 1 GiB ones under --full.
+    policy_rows = policies.compare(
+        orders=(9, 18) if args.full else (9,), progress=lambda what: progress.note(what)
+    )
+    progress.clear()
     if args.json:
         import json
 
@@ -458,6 +465,7 @@ def main_bench(args: Any) -> int:
                 "targets": [t.row() for t in s.targets],
                 "figures": s.figures,
                 "scaling": s.scaling,
+                "policies": policy_rows,
                 "machine": machine(),
             },
             sys.stdout,
@@ -466,6 +474,8 @@ def main_bench(args: Any) -> int:
         print()
     else:
         print(table(s))
+        print("\nhuge-folio policies (gmem.policies; docs/model.md, Huge folios):")
+        print(policies.table(policy_rows))
     if args.plot:
         plot(s, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
