@@ -10,6 +10,7 @@ simulator's own build would (find_package(gmem CONFIG REQUIRED)).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def missing_tools() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))
+needs_tools = pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))
 
 
 def run(*cmd: str | Path, cwd: Path = ROOT) -> str:
@@ -69,6 +70,7 @@ def python_output() -> str:
     return run(sys.executable, EXAMPLES / "python" / "embed.py")
 
 
+@needs_tools
 def test_the_package_installs_headers_libraries_and_config(prefix: Path) -> None:
     lib = next(p for p in (prefix / "lib", prefix / "lib64") if p.is_dir())
     assert (prefix / "include" / "gmem.h").is_file()
@@ -99,6 +101,7 @@ def test_python_run_is_the_documented_one(python_output: str) -> None:
     assert lines[-1] == "violations 0"
 
 
+@needs_tools
 @pytest.mark.parametrize("lang", ["c", "cpp"])
 def test_native_example_prints_what_python_prints(
     prefix: Path, lang: str, python_output: str, tmp_path: Path
@@ -110,3 +113,25 @@ def test_native_example_prints_what_python_prints(
     proc = subprocess.run([str(exe)], capture_output=True, text=True, env=env_free, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == python_output.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("fence", "path"),
+    [
+        ("python", "python/embed.py"),
+        ("cpp", "cpp/embed.cpp"),
+        ("c", "c/embed.c"),
+        ("cmake", "cpp/CMakeLists.txt"),
+        ("cmake", "c/CMakeLists.txt"),
+    ],
+)
+def test_the_docs_show_each_example_whole(fence: str, path: str) -> None:
+    """docs/embedding.md carries each example complete, as it is in examples/."""
+    doc = (ROOT / "docs" / "embedding.md").read_text()
+    blocks = re.findall(rf"```{fence}\n(.*?)```", doc, re.S)
+    assert (EXAMPLES / path).read_text() in blocks
+
+
+def test_the_docs_show_the_output(python_output: str) -> None:
+    doc = (ROOT / "docs" / "embedding.md").read_text()
+    assert f"```text\n{python_output}```" in doc
