@@ -578,8 +578,8 @@ gmem_status gmem_arch_create(const char *base, const gmem_hooks *hooks, gmem_arc
                                        "got " +
                                            std::to_string(hooks->size));
             std::memcpy(&h, hooks, hooks->size);
-            if (h.config & ~(CONFIG_ALL | GMEM_CONFIG_BASE))
-                throw invalid("config", "unknown bits " + hex(h.config & ~(CONFIG_ALL | GMEM_CONFIG_BASE)) +
+            if (unsigned unknown = h.config & ~(CONFIG_ALL | GMEM_CONFIG_BASE))
+                throw invalid("config", "unknown bits " + hex(unknown) +
                                             "; allowed: GMEM_CONFIG_* | GMEM_CONFIG_BASE");
         }
         auto a = std::make_unique<gmem_arch>();
@@ -631,7 +631,8 @@ gmem_status gmem_base_make_private(gmem_file *file, uint64_t index, uint64_t pfn
             check_pfns(f, pfn, pfn + nr_pages, "pfn", "nr_pages");
         },
         [&](GuestMemfd &f, CHooks *c) {
-            c ? c->base_prepare(f, index, pfn, nr_pages) : f.arch().prepare(f, index, pfn, nr_pages);
+            c ? c->base_prepare(f, index, pfn, nr_pages)
+              : f.arch().prepare(f, index, pfn, nr_pages);
         });
 }
 
@@ -739,7 +740,8 @@ gmem_status gmem_file_create(uint64_t size_bytes, const gmem_file_options *optio
             throw invalid("folio_order", "must be in 0..18, got " + std::to_string(o.folio_order));
         if (o.arch && o.arch_name)
             throw invalid("arch_name", "must be NULL when arch is given");
-        std::shared_ptr<Arch> arch = o.arch ? o.arch->arch : builtin_arch(o.arch_name, nullptr, "arch_name");
+        std::shared_ptr<Arch> arch =
+            o.arch ? o.arch->arch : builtin_arch(o.arch_name, nullptr, "arch_name");
         std::shared_ptr<PhysMem> pm = o.physmem ? o.physmem->pm : nullptr;
         auto h = std::make_unique<gmem_file>();
         {
@@ -835,18 +837,22 @@ gmem_status gmem_file_host_fault(gmem_file *file, uint64_t index, uint64_t *pfn)
     });
 }
 
-/* Read operations of one page with a result (the page may be faulted in: exclusive). */
-#define GMEM_READ_OP(fn, method, out_name)                                                    \
-    gmem_status fn(gmem_file *file, uint64_t index, uint64_t *out)                           \
-    {                                                                                         \
-        return file_op(file, true, [&](GuestMemfd &f) {                                       \
-            uint64_t &o = need(out, out_name);                                                \
-            o = f.method(index);                                                              \
-        });                                                                                   \
-    }
-GMEM_READ_OP(gmem_file_guest_read, guest_read, "token")
-GMEM_READ_OP(gmem_file_host_read, host_read, "token")
-#undef GMEM_READ_OP
+// Reads fault the page in: exclusive, like every operation that may change the file.
+gmem_status gmem_file_guest_read(gmem_file *file, uint64_t index, uint64_t *token)
+{
+    return file_op(file, true, [&](GuestMemfd &f) {
+        uint64_t &t = need(token, "token");
+        t = f.guest_read(index);
+    });
+}
+
+gmem_status gmem_file_host_read(gmem_file *file, uint64_t index, uint64_t *token)
+{
+    return file_op(file, true, [&](GuestMemfd &f) {
+        uint64_t &t = need(token, "token");
+        t = f.host_read(index);
+    });
+}
 
 gmem_status gmem_file_guest_write(gmem_file *file, uint64_t index, uint64_t token)
 {
@@ -880,7 +886,8 @@ gmem_status gmem_file_unpin_pfn(gmem_file *file, uint64_t pfn)
 gmem_status gmem_file_set_attributes(gmem_file *file, uint64_t start, uint64_t end,
                                      uint64_t attrs, uint64_t *error_index)
 {
-    gmem_status s = file_op(file, true, [&](GuestMemfd &f) { f.set_attributes(start, end, attrs); });
+    gmem_status s =
+        file_op(file, true, [&](GuestMemfd &f) { f.set_attributes(start, end, attrs); });
     if (s == GMEM_ERR_BUSY && error_index)
         *error_index = ::error_index;
     return s;

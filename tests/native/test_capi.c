@@ -7,6 +7,7 @@
  */
 #include <gmem.h>
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -426,6 +427,64 @@ static void check_stats_and_ranges(void)
     OK(gmem_file_release(f));
 }
 
+/* Threads sharing one file: each converts, writes and reads its own 2 MiB folio, while
+ * the others do the same; every call takes the PhysMem's lock. */
+enum { NR_THREADS = 4, ROUNDS = 2000 };
+
+struct worker {
+    gmem_file *f;
+    uint64_t first;
+    int errors;
+};
+
+static void *work(void *arg)
+{
+    struct worker *w = arg;
+    uint64_t i, r, token;
+    for (r = 0; r < ROUNDS; r++) {
+        for (i = 0; i < 8; i++) {
+            uint64_t index = w->first + i * 61;
+            w->errors += gmem_file_guest_write(w->f, index, r * 1000 + i) != GMEM_OK;
+            w->errors += gmem_file_guest_read(w->f, index, &token) != GMEM_OK;
+            w->errors += token != r * 1000 + i;
+        }
+        w->errors += gmem_file_set_attributes(w->f, w->first, w->first + 512, GMEM_SHARED,
+                                              NULL) != GMEM_OK;
+        w->errors += gmem_file_host_write(w->f, w->first + 1, r) != GMEM_OK;
+        w->errors += gmem_file_set_attributes(w->f, w->first, w->first + 512, GMEM_PRIVATE,
+                                              NULL) != GMEM_OK;
+        if (r % 50 == 49)
+            w->errors += gmem_file_punch_hole(w->f, w->first, w->first + 512) != GMEM_OK;
+    }
+    return NULL;
+}
+
+static void check_threads_share_a_file(void)
+{
+    gmem_file *f = new_file(NR_THREADS * 512, 9, "pkvm", NULL, GMEM_FLAG_MMAP);
+    pthread_t tid[NR_THREADS];
+    struct worker w[NR_THREADS];
+    size_t n;
+    int t;
+
+    for (t = 0; t < NR_THREADS; t++) {
+        w[t].f = f;
+        w[t].first = (uint64_t)t * 512;
+        w[t].errors = 0;
+        CHECK(pthread_create(&tid[t], NULL, work, &w[t]) == 0);
+    }
+    for (t = 0; t < NR_THREADS; t++) {
+        CHECK(pthread_join(tid[t], NULL) == 0);
+        CHECK(w[t].errors == 0);
+    }
+    CHECK(stat_of(f, "conversions") == 2 * NR_THREADS * ROUNDS);
+    CHECK(stat_of(f, "folios_freed") == NR_THREADS * (ROUNDS / 50));
+    OK(gmem_file_close(f));
+    OK(gmem_file_check(f, NULL, NULL, &n));
+    CHECK(n == 0);
+    OK(gmem_file_release(f));
+}
+
 int main(void)
 {
     check_errors_name_their_argument();
@@ -435,6 +494,7 @@ int main(void)
     check_hook_config_is_checked();
     check_options_grow_compatibly();
     check_stats_and_ranges();
+    check_threads_share_a_file();
     printf("capi: %d checks passed\n", checks);
     return 0;
 }
