@@ -136,7 +136,7 @@ GMEM_API gmem_status gmem_physmem_nr_free(gmem_physmem *pm, uint64_t *nr_free);
  * gmem_base_*() (Python's super()).
  */
 typedef struct gmem_hooks {
-    size_t size;        /* sizeof(gmem_hooks); gmem_hooks_init() sets it */
+    size_t size;        /* sizeof(gmem_hooks); gmem_hooks_init() sets it (grows as options do) */
     const char *name;   /* the arch's name in violations; NULL: the base's */
     unsigned config;    /* GMEM_CONFIG_* bits, or GMEM_CONFIG_BASE | extra bits */
     void *user;         /* passed to every hook */

@@ -417,28 +417,30 @@ std::shared_ptr<Arch> builtin_arch(const char *name, const gmem_hooks *hooks, co
 }
 
 /*
- * The caller's options, read as Linux's copy_struct_from_user() reads a struct that grows:
- * fields past the caller's size keep their defaults; bytes past ours must be zero.
+ * A caller's struct (options, hooks), read as Linux's copy_struct_from_user() reads one
+ * that grows: fields past the caller's size keep their defaults; bytes past ours must be
+ * zero (a newer caller that sets a field we do not know is refused, not ignored).
  */
-gmem_file_options read_options(const gmem_file_options *in)
+template <class T>
+T read_struct(const T *in, void (*init)(T *), const char *arg, const char *init_name)
 {
-    gmem_file_options o;
-    gmem_file_options_init(&o);
+    T out;
+    init(&out);
     if (!in)
-        return o;
+        return out;
     size_t n = in->size;
-    if (n < offsetof(gmem_file_options, flags))
-        throw invalid("options", "size must be set (gmem_file_options_init), got " +
-                                     std::to_string(n));
+    if (n <= sizeof(size_t))
+        throw invalid(arg, std::string("size must be set (") + init_name + "), got " +
+                               std::to_string(n));
     const unsigned char *bytes = reinterpret_cast<const unsigned char *>(in);
-    for (size_t i = sizeof(o); i < n; i++)
+    for (size_t i = sizeof(T); i < n; i++)
         if (bytes[i])
-            throw invalid("options", "has fields this library does not know (size " +
-                                         std::to_string(n) + ", known " +
-                                         std::to_string(sizeof(o)) + ")");
-    std::memcpy(&o, in, n < sizeof(o) ? n : sizeof(o));
-    o.size = sizeof(o);
-    return o;
+            throw invalid(arg, "has fields this library does not know (size " +
+                                   std::to_string(n) + ", known " + std::to_string(sizeof(T)) +
+                                   ")");
+    std::memcpy(&out, in, n < sizeof(T) ? n : sizeof(T));
+    out.size = sizeof(T);
+    return out;
 }
 
 /* Checks of the base hooks' arguments, as the Python direct hook calls make them. */
@@ -570,14 +572,8 @@ gmem_status gmem_arch_create(const char *base, const gmem_hooks *hooks, gmem_arc
 {
     return guarded([&] {
         need(out, "out") = nullptr;
-        gmem_hooks h;
-        gmem_hooks_init(&h);
+        gmem_hooks h = read_struct(hooks, gmem_hooks_init, "hooks", "gmem_hooks_init");
         if (hooks) {
-            if (hooks->size < offsetof(gmem_hooks, name) || hooks->size > sizeof(h))
-                throw invalid("hooks", "size must be sizeof(gmem_hooks) (gmem_hooks_init), "
-                                       "got " +
-                                           std::to_string(hooks->size));
-            std::memcpy(&h, hooks, hooks->size);
             if (unsigned unknown = h.config & ~(CONFIG_ALL | GMEM_CONFIG_BASE))
                 throw invalid("config", "unknown bits " + hex(unknown) +
                                             "; allowed: GMEM_CONFIG_* | GMEM_CONFIG_BASE");
@@ -734,7 +730,8 @@ gmem_status gmem_file_create(uint64_t size_bytes, const gmem_file_options *optio
 {
     return guarded([&] {
         need(out, "out") = nullptr;
-        gmem_file_options o = read_options(options);
+        gmem_file_options o = read_struct(options, gmem_file_options_init, "options",
+                                          "gmem_file_options_init");
         HookDesign design = design_of(o.hook_design);
         if (o.folio_order > MAX_ORDER)
             throw invalid("folio_order", "must be in 0..18, got " + std::to_string(o.folio_order));

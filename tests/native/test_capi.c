@@ -333,6 +333,9 @@ static void check_hook_config_is_checked(void)
     h.invalidate_range = on_invalidate_range;
     FAILS(gmem_arch_create("pkvm", &h, &a), GMEM_ERR_INVALID,
           "hooks: invalidate_range is set but config does not enable it");
+    h.size = 0;
+    FAILS(gmem_arch_create("pkvm", &h, &a), GMEM_ERR_INVALID, "hooks: size must be set");
+    h.size = sizeof(h);
     h.config = 1u << 10;
     FAILS(gmem_arch_create("pkvm", &h, &a), GMEM_ERR_INVALID, "config: unknown bits 0x400");
     h.config = GMEM_CONFIG_INVALIDATE; /* not BASE: pKVM's RECLAIM is off */
