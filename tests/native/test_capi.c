@@ -366,6 +366,65 @@ static void check_hook_config_is_checked(void)
     OK(gmem_file_release(f));
 }
 
+/* make_private and post_populate over SNP; a hook is named by the file's design. */
+struct snp_seen {
+    uint64_t private_pages, populated_token;
+    int populated_with_token, fail;
+};
+
+static int on_make_private(void *user, gmem_file *f, uint64_t index, uint64_t pfn,
+                           uint64_t nr_pages)
+{
+    struct snp_seen *s = user;
+    s->private_pages += nr_pages;
+    if (s->fail)
+        return 3;
+    return (int)gmem_base_make_private(f, index, pfn, nr_pages); /* the RMP update */
+}
+
+static int on_post_populate(void *user, gmem_file *f, uint64_t index, uint64_t pfn,
+                            int has_token, uint64_t token)
+{
+    struct snp_seen *s = user;
+    s->populated_with_token = has_token;
+    s->populated_token = token;
+    return (int)gmem_base_post_populate(f, index, pfn, has_token, token);
+}
+
+static void check_hooks_are_named_by_design(void)
+{
+    static const char *const designs[] = {"mainline", "split"};
+    int d;
+    for (d = 0; d < 2; d++) {
+        struct snp_seen s;
+        gmem_hooks h;
+        gmem_arch *a;
+        gmem_file_options o;
+        gmem_file *f;
+        memset(&s, 0, sizeof(s));
+        gmem_hooks_init(&h);
+        h.user = &s;
+        h.make_private = on_make_private;
+        h.post_populate = on_post_populate;
+        OK(gmem_arch_create("snp", &h, &a)); /* SNP's config: CONVERT, RECLAIM, POPULATE */
+        gmem_file_options_init(&o);
+        o.arch = a;
+        o.folio_order = 9;
+        o.hook_design = designs[d];
+        OK(gmem_file_create(4 << 20, &o, &f));
+        gmem_arch_release(a);
+        OK(gmem_file_populate(f, 600, 1, 0x5eed));
+        CHECK(s.populated_with_token == 1 && s.populated_token == 0x5eed);
+        OK(gmem_file_get_pfn(f, 0, NULL, NULL));
+        CHECK(s.private_pages == 512);
+        s.fail = 1;
+        FAILS(gmem_file_get_pfn(f, 1, NULL, NULL), GMEM_ERR_HOOK,
+              d == 0 ? "make_private returned 3" : "prepare returned 3");
+        CHECK(s.private_pages == 1024);
+        OK(gmem_file_release(f));
+    }
+}
+
 static void check_options_grow_compatibly(void)
 {
     struct {
@@ -495,6 +554,7 @@ int main(void)
     check_hooks_through_function_pointers();
     check_a_failing_hook_is_reported_and_recorded();
     check_hook_config_is_checked();
+    check_hooks_are_named_by_design();
     check_options_grow_compatibly();
     check_stats_and_ranges();
     check_threads_share_a_file();
