@@ -41,9 +41,6 @@ struct gmem_physmem {
 struct gmem_arch {
     std::shared_ptr<Arch> arch;
 };
-struct gmem_file {
-    std::shared_ptr<GuestMemfd> f;
-};
 
 static_assert(sizeof(gmem_pfn_range) == sizeof(PfnRange) &&
                   offsetof(gmem_pfn_range, end_pfn) == offsetof(PfnRange, end_pfn),
@@ -174,6 +171,17 @@ struct CHooks {
 };
 
 CHooks *c_hooks(Arch &a) { return dynamic_cast<CHooks *>(&a); }
+
+} // namespace
+
+/* A file and, when its arch is a C arch, that arch's hooks (found once: a file's arch
+ * never changes, and every operation needs them). */
+struct gmem_file {
+    std::shared_ptr<GuestMemfd> f;
+    CHooks *hooks = nullptr;
+};
+
+namespace {
 
 const gmem_pfn_range *c_ranges(const PfnRange *r)
 {
@@ -360,7 +368,7 @@ gmem_status file_op(gmem_file *h, bool write, Fn &&fn) noexcept
         Lock lk(m, write);
         if (write && f.in_operation())
             throw Reentrant("an arch hook may read the file it serves, not change it");
-        CHooks *hs = nested ? nullptr : c_hooks(f.arch());
+        CHooks *hs = nested ? nullptr : h->hooks;
         struct Busy {
             GuestMemfd *f;
             ~Busy()
@@ -750,8 +758,8 @@ gmem_status gmem_file_create(uint64_t size_bytes, const gmem_file_options *optio
                 lk = std::make_unique<Lock>(arch->file->physmem().lock(), false);
             h->f = std::make_shared<GuestMemfd>(size_bytes, o.flags, o.folio_order, pm, arch,
                                                 design);
-            if (CHooks *c = c_hooks(*arch))
-                c->handle = h.get();
+            if ((h->hooks = c_hooks(*arch)))
+                h->hooks->handle = h.get();
         }
         *out = h.release();
         return GMEM_OK;
@@ -773,8 +781,8 @@ gmem_status gmem_file_release(gmem_file *file)
     gmem_status d = guarded([&] {
         std::shared_ptr<PhysMem> pm = file->f->physmem_ptr();
         Lock lk(pm->lock(), true); // the arch and the PhysMem may be shared: let go under it
-        if (CHooks *c = c_hooks(file->f->arch()); c && c->handle == file)
-            c->handle = nullptr;
+        if (file->hooks && file->hooks->handle == file)
+            file->hooks->handle = nullptr;
         file->f.reset();
         return GMEM_OK;
     });
