@@ -202,6 +202,7 @@ typedef struct gmem_file_options {
     gmem_arch *arch;         /* or an arch of yours; one arch serves one file */
     const char *hook_design; /* "mainline" (NULL), "split" or "overloaded" */
     gmem_physmem *physmem;   /* NULL: a PhysMem of the file's own */
+    const char *huge_policy; /* "none" (NULL) or "hugetlb" (docs/model.md, Huge folios) */
 } gmem_file_options;
 
 GMEM_API void gmem_file_options_init(gmem_file_options *options);

@@ -409,6 +409,16 @@ HookDesign design_of(const char *name)
                                      n + "\"");
 }
 
+HugePolicy policy_of(const char *name)
+{
+    std::string n = name ? name : "none";
+    if (n == "none")
+        return HugePolicy::None;
+    if (n == "hugetlb")
+        return HugePolicy::HugeTLB;
+    throw invalid("huge_policy", "must be \"none\" or \"hugetlb\", got \"" + n + "\"");
+}
+
 std::shared_ptr<Arch> builtin_arch(const char *name, const gmem_hooks *hooks, const char *arg)
 {
     std::string n = name ? name : "sw_protected";
@@ -741,6 +751,7 @@ gmem_status gmem_file_create(uint64_t size_bytes, const gmem_file_options *optio
         gmem_file_options o = read_struct(options, gmem_file_options_init, "options",
                                           "gmem_file_options_init");
         HookDesign design = design_of(o.hook_design);
+        HugePolicy policy = policy_of(o.huge_policy);
         if (o.folio_order > MAX_ORDER)
             throw invalid("folio_order", "must be in 0..18, got " + std::to_string(o.folio_order));
         if (o.arch && o.arch_name)
@@ -757,7 +768,7 @@ gmem_status gmem_file_create(uint64_t size_bytes, const gmem_file_options *optio
             else if (arch->file)
                 lk = std::make_unique<Lock>(arch->file->physmem().lock(), false);
             h->f = std::make_shared<GuestMemfd>(size_bytes, o.flags, o.folio_order, pm, arch,
-                                                design);
+                                                design, policy);
             if ((h->hooks = c_hooks(*arch)))
                 h->hooks->handle = h.get();
         }

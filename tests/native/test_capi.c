@@ -445,6 +445,31 @@ static void check_options_grow_compatibly(void)
     bigger.future[1] = 1;
     FAILS(gmem_file_create(8192, &bigger.o, &f), GMEM_ERR_INVALID,
           "options: has fields this library does not know");
+    /* the huge-folio policy, and a bad one named */
+    gmem_file_options_init(&bigger.o);
+    bigger.future[1] = 0;
+    bigger.o.folio_order = 1;
+    bigger.o.huge_policy = "hugetlb";
+    bigger.o.flags = GMEM_FLAG_MMAP;
+    OK(gmem_file_create(16384, &bigger.o, &f));
+    {
+        uint64_t pfn, splits = 0, merges = 0;
+        OK(gmem_file_fallocate(f, 0, 4));
+        OK(gmem_file_set_attributes(f, 1, 2, GMEM_SHARED, NULL)); /* split on share */
+        OK(gmem_file_host_fault(f, 1, &pfn));
+        OK(gmem_file_set_attributes(f, 1, 2, GMEM_PRIVATE, NULL)); /* merged back */
+        OK(gmem_file_stat(f, "folio_splits", &splits));
+        OK(gmem_file_stat(f, "folio_merges", &merges));
+        CHECK(splits == 1 && merges == 1);
+    }
+    OK(gmem_file_release(f));
+    bigger.o.huge_policy = "thp";
+    FAILS(gmem_file_create(16384, &bigger.o, &f), GMEM_ERR_INVALID,
+          "huge_policy: must be \"none\" or \"hugetlb\", got \"thp\"");
+    bigger.o.huge_policy = "hugetlb";
+    bigger.o.folio_order = 0;
+    FAILS(gmem_file_create(16384, &bigger.o, &f), GMEM_ERR_INVALID,
+          "folio_order: huge_policy 'hugetlb' needs huge folios");
     /* an older caller that knew only size, flags and folio_order */
     memset(&small, 0xff, sizeof(small));
     small.size = offsetof(gmem_file_options, folio_order) + sizeof(unsigned);
