@@ -302,6 +302,75 @@ def _replay(args: argparse.Namespace) -> int:
     return _emit(args, header, meta, rows)
 
 
+# The options only some workloads take: option dest -> (keyword, workloads).
+_WORKLOAD_OPTIONS = {
+    "vcpus": ("vcpus", ("snp_boot", "tdx_boot")),
+    "eager": ("lazy", ("tdx_boot",)),
+    "fraction": ("fraction", ("balloon",)),
+}
+
+
+def _workload_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "seed": args.seed,
+        "folio_order": args.folio_size,
+        "huge_policy": args.huge_policy,
+    }
+    for dest, (key, _) in _WORKLOAD_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is not None and value is not False:
+            kwargs[key] = not value if dest == "eager" else value
+    return kwargs
+
+
+def _workload(args: argparse.Namespace) -> int:
+    from gmem import trace, workloads
+
+    records = workloads.generate(args.name, args.size, **_workload_kwargs(args))
+    if not args.write_trace and not args.summary:
+        for line in trace.dump_lines(records):
+            sys.stdout.write(line)
+        return EXIT_OK
+    if args.write_trace:
+        with open(args.write_trace, "w") as f:
+            s = workloads.summarize(_written(records, f))
+        lines = s["operations"] + s["expected_errors"] + 1
+        print(f"wrote {lines:,} lines to {args.write_trace}", file=sys.stderr)
+    else:
+        s = workloads.summarize(records)
+    if args.json:
+        json.dump(
+            {"gmem_version": gmem.__version__, "workload": args.name, **s}, sys.stdout, indent=1
+        )
+        sys.stdout.write("\n")
+        return EXIT_OK
+    print(
+        f"gmem workload {args.name}: a {_human(s['size'])} guest, "
+        f"{_human(PAGE_SIZE << s['folio_order'])} folios, policy {s['huge_policy']}, "
+        f"seed {args.seed}: {s['operations']:,} operations"
+    )
+    width = max(len(op) for op in s["ops"])
+    for op, n in s["ops"].items():
+        print(f"  {op:<{width}}  {n:>12,}")
+    print(f"  pages made shared {s['pages_to_shared']:,}, made private {s['pages_to_private']:,}")
+    return EXIT_OK
+
+
+def _written(records: Any, f: Any) -> Any:
+    """The records, each written to ``f`` as a trace line as it passes."""
+    from gmem import trace
+
+    for r in records:
+        f.write(trace.dumps([r]))
+        yield r
+
+
+def _human(n: int) -> str:
+    from gmem.demo import human_bytes
+
+    return human_bytes(n)
+
+
 def _check_pfn(args: argparse.Namespace) -> int:
     from gmem import pfncheck
 
@@ -566,6 +635,61 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
 
+    from gmem.workloads import WORKLOADS
+
+    w = command(
+        "workload",
+        "print or save the trace of a realistic guest workload (docs/workloads.md)",
+        "workloads: " + ", ".join(WORKLOADS) + "\n"
+        "Without --write-trace or --summary the trace goes to standard output (JSON Lines,\n"
+        "the format of gmem replay --help); gmem replay runs a saved one.\n\n" + EXIT_STATUS,
+    )
+    w.add_argument("name", choices=list(WORKLOADS), metavar="NAME", help="the workload (below)")
+    w.add_argument(
+        "--size",
+        type=_size,
+        required=True,
+        metavar="SIZE",
+        help="guest size: bytes, or with a K, M, G or T suffix; a multiple of max(2M, folio "
+        "size), at least 16 of them",
+    )
+    w.add_argument(
+        "--folio-size",
+        type=_folio_size,
+        default=9,
+        metavar="SIZE",
+        help="folio size: a power of two from 4K to 1G (default 2M)",
+    )
+    w.add_argument(
+        "--huge-policy",
+        choices=HUGE_POLICIES,
+        default="none",
+        help="the create line's huge-folio policy: none or hugetlb (needs folios > 4K; "
+        "default none; gmem replay --huge-policy overrides it)",
+    )
+    w.add_argument("--seed", type=_int_in(0), default=0, help="an integer >= 0 (default 0)")
+    w.add_argument(
+        "--vcpus",
+        type=_int_in(1, 120),
+        default=None,
+        help="vCPUs, 1..120 (snp_boot and tdx_boot only; default 4)",
+    )
+    w.add_argument(
+        "--eager",
+        action="store_true",
+        help="accept all memory at boot, not lazily (tdx_boot only)",
+    )
+    w.add_argument(
+        "--fraction",
+        type=_fraction,
+        default=None,
+        help="fraction of free memory ballooned out, 0..1 (balloon only; default 0.25)",
+    )
+    w.add_argument("--write-trace", metavar="FILE", help="write the trace here, print a summary")
+    w.add_argument("--summary", action="store_true", help="print a summary, not the trace")
+    w.add_argument("--json", action="store_true", help="print the summary as JSON")
+    w.set_defaults(func=_workload)
+
     p = command("layout", "print the clamped PFN ranges of a random folio layout")
     p.add_argument(
         "--pages",
@@ -613,6 +737,21 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             demo.check_size(args.size, args.folio_size)
         except ValueError as exc:
             error(f"argument --size: {str(exc).removeprefix('size: ')}")
+    if args.command == "workload":
+        from gmem import workloads
+
+        for dest, (_, names) in _WORKLOAD_OPTIONS.items():
+            value = getattr(args, dest)
+            if value is not None and value is not False and args.name not in names:
+                flag = "--" + dest.replace("_", "-")
+                error(f"argument {flag}: only {' and '.join(names)} take it, not {args.name}")
+        if args.huge_policy == "hugetlb" and args.folio_size == 0:
+            error("argument --huge-policy: hugetlb needs a folio size above 4K (--folio-size)")
+        try:
+            workloads.check_size(args.size, args.folio_size)
+        except ValueError as exc:
+            error(f"argument --size: {str(exc).removeprefix('size: ')}")
+        args.summary = args.summary or args.json
     if args.command == "layout":
         end = args.pages if args.end is None else args.end
         if end > args.pages:
