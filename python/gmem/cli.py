@@ -126,6 +126,12 @@ RUN_COLUMNS: list[tuple[str, tuple[str, str], str]] = [
 ]
 
 
+# With --costs: the cost model's estimate (docs/workloads.md), in ms of the guest's time.
+ESTIMATE_COLUMNS: list[tuple[str, tuple[str, str], str]] = [
+    ("estimated_ms", ("estimated", "(ms)"), "{:,.3f}"),
+]
+
+
 def table(rows: Sequence[dict[str, Any]], width: int | None = None) -> str:
     """The runs as a table no wider than ``width`` where that can be done: the columns
     that do not fit go to a second block (with the arch and design repeated).  A failed
@@ -137,7 +143,8 @@ def table(rows: Sequence[dict[str, Any]], width: int | None = None) -> str:
     ]
     ok_rows = [r for r in rows if r.get("ok", True)]
     cols = []
-    for key, head, fmt in RUN_COLUMNS:
+    estimated = any("estimated_ns" in r for r in ok_rows)
+    for key, head, fmt in RUN_COLUMNS + (ESTIMATE_COLUMNS if estimated else []):
         cells = [fmt.format(r[key]) for r in ok_rows]
         cols.append((key, head, fmt, max(len(head[0]), len(head[1]), *map(len, cells or [""]))))
     key_width = sum(w + 2 for _, _, w in keys)
@@ -188,7 +195,7 @@ def table(rows: Sequence[dict[str, Any]], width: int | None = None) -> str:
     return "\n".join(out)
 
 
-def _run_row(summary: Any) -> dict[str, Any]:
+def _run_row(summary: Any, costs: Any = None) -> dict[str, Any]:
     row: dict[str, Any] = summary.row()
     row.update(
         ok=True,
@@ -196,7 +203,31 @@ def _run_row(summary: Any) -> dict[str, Any]:
         arch_stats=summary.arch_stats,
         violation_list=summary.violation_records,
     )
+    if costs is not None:
+        total, breakdown = costs.estimate(summary)
+        row.update(
+            estimated_ns=round(total),
+            estimated_ms=total / 1e6,
+            cost_breakdown_ns={k: round(v) for k, v in breakdown.items()},
+        )
     return row
+
+
+def _costs(args: argparse.Namespace) -> Any:
+    """The cost model --costs asked for (None without it)."""
+    return getattr(args, "cost_model", None)
+
+
+def _cost_meta(costs: Any) -> dict[str, Any]:
+    if costs is None:
+        return {}
+    return {
+        "cost_model": {
+            "origin": costs.origin,
+            "note": "estimated_ns is an estimate from per-event latencies, not a measurement",
+            "latencies_ns": {r["key"]: r["ns"] for r in costs.table()},
+        }
+    }
 
 
 def _failed_row(policy: str, arch: str, design: str, exc: Any) -> dict[str, Any]:
@@ -218,6 +249,8 @@ def _emit(args: argparse.Namespace, header: str, meta: dict[str, Any], rows: lis
     else:
         print(textwrap.fill(header, terminal_width(), subsequent_indent="  "))
         print(table(rows))
+        if "cost_model" in meta:
+            print(f"estimated: a cost model ({meta['cost_model']['origin']}), not a measurement")
     failed = any(not r["ok"] for r in rows)
     violated = any(r["ok"] and r["violations"] for r in rows)
     return EXIT_FAILED if failed or (args.fail_on_violation and violated) else EXIT_OK
@@ -231,6 +264,7 @@ def _demo(args: argparse.Namespace) -> int:
     from gmem import demo, trace
 
     order = args.folio_size
+    costs = _costs(args)  # a bad cost file is refused before anything runs
     progress = Progress(not args.json and not args.quiet)
     if args.write_trace:
         with open(args.write_trace, "w") as f:
@@ -262,14 +296,16 @@ def _demo(args: argparse.Namespace) -> int:
         "folio_size": PAGE_SIZE << order,
         "seed": args.seed,
         "operations": operations,
+        **_cost_meta(costs),
     }
-    return _emit(args, header, meta, [_run_row(r) for r in results])
+    return _emit(args, header, meta, [_run_row(r, costs) for r in results])
 
 
 def _replay(args: argparse.Namespace) -> int:
     from gmem import trace
 
     create, operations = trace.validate(args.trace)  # every line, before anything runs
+    costs = _costs(args)
     archs, designs = tuple(args.arch or BUILTIN_ARCHS), tuple(args.hook_design or DESIGNS)
     progress = Progress(not args.json and not args.quiet)
     rows = []
@@ -286,7 +322,7 @@ def _replay(args: argparse.Namespace) -> int:
                 where=args.trace,
                 progress=lambda k: progress.note(f"{k:,} of {operations:,} operations"),
             )
-            rows.append(_run_row(summary))
+            rows.append(_run_row(summary, costs))
         except trace.TraceError as exc:
             rows.append(_failed_row(p, a, d, exc))
     progress(len(runs), len(runs), "done")
@@ -298,6 +334,7 @@ def _replay(args: argparse.Namespace) -> int:
         "folio_order": c["folio_order"],
         "flags": c["flags"],
         "operations": operations,
+        **_cost_meta(costs),
     }
     return _emit(args, header, meta, rows)
 
@@ -530,6 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="exit 1 when a run reports a contract violation (for CI)",
         )
+        p.add_argument(
+            "--costs",
+            nargs="?",
+            const="default",
+            metavar="FILE",
+            help="add an estimated time per run from a cost model: the defaults, or FILE "
+            "(.toml or .json; docs/workloads.md) over them",
+        )
         p.add_argument("--json", action="store_true", help="print the results as JSON")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -737,6 +782,15 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             demo.check_size(args.size, args.folio_size)
         except ValueError as exc:
             error(f"argument --size: {str(exc).removeprefix('size: ')}")
+    if getattr(args, "costs", None) is not None:  # demo, replay: before anything runs
+        try:
+            args.cost_model = (
+                gmem.CostModel.default()
+                if args.costs == "default"
+                else gmem.CostModel.load(args.costs)
+            )
+        except ValueError as exc:
+            error(f"argument --costs: {exc}")
     if args.command == "workload":
         from gmem import workloads
 
