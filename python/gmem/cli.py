@@ -408,6 +408,71 @@ def _human(n: int) -> str:
     return human_bytes(n)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from gmem import sweep
+    from gmem.workloads import WORKLOADS
+
+    sizes = args.size or [64 << 20, 256 << 20, 1 << 30]
+    orders = args.folio_size or [0, 9]
+    points, skipped = sweep.grid(
+        sizes,
+        orders,
+        args.arch or BUILTIN_ARCHS,
+        args.hook_design or ["mainline"],
+        args.huge_policy or HUGE_POLICIES,
+        args.workload or list(WORKLOADS),
+        seed=args.seed,
+    )
+    if not points:
+        raise ValueError("the grid is empty: " + "; ".join(skipped))
+    progress = Progress(not args.json and not args.quiet)
+    where = f"Dask at {args.dask}" if args.dask else f"{args.jobs or os.cpu_count()} processes"
+    progress(0, len(points), f"{len(points):,} runs on {where}")
+    rows = sweep.run(
+        points,
+        jobs=args.jobs,
+        dask=args.dask,
+        costs=getattr(args, "cost_model", None),
+        progress=lambda n, total: progress(n, total, f"{n:,} of {total:,} runs on {where}"),
+    )
+    progress.clear()
+    meta = {
+        "command": "sweep",
+        "grid": {
+            "sizes": sizes,
+            "folio_sizes": [PAGE_SIZE << o for o in orders],
+            "archs": list(args.arch or BUILTIN_ARCHS),
+            "hook_designs": list(args.hook_design or ["mainline"]),
+            "huge_policies": list(args.huge_policy or HUGE_POLICIES),
+            "workloads": list(args.workload or WORKLOADS),
+            "seed": args.seed,
+        },
+        "skipped": skipped,
+        **_cost_meta(getattr(args, "cost_model", None) or gmem.CostModel.default()),
+    }
+    doc = sweep.document(rows, meta)
+    if args.write_json:
+        with open(args.write_json, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+    if args.plot:
+        sweep.plot(rows, args.plot)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(
+            f"gmem sweep: {len(rows):,} runs on {where} ({sweep.machine()}, gmem "
+            f"{gmem.__version__}); estimated: a cost model, not a measurement"
+        )
+        print(sweep.table(rows))
+        for line in skipped:
+            print(f"left out: {line}")
+        for path in filter(None, (args.write_json, args.plot)):
+            print(f"wrote {path}")
+    return EXIT_OK
+
+
 def _check_pfn(args: argparse.Namespace) -> int:
     from gmem import pfncheck
 
@@ -715,9 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=_int_in(0), default=0, help="an integer >= 0 (default 0)")
     w.add_argument(
         "--vcpus",
-        type=_int_in(1, 120),
+        type=_int_in(1, 254),
         default=None,
-        help="vCPUs, 1..120 (snp_boot and tdx_boot only; default 4)",
+        help="vCPUs, 1..254 (snp_boot and tdx_boot only; default 4)",
     )
     w.add_argument(
         "--eager",
@@ -734,6 +799,79 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--summary", action="store_true", help="print a summary, not the trace")
     w.add_argument("--json", action="store_true", help="print the summary as JSON")
     w.set_defaults(func=_workload)
+
+    s = command(
+        "sweep",
+        "replay workloads over a grid of sizes, folio sizes, archs, designs and policies",
+        "Every option that names a value is repeatable; the grid is their product, less the\n"
+        "points that cannot exist (hugetlb with 4K folios, a size the workload cannot lay\n"
+        "out). Runs in parallel processes here, or on a Dask cluster with --dask.\n\n"
+        + EXIT_STATUS,
+    )
+    s.add_argument(
+        "--size",
+        action="append",
+        type=_size,
+        metavar="SIZE",
+        help="guest size, with a K, M, G or T suffix (repeatable; default 64M, 256M, 1G)",
+    )
+    s.add_argument(
+        "--folio-size",
+        action="append",
+        type=_folio_size,
+        metavar="SIZE",
+        help="folio size, a power of two from 4K to 1G (repeatable; default 4K and 2M)",
+    )
+    s.add_argument(
+        "--arch",
+        action="append",
+        choices=BUILTIN_ARCHS,
+        help=f"one of {', '.join(BUILTIN_ARCHS)} (repeatable; default: all)",
+    )
+    s.add_argument(
+        "--hook-design",
+        action="append",
+        choices=DESIGNS,
+        help=f"one of {', '.join(DESIGNS)} (repeatable; default: mainline)",
+    )
+    s.add_argument(
+        "--huge-policy",
+        action="append",
+        choices=HUGE_POLICIES,
+        help="none or hugetlb (repeatable; default: both)",
+    )
+    s.add_argument(
+        "--workload",
+        action="append",
+        choices=list(WORKLOADS),
+        help=f"one of {', '.join(WORKLOADS)} (repeatable; default: all)",
+    )
+    s.add_argument("--seed", type=_int_in(0), default=0, help="an integer >= 0 (default 0)")
+    s.add_argument(
+        "--jobs",
+        type=_int_in(1, 1024),
+        default=None,
+        help="worker processes, 1..1024 (default: the CPUs)",
+    )
+    s.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help=f"run on this Dask scheduler (tcp://host:8786; pip install '{DIST}[dask]')",
+    )
+    s.add_argument(
+        "--costs",
+        metavar="FILE",
+        help="a cost file (.toml or .json) over the default cost model",
+    )
+    s.add_argument("--write-json", metavar="FILE", help="write the rows as a JSON document")
+    s.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help=f"draw the three plots (needs matplotlib: pip install '{DIST}[plot]')",
+    )
+    s.add_argument("--json", action="store_true", help="print the JSON document")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_sweep)
 
     p = command("layout", "print the clamped PFN ranges of a random folio layout")
     p.add_argument(
@@ -812,6 +950,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             error(f"argument --end: must be at most --pages ({args.pages:,}), got {end:,}")
         if args.start > end:
             error(f"argument --start: must be at most --end ({end:,}), got {args.start:,}")
+    if args.command == "sweep":
+        if args.plot and importlib.util.find_spec("matplotlib") is None:
+            error(f"argument --plot: needs matplotlib: pip install '{DIST}[plot]'")
+        if args.dask and importlib.util.find_spec("distributed") is None:
+            error(f"argument --dask: needs dask.distributed: pip install '{DIST}[dask]'")
+        if args.dask and args.jobs:
+            error("argument --jobs: the Dask cluster has its own workers; give one of the two")
     if args.command == "bench" and args.plot and importlib.util.find_spec("matplotlib") is None:
         error(f"argument --plot: needs matplotlib: pip install '{DIST}[plot]'")
 
