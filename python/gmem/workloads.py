@@ -150,8 +150,8 @@ def _check(size: int, folio_order: int, huge_policy: str, seed: int, **ints: int
     check_size(size, folio_order)
 
 
-# vcpus: the per-CPU pages (2 each) and rings (4 pages each) fit in one 2 MiB stride.
-_LIMITS = {"vcpus": (1, 120)}
+# vcpus: .bss..decrypted and the per-CPU pages (2 each) fit in one 2 MiB stride.
+_LIMITS = {"vcpus": (1, 254)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,12 +259,12 @@ def layout(size: int, folio_order: int, vcpus: int = 4, swiotlb: int | None = No
     firmware = min(_n("firmware_image") // PAGE_SIZE, prefix)
     kernel = prefix
     sw_start = kernel + s
+    ring_pages = vcpus * _n("ring_pages_per_vcpu")
     rings = sw_start + _round_up(sw, s)
-    dma = rings + s
+    dma = rings + _round_up(ring_pages, s)
     free = dma + s
     if free + s > nr:
         raise ValueError(f"size: {size:,} bytes is too small for this layout")
-    ring_pages = vcpus * _n("ring_pages_per_vcpu")
     return Layout(
         nr,
         s,
