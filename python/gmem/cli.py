@@ -1,4 +1,5 @@
-"""The ``gmem`` command: the demo, trace replay, PFN-math checking, benchmarks, a layout printer.
+"""The ``gmem`` command: the demo, trace replay, workloads, sweeps, PFN-math checking,
+benchmarks, a layout printer.
 
 Every command runs its work on a worker thread while the main thread waits: Ctrl-C then
 stops the command at once, even inside a long C++ call (those run without the GIL),
