@@ -3,6 +3,7 @@ processes, a Dask LocalCluster, the table, the JSON document and the plots."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -160,3 +161,51 @@ def test_sweep_plot_needs_matplotlib_or_draws(tmp_path: Path) -> None:
         assert out.returncode == 2 and "argument --plot: needs matplotlib" in out.stderr
     else:
         assert out.returncode == 0 and path.exists(), out.stderr
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # a thread that has exited
+            out |= {int(c) for c in (task / "children").read_text().split()}
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_an_interrupted_sweep_leaves_no_worker_running() -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gmem",
+            "sweep",
+            "--size",
+            "4G",
+            "--folio-size",
+            "4K",
+            "--jobs",
+            "2",
+            "-q",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(workers := _children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(workers) >= 2
+        proc.send_signal(signal.SIGINT)  # the parent only, not the process group
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130 and "interrupted" in err
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{w}/cmdline").exists() for w in workers)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -137,13 +137,28 @@ def run(
             if progress:
                 progress(n + 1, len(points))
         return rows
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_die_with_parent) as pool:
         futures = [pool.submit(run_point, p, values) for p in points]
         for n, fut in enumerate(futures):
             fut.result()
             if progress:
                 progress(n + 1, len(points))
         return [f.result() for f in futures]
+
+
+def _die_with_parent() -> None:
+    """In a worker process: be killed when the process that started the sweep exits (an
+    interrupted ``gmem sweep`` leaves no worker replaying on). Linux only; elsewhere the
+    workers stop after their current point. The signal follows the *thread* that forked
+    the worker: the one that runs :func:`run`, alive until the pool is done."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _run_dask(
