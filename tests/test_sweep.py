@@ -39,6 +39,16 @@ def test_grid_leaves_out_what_cannot_exist() -> None:
     assert skipped and "at least 16 strides" in skipped[0]
     with pytest.raises(ValueError, match="workloads: unknown 'boot'"):
         sweep.grid([32 * MiB], [9], ["snp"], ["mainline"], ["none"], ["boot"])
+    with pytest.raises(ValueError, match="archs: unknown 'sev'; known: sw_protected"):
+        sweep.grid([32 * MiB], [9], ["sev"], ["mainline"], ["none"], ["kexec"])
+    with pytest.raises(ValueError, match="designs: unknown 'v8'"):
+        sweep.grid([32 * MiB], [9], ["snp"], ["v8"], ["none"], ["kexec"])
+    with pytest.raises(ValueError, match="policies: unknown 'thp'"):
+        sweep.grid([32 * MiB], [9], ["snp"], ["mainline"], ["thp"], ["kexec"])
+    with pytest.raises(ValueError, match=r"folio_orders: each must be an int in 0\.\.18"):
+        sweep.grid([32 * MiB], [19], ["snp"], ["mainline"], ["none"], ["kexec"])
+    with pytest.raises(ValueError, match="jobs: must be an integer >= 1"):
+        sweep.run(points, jobs=0)
 
 
 def test_a_row_is_the_replay_of_its_point() -> None:

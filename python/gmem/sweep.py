@@ -26,7 +26,7 @@ from typing import Any
 
 import gmem
 from gmem import trace, workloads
-from gmem._consts import PAGE_SIZE
+from gmem._consts import BUILTIN_ARCHS, HOOK_DESIGNS, HUGE_POLICIES, MAX_ORDER, PAGE_SIZE
 
 GiB = 1 << 30
 
@@ -54,6 +54,17 @@ def grid(
     seed: int = 0,
 ) -> tuple[list[Point], list[str]]:
     """The points of the grid, and a line for each combination left out (and why)."""
+    for what, values, allowed in (
+        ("archs", archs, BUILTIN_ARCHS),
+        ("designs", designs, HOOK_DESIGNS),
+        ("policies", policies, HUGE_POLICIES),
+    ):
+        for v in values:
+            if v not in allowed:
+                raise ValueError(f"{what}: unknown {v!r}; known: {', '.join(allowed)}")
+    for o in folio_orders:
+        if isinstance(o, bool) or not isinstance(o, int) or not 0 <= o <= MAX_ORDER:
+            raise ValueError(f"folio_orders: each must be an int in 0..{MAX_ORDER}, got {o!r}")
     points, skipped = [], []
     for name, size, order, policy in itertools.product(names, sizes, folio_orders, policies):
         if name not in workloads.WORKLOADS:
@@ -126,6 +137,8 @@ def run(
 
     ``dask``: a scheduler address (``tcp://host:8786``) or a ``dask.distributed.Client``;
     else ``jobs`` worker processes here (default: the CPUs; 1 runs in this process)."""
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs: must be an integer >= 1 (or None: the CPUs), got {jobs!r}")
     values = dict(costs.costs) if costs is not None else None
     if dask is not None:
         return _run_dask(points, dask, values, progress)
