@@ -35,6 +35,7 @@ from gmem._core import (
     clamp_folio_ranges,
 )
 from gmem.arch import AnyArch, BatchedArch, UnusedHookWarning
+from gmem.cost import CostModel
 from gmem.errors import ConversionBusy, GmemError, HWPoison, OutOfMemory, SigBus
 
 __version__ = "0.1.0"
@@ -58,6 +59,7 @@ __all__ = [
     "ArchName",
     "BatchedArch",
     "ConversionBusy",
+    "CostModel",
     "FolioCache",
     "GmemError",
     "GuestMemfd",

@@ -1,4 +1,5 @@
-"""The ``gmem`` command: the demo, trace replay, PFN-math checking, benchmarks, a layout printer.
+"""The ``gmem`` command: the demo, trace replay, workloads, sweeps, PFN-math checking,
+benchmarks, a layout printer.
 
 Every command runs its work on a worker thread while the main thread waits: Ctrl-C then
 stops the command at once, even inside a long C++ call (those run without the GIL),
@@ -126,6 +127,12 @@ RUN_COLUMNS: list[tuple[str, tuple[str, str], str]] = [
 ]
 
 
+# With --costs: the cost model's estimate (docs/workloads.md), in ms of the guest's time.
+ESTIMATE_COLUMNS: list[tuple[str, tuple[str, str], str]] = [
+    ("estimated_ms", ("estimated", "(ms)"), "{:,.3f}"),
+]
+
+
 def table(rows: Sequence[dict[str, Any]], width: int | None = None) -> str:
     """The runs as a table no wider than ``width`` where that can be done: the columns
     that do not fit go to a second block (with the arch and design repeated).  A failed
@@ -137,7 +144,8 @@ def table(rows: Sequence[dict[str, Any]], width: int | None = None) -> str:
     ]
     ok_rows = [r for r in rows if r.get("ok", True)]
     cols = []
-    for key, head, fmt in RUN_COLUMNS:
+    estimated = any("estimated_ns" in r for r in ok_rows)
+    for key, head, fmt in RUN_COLUMNS + (ESTIMATE_COLUMNS if estimated else []):
         cells = [fmt.format(r[key]) for r in ok_rows]
         cols.append((key, head, fmt, max(len(head[0]), len(head[1]), *map(len, cells or [""]))))
     key_width = sum(w + 2 for _, _, w in keys)
@@ -188,7 +196,7 @@ def table(rows: Sequence[dict[str, Any]], width: int | None = None) -> str:
     return "\n".join(out)
 
 
-def _run_row(summary: Any) -> dict[str, Any]:
+def _run_row(summary: Any, costs: Any = None) -> dict[str, Any]:
     row: dict[str, Any] = summary.row()
     row.update(
         ok=True,
@@ -196,7 +204,31 @@ def _run_row(summary: Any) -> dict[str, Any]:
         arch_stats=summary.arch_stats,
         violation_list=summary.violation_records,
     )
+    if costs is not None:
+        total, breakdown = costs.estimate(summary)
+        row.update(
+            estimated_ns=round(total),
+            estimated_ms=total / 1e6,
+            cost_breakdown_ns={k: round(v) for k, v in breakdown.items()},
+        )
     return row
+
+
+def _costs(args: argparse.Namespace) -> Any:
+    """The cost model --costs asked for (None without it)."""
+    return getattr(args, "cost_model", None)
+
+
+def _cost_meta(costs: Any) -> dict[str, Any]:
+    if costs is None:
+        return {}
+    return {
+        "cost_model": {
+            "origin": costs.origin,
+            "note": "estimated_ns is an estimate from per-event latencies, not a measurement",
+            "latencies_ns": {r["key"]: r["ns"] for r in costs.table()},
+        }
+    }
 
 
 def _failed_row(policy: str, arch: str, design: str, exc: Any) -> dict[str, Any]:
@@ -218,6 +250,8 @@ def _emit(args: argparse.Namespace, header: str, meta: dict[str, Any], rows: lis
     else:
         print(textwrap.fill(header, terminal_width(), subsequent_indent="  "))
         print(table(rows))
+        if "cost_model" in meta:
+            print(f"estimated: a cost model ({meta['cost_model']['origin']}), not a measurement")
     failed = any(not r["ok"] for r in rows)
     violated = any(r["ok"] and r["violations"] for r in rows)
     return EXIT_FAILED if failed or (args.fail_on_violation and violated) else EXIT_OK
@@ -231,6 +265,7 @@ def _demo(args: argparse.Namespace) -> int:
     from gmem import demo, trace
 
     order = args.folio_size
+    costs = _costs(args)  # a bad cost file is refused before anything runs
     progress = Progress(not args.json and not args.quiet)
     if args.write_trace:
         with open(args.write_trace, "w") as f:
@@ -262,14 +297,16 @@ def _demo(args: argparse.Namespace) -> int:
         "folio_size": PAGE_SIZE << order,
         "seed": args.seed,
         "operations": operations,
+        **_cost_meta(costs),
     }
-    return _emit(args, header, meta, [_run_row(r) for r in results])
+    return _emit(args, header, meta, [_run_row(r, costs) for r in results])
 
 
 def _replay(args: argparse.Namespace) -> int:
     from gmem import trace
 
     create, operations = trace.validate(args.trace)  # every line, before anything runs
+    costs = _costs(args)
     archs, designs = tuple(args.arch or BUILTIN_ARCHS), tuple(args.hook_design or DESIGNS)
     progress = Progress(not args.json and not args.quiet)
     rows = []
@@ -286,7 +323,7 @@ def _replay(args: argparse.Namespace) -> int:
                 where=args.trace,
                 progress=lambda k: progress.note(f"{k:,} of {operations:,} operations"),
             )
-            rows.append(_run_row(summary))
+            rows.append(_run_row(summary, costs))
         except trace.TraceError as exc:
             rows.append(_failed_row(p, a, d, exc))
     progress(len(runs), len(runs), "done")
@@ -298,8 +335,143 @@ def _replay(args: argparse.Namespace) -> int:
         "folio_order": c["folio_order"],
         "flags": c["flags"],
         "operations": operations,
+        **_cost_meta(costs),
     }
     return _emit(args, header, meta, rows)
+
+
+# The options only some workloads take: option dest -> (keyword, workloads).
+_WORKLOAD_OPTIONS = {
+    "vcpus": ("vcpus", ("snp_boot", "tdx_boot")),
+    "eager": ("lazy", ("tdx_boot",)),
+    "fraction": ("fraction", ("balloon",)),
+}
+
+
+def _workload_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "seed": args.seed,
+        "folio_order": args.folio_size,
+        "huge_policy": args.huge_policy,
+    }
+    for dest, (key, _) in _WORKLOAD_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is not None and value is not False:
+            kwargs[key] = not value if dest == "eager" else value
+    return kwargs
+
+
+def _workload(args: argparse.Namespace) -> int:
+    from gmem import trace, workloads
+
+    records = workloads.generate(args.name, args.size, **_workload_kwargs(args))
+    if not args.write_trace and not args.summary:
+        for line in trace.dump_lines(records):
+            sys.stdout.write(line)
+        return EXIT_OK
+    if args.write_trace:
+        with open(args.write_trace, "w") as f:
+            s = workloads.summarize(_written(records, f))
+        lines = s["operations"] + s["expected_errors"] + 1
+        print(f"wrote {lines:,} lines to {args.write_trace}", file=sys.stderr)
+    else:
+        s = workloads.summarize(records)
+    if args.json:
+        json.dump(
+            {"gmem_version": gmem.__version__, "workload": args.name, **s}, sys.stdout, indent=1
+        )
+        sys.stdout.write("\n")
+        return EXIT_OK
+    print(
+        f"gmem workload {args.name}: a {_human(s['size'])} guest, "
+        f"{_human(PAGE_SIZE << s['folio_order'])} folios, policy {s['huge_policy']}, "
+        f"seed {args.seed}: {s['operations']:,} operations"
+    )
+    width = max(len(op) for op in s["ops"])
+    for op, n in s["ops"].items():
+        print(f"  {op:<{width}}  {n:>12,}")
+    print(f"  pages made shared {s['pages_to_shared']:,}, made private {s['pages_to_private']:,}")
+    return EXIT_OK
+
+
+def _written(records: Any, f: Any) -> Any:
+    """The records, each written to ``f`` as a trace line as it passes."""
+    from gmem import trace
+
+    for r in records:
+        f.write(trace.dumps([r]))
+        yield r
+
+
+def _human(n: int) -> str:
+    from gmem.demo import human_bytes
+
+    return human_bytes(n)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from gmem import sweep
+    from gmem.workloads import WORKLOADS
+
+    sizes = args.size or [64 << 20, 256 << 20, 1 << 30]
+    orders = args.folio_size or [0, 9]
+    points, skipped = sweep.grid(
+        sizes,
+        orders,
+        args.arch or BUILTIN_ARCHS,
+        args.hook_design or ["mainline"],
+        args.huge_policy or HUGE_POLICIES,
+        args.workload or list(WORKLOADS),
+        seed=args.seed,
+    )
+    if not points:
+        raise ValueError("the grid is empty: " + "; ".join(skipped))
+    progress = Progress(not args.json and not args.quiet)
+    where = f"Dask at {args.dask}" if args.dask else f"{args.jobs or os.cpu_count()} processes"
+    progress(0, len(points), f"{len(points):,} runs on {where}")
+    rows = sweep.run(
+        points,
+        jobs=args.jobs,
+        dask=args.dask,
+        costs=getattr(args, "cost_model", None),
+        progress=lambda n, total: progress(n, total, f"{n:,} of {total:,} runs on {where}"),
+    )
+    progress.clear()
+    meta = {
+        "command": "sweep",
+        "grid": {
+            "sizes": sizes,
+            "folio_sizes": [PAGE_SIZE << o for o in orders],
+            "archs": list(args.arch or BUILTIN_ARCHS),
+            "hook_designs": list(args.hook_design or ["mainline"]),
+            "huge_policies": list(args.huge_policy or HUGE_POLICIES),
+            "workloads": list(args.workload or WORKLOADS),
+            "seed": args.seed,
+        },
+        "skipped": skipped,
+        **_cost_meta(getattr(args, "cost_model", None) or gmem.CostModel.default()),
+    }
+    doc = sweep.document(rows, meta)
+    if args.write_json:
+        with open(args.write_json, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+    if args.plot:
+        sweep.plot(rows, args.plot)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(
+            f"gmem sweep: {len(rows):,} runs on {where} ({sweep.machine()}, gmem "
+            f"{gmem.__version__}); estimated: a cost model, not a measurement"
+        )
+        print(sweep.table(rows))
+        for line in skipped:
+            print(f"left out: {line}")
+        for path in filter(None, (args.write_json, args.plot)):
+            print(f"wrote {path}")
+    return EXIT_OK
 
 
 def _check_pfn(args: argparse.Namespace) -> int:
@@ -461,6 +633,14 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="exit 1 when a run reports a contract violation (for CI)",
         )
+        p.add_argument(
+            "--costs",
+            nargs="?",
+            const="default",
+            metavar="FILE",
+            help="add an estimated time per run from a cost model: the defaults, or FILE "
+            "(.toml or .json; docs/workloads.md) over them",
+        )
         p.add_argument("--json", action="store_true", help="print the results as JSON")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -566,6 +746,134 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
 
+    from gmem.workloads import WORKLOADS
+
+    w = command(
+        "workload",
+        "print or save the trace of a realistic guest workload (docs/workloads.md)",
+        "workloads: " + ", ".join(WORKLOADS) + "\n"
+        "Without --write-trace or --summary the trace goes to standard output (JSON Lines,\n"
+        "the format of gmem replay --help); gmem replay runs a saved one.\n\n" + EXIT_STATUS,
+    )
+    w.add_argument("name", choices=list(WORKLOADS), metavar="NAME", help="the workload (below)")
+    w.add_argument(
+        "--size",
+        type=_size,
+        required=True,
+        metavar="SIZE",
+        help="guest size: bytes, or with a K, M, G or T suffix; a multiple of max(2M, folio "
+        "size), at least 16 of them",
+    )
+    w.add_argument(
+        "--folio-size",
+        type=_folio_size,
+        default=9,
+        metavar="SIZE",
+        help="folio size: a power of two from 4K to 1G (default 2M)",
+    )
+    w.add_argument(
+        "--huge-policy",
+        choices=HUGE_POLICIES,
+        default="none",
+        help="the create line's huge-folio policy: none or hugetlb (needs folios > 4K; "
+        "default none; gmem replay --huge-policy overrides it)",
+    )
+    w.add_argument("--seed", type=_int_in(0), default=0, help="an integer >= 0 (default 0)")
+    w.add_argument(
+        "--vcpus",
+        type=_int_in(1, 254),
+        default=None,
+        help="vCPUs, 1..254 (snp_boot and tdx_boot only; default 4)",
+    )
+    w.add_argument(
+        "--eager",
+        action="store_true",
+        help="accept all memory at boot, not lazily (tdx_boot only)",
+    )
+    w.add_argument(
+        "--fraction",
+        type=_fraction,
+        default=None,
+        help="fraction of free memory ballooned out, 0..1 (balloon only; default 0.25)",
+    )
+    w.add_argument("--write-trace", metavar="FILE", help="write the trace here, print a summary")
+    w.add_argument("--summary", action="store_true", help="print a summary, not the trace")
+    w.add_argument("--json", action="store_true", help="print the summary as JSON")
+    w.set_defaults(func=_workload)
+
+    s = command(
+        "sweep",
+        "replay workloads over a grid of sizes, folio sizes, archs, designs and policies",
+        "Every option that names a value is repeatable; the grid is their product, less the\n"
+        "points that cannot exist (hugetlb with 4K folios, a size the workload cannot lay\n"
+        "out). Runs in parallel processes here, or on a Dask cluster with --dask.\n\n"
+        + EXIT_STATUS,
+    )
+    s.add_argument(
+        "--size",
+        action="append",
+        type=_size,
+        metavar="SIZE",
+        help="guest size, with a K, M, G or T suffix (repeatable; default 64M, 256M, 1G)",
+    )
+    s.add_argument(
+        "--folio-size",
+        action="append",
+        type=_folio_size,
+        metavar="SIZE",
+        help="folio size, a power of two from 4K to 1G (repeatable; default 4K and 2M)",
+    )
+    s.add_argument(
+        "--arch",
+        action="append",
+        choices=BUILTIN_ARCHS,
+        help=f"one of {', '.join(BUILTIN_ARCHS)} (repeatable; default: all)",
+    )
+    s.add_argument(
+        "--hook-design",
+        action="append",
+        choices=DESIGNS,
+        help=f"one of {', '.join(DESIGNS)} (repeatable; default: mainline)",
+    )
+    s.add_argument(
+        "--huge-policy",
+        action="append",
+        choices=HUGE_POLICIES,
+        help="none or hugetlb (repeatable; default: both)",
+    )
+    s.add_argument(
+        "--workload",
+        action="append",
+        choices=list(WORKLOADS),
+        help=f"one of {', '.join(WORKLOADS)} (repeatable; default: all)",
+    )
+    s.add_argument("--seed", type=_int_in(0), default=0, help="an integer >= 0 (default 0)")
+    s.add_argument(
+        "--jobs",
+        type=_int_in(1, 1024),
+        default=None,
+        help="worker processes, 1..1024 (default: the CPUs)",
+    )
+    s.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help=f"run on this Dask scheduler (tcp://host:8786; pip install '{DIST}[dask]')",
+    )
+    s.add_argument(
+        "--costs",
+        metavar="FILE",
+        help="a cost file (.toml or .json) over the default cost model",
+    )
+    s.add_argument("--write-json", metavar="FILE", help="write the rows as a JSON document")
+    s.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help=f"draw the three plots (needs matplotlib: pip install '{DIST}[plot]')",
+    )
+    s.add_argument("--json", action="store_true", help="print the JSON document")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_sweep)
+
     p = command("layout", "print the clamped PFN ranges of a random folio layout")
     p.add_argument(
         "--pages",
@@ -613,12 +921,43 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             demo.check_size(args.size, args.folio_size)
         except ValueError as exc:
             error(f"argument --size: {str(exc).removeprefix('size: ')}")
+    if getattr(args, "costs", None) is not None:  # demo, replay: before anything runs
+        try:
+            args.cost_model = (
+                gmem.CostModel.default()
+                if args.costs == "default"
+                else gmem.CostModel.load(args.costs)
+            )
+        except ValueError as exc:
+            error(f"argument --costs: {exc}")
+    if args.command == "workload":
+        from gmem import workloads
+
+        for dest, (_, names) in _WORKLOAD_OPTIONS.items():
+            value = getattr(args, dest)
+            if value is not None and value is not False and args.name not in names:
+                flag = "--" + dest.replace("_", "-")
+                error(f"argument {flag}: only {' and '.join(names)} take it, not {args.name}")
+        if args.huge_policy == "hugetlb" and args.folio_size == 0:
+            error("argument --huge-policy: hugetlb needs a folio size above 4K (--folio-size)")
+        try:
+            workloads.check_size(args.size, args.folio_size)
+        except ValueError as exc:
+            error(f"argument --size: {str(exc).removeprefix('size: ')}")
+        args.summary = args.summary or args.json
     if args.command == "layout":
         end = args.pages if args.end is None else args.end
         if end > args.pages:
             error(f"argument --end: must be at most --pages ({args.pages:,}), got {end:,}")
         if args.start > end:
             error(f"argument --start: must be at most --end ({end:,}), got {args.start:,}")
+    if args.command == "sweep":
+        if args.plot and importlib.util.find_spec("matplotlib") is None:
+            error(f"argument --plot: needs matplotlib: pip install '{DIST}[plot]'")
+        if args.dask and importlib.util.find_spec("distributed") is None:
+            error(f"argument --dask: needs dask.distributed: pip install '{DIST}[dask]'")
+        if args.dask and args.jobs:
+            error("argument --jobs: the Dask cluster has its own workers; give one of the two")
     if args.command == "bench" and args.plot and importlib.util.find_spec("matplotlib") is None:
         error(f"argument --plot: needs matplotlib: pip install '{DIST}[plot]'")
 
