@@ -38,12 +38,26 @@ PROFILE = os.environ.get("GMEM_HYPOTHESIS_PROFILE", "default")
 STEPS = {"n": 0}
 
 
+def plain(value: Any) -> Any:
+    """A result as plain values, arrays with their dtype (get_pfns answers a pair)."""
+    if isinstance(value, tuple):
+        return tuple(plain(v) for v in value)
+    if hasattr(value, "tolist"):
+        return (value.dtype.str, value.tolist())
+    return value
+
+
 def outcome(fn: Any, *args: Any) -> Any:
     try:
         result = fn(*args)
     except (ValueError, TypeError, RuntimeError, gmem.GmemError) as exc:
-        return ("raises", type(exc).__name__, getattr(exc, "error_index", None))
-    return ("ok", result.tolist() if hasattr(result, "tolist") else result)
+        return (
+            "raises",
+            type(exc).__name__,
+            getattr(exc, "error_index", None),
+            getattr(exc, "completed", None),  # bulk calls: the elements done before it
+        )
+    return ("ok", plain(result))
 
 
 class Pair:
@@ -144,6 +158,38 @@ class Model(RuleBasedStateMachine):
         got = self.both(pair, "pin", i)
         if got[0] == "ok":
             pair.pinned.append(got[1])
+
+    # The bulk forms: random indexes, and forward runs (what a simulator faulting a range
+    # does, and what the engine's fault window is for).
+    indexes = st.lists(index, max_size=12) | st.builds(
+        lambda a, n: list(range(a, a + n)), index, st.integers(0, 40)
+    )
+
+    @rule(pair=files, indexes=indexes, host=st.booleans())
+    def read_many(self, pair: Pair, indexes: list[int], host: bool) -> None:
+        self.both(pair, "host_read_many" if host else "guest_read_many", indexes)
+
+    @rule(pair=files, indexes=indexes)
+    def get_pfns(self, pair: Pair, indexes: list[int]) -> None:
+        self.both(pair, "get_pfns", indexes)
+
+    with_tokens = indexes.flatmap(
+        lambda idx: st.lists(st.integers(1, 2**64 - 1), min_size=len(idx), max_size=len(idx)).map(
+            lambda tokens: (idx, tokens)
+        )
+    )
+
+    @rule(pair=files, writes=with_tokens, host=st.booleans())
+    def write_many(self, pair: Pair, writes: tuple[list[int], list[int]], host: bool) -> None:
+        self.both(pair, "host_write_many" if host else "guest_write_many", *writes)
+
+    @rule(
+        pair=files,
+        ranges=st.lists(st.tuples(index, index, st.sampled_from([0, 8, 8, 1])), max_size=5),
+    )
+    def set_attributes_many(self, pair: Pair, ranges: list[tuple[int, int, int]]) -> None:
+        starts, ends, attrs = ([r[k] for r in ranges] for k in range(3))
+        self.both(pair, "set_attributes_many", starts, ends, attrs)
 
     @rule(pair=files, i=index)
     def unpin(self, pair: Pair, i: int) -> None:

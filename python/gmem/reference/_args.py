@@ -53,6 +53,39 @@ def u64_array(obj: Any, name: str) -> npt.NDArray[np.uint64]:
     return np.ascontiguousarray(a, dtype=np.uint64)
 
 
+def index_list(obj: Any, name: str) -> list[int]:
+    """A bulk call's 1-D array-like of integers, each value converted as ``u64`` converts
+    one argument: numpy integer and bool arrays, or element by element through
+    ``__index__`` for anything numpy makes an object array of.  Errors name the argument
+    and the position."""
+    try:
+        a = np.asarray(obj)
+        # numpy makes a list of Python ints float64 when one of them does not fit int64
+        # ([1, 2**63]): a sequence that is no integer array goes element by element.
+        if not isinstance(obj, np.ndarray) and a.size and a.dtype.kind not in "iub":
+            a = np.asarray(obj, dtype=object)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(f"{name}: must be a 1-D array of integers ({exc})") from None
+    if a.ndim != 1:
+        raise ValueError(f"{name}: must be a 1-D array, got {a.ndim} dims")
+    if not a.size:
+        return []
+    if a.dtype.kind == "i" and (a < 0).any():
+        i = int(np.argmax(a < 0))
+        raise ValueError(f"{name}: must be >= 0, got {a[i]} at position {i}")
+    if a.dtype.kind in "iub":
+        return [int(v) for v in a.tolist()]
+    if a.dtype.kind != "O":
+        raise TypeError(f"{name}: must hold integers, got dtype {a.dtype}")
+    out = []
+    for i, item in enumerate(a.tolist()):
+        try:
+            out.append(u64(item, name))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc} at position {i}") from None
+    return out
+
+
 def u64_columns(
     a: Any, b: Any, c: Any, names: tuple[str, str, str]
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
