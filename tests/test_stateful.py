@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -144,6 +145,15 @@ class Model(RuleBasedStateMachine):
     @rule(pair=files, i=index)
     def get_pfn(self, pair: Pair, i: int) -> None:
         self.both(pair, "get_pfn", i)
+
+    @rule(pair=files, s=index, e=index, room=st.integers(0, 12))
+    def pfn_ranges_into(self, pair: Pair, s: int, e: int, room: int) -> None:
+        """A walk into a caller's buffer: the same rows written, the rest left alone."""
+        STEPS["n"] += 1
+        buffers = [np.full((room, 2), 7, dtype=np.uint64) for _ in pair.files]
+        got = [outcome(f.pfn_ranges, s, e, b) for f, b in zip(pair.files, buffers, strict=True)]
+        assert got[0] == got[1], f"{pair} pfn_ranges({s}, {e}, out[{room}])"
+        assert buffers[0].tolist() == buffers[1].tolist()
 
     @rule(pair=files, i=index, token=st.none() | st.integers(1, 2**64 - 1))
     def populate(self, pair: Pair, i: int, token: int | None) -> None:

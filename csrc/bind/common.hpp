@@ -431,6 +431,46 @@ inline py::array folio_rows(const std::vector<Folio> &folios)
 }
 
 /*
+ * OutRows - a caller's buffer for a walk (pfn_ranges(..., out=)): a writable, C-contiguous
+ * (m, 2) uint64 array, checked before the walk; rows(n) checks that it has room for the n
+ * ranges the walk will write (errors name `out`), and answer(n) is the view of those rows.
+ * A walk that walks repeatedly reuses one buffer instead of fresh pages every call.
+ */
+struct OutRows {
+    py::array_t<uint64_t> array;
+
+    explicit OutRows(py::handle out)
+    {
+        if (!py::isinstance<py::array>(out))
+            throw py::type_error("out: must be a numpy array of uint64 with shape (n, 2), got " +
+                                 std::string(py::str(py::type::handle_of(out).attr("__name__"))));
+        py::array a = py::reinterpret_borrow<py::array>(out);
+        if (!py::isinstance<py::array_t<uint64_t>>(a))
+            throw py::type_error("out: must have dtype uint64, got " +
+                                 std::string(py::str(a.dtype())));
+        if (a.ndim() != 2 || a.shape(1) != 2)
+            throw invalid("out", "must have shape (n, 2), got " +
+                                     std::string(py::str(a.attr("shape"))));
+        if (!(a.flags() & py::array::c_style))
+            throw invalid("out", "must be C-contiguous (np.empty((n, 2), np.uint64) is)");
+        if (!a.writeable())
+            throw invalid("out", "must be writable (this array is read-only)");
+        array = py::reinterpret_borrow<py::array_t<uint64_t>>(a);
+    }
+    PfnRange *rows(size_t n)
+    {
+        if (size_t(array.shape(0)) < n)
+            throw invalid("out", "has room for " + std::to_string(array.shape(0)) +
+                                     " ranges, the walk needs " + std::to_string(n));
+        return reinterpret_cast<PfnRange *>(array.mutable_data());
+    }
+    py::object answer(size_t n) const
+    {
+        return array[py::slice(0, static_cast<py::ssize_t>(n), 1)];
+    }
+};
+
+/*
  * The Python exception pybind11 raises for the C++ exception in flight, through the
  * module's registered translators, as an error_already_set; call it from a catch block.
  * (A bound function that rethrows it: every pybind11 version translates that way.)

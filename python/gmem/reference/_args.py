@@ -99,6 +99,35 @@ def u64_columns(
     return cols
 
 
+def out_rows(out: Any) -> npt.NDArray[np.uint64]:
+    """A caller's buffer for a walk: a writable, C-contiguous (m, 2) uint64 array."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(
+            f"out: must be a numpy array of uint64 with shape (n, 2), got {type(out).__name__}"
+        )
+    if out.dtype != np.uint64 or not out.dtype.isnative:
+        raise TypeError(f"out: must have dtype uint64, got {out.dtype}")
+    if out.ndim != 2 or out.shape[1] != 2:
+        raise ValueError(f"out: must have shape (n, 2), got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out: must be C-contiguous (np.empty((n, 2), np.uint64) is)")
+    if not out.flags.writeable:
+        raise ValueError("out: must be writable (this array is read-only)")
+    return out
+
+
+def check_room(out: npt.NDArray[np.uint64], n: int) -> None:
+    if out.shape[0] < n:
+        raise ValueError(f"out: has room for {out.shape[0]} ranges, the walk needs {n}")
+
+
+def into(out: npt.NDArray[np.uint64], ranges: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """Write the walk's ranges into the first rows of ``out``; those rows, as a view."""
+    check_room(out, len(ranges))
+    out[: len(ranges)] = ranges
+    return out[: len(ranges)]
+
+
 SMALL_REQUEST = 64 << 20  # requests below this many bytes fit without asking the host
 
 

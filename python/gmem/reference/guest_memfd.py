@@ -39,6 +39,7 @@ from gmem.reference._args import (
     host_memory_available,
     index_list,
     order_arg,
+    out_rows,
     u64,
 )
 from gmem.reference._config import config_for, config_names
@@ -950,10 +951,11 @@ class GuestMemfd:
             row["mapped"] = self._mapped_in(f.index, f.end)
         return rows
 
-    def pfn_ranges(self, start: Any, end: Any) -> npt.NDArray[np.uint64]:
+    def pfn_ranges(self, start: Any, end: Any, out: Any = None) -> npt.NDArray[np.uint64]:
         s, e = self._query(u64(start, "start"), u64(end, "end"))
+        buffer = None if out is None else out_rows(out)
         self._check_open()
-        return self._cache.pfn_ranges(s, e)
+        return self._cache.pfn_ranges(s, e, buffer)
 
     def page_pfns(self, start: Any, end: Any) -> npt.NDArray[np.uint64]:
         s, e = self._query(u64(start, "start"), u64(end, "end"))
