@@ -77,6 +77,17 @@ FILE_CALLS = [
     ("memory_failure", (3,), ("index",)),
 ]
 
+# The bulk forms: (method, good arrays, names of the arrays in order).  Bad arrays are
+# refused before anything runs, so their errors carry no ``completed``.
+BULK_CALLS = [
+    ("get_pfns", ([3],), ("indexes",)),
+    ("guest_read_many", ([3],), ("indexes",)),
+    ("guest_write_many", ([3], [5]), ("indexes", "tokens")),
+    ("host_read_many", ([12],), ("indexes",)),
+    ("host_write_many", ([12], [5]), ("indexes", "tokens")),
+    ("set_attributes_many", ([0], [4], [0]), ("starts", "ends", "attrs")),
+]
+
 
 def not_u64_cases() -> list[Any]:
     cases = []
@@ -153,7 +164,9 @@ def test_bad_call_on_a_file_changes_nothing(impl, method, args, exc, arg) -> Non
 
 
 @IMPLS
-@pytest.mark.parametrize(("method", "good", "names"), [*FILE_CALLS, ("unpin_pfn", (0,), ("pfn",))])
+@pytest.mark.parametrize(
+    ("method", "good", "names"), [*FILE_CALLS, *BULK_CALLS, ("unpin_pfn", (0,), ("pfn",))]
+)
 def test_every_call_on_a_closed_file_raises(impl, method, good, names) -> None:
     f = file_under_test(impl)
     f.close()
@@ -270,6 +283,54 @@ def test_bad_arrays(impl, arrays, exc, arg) -> None:
     with pytest.raises((ValueError, TypeError)):
         m.store_many(*arrays)
     assert m.runs().tolist() == [[0, 16, 0]]
+
+
+NOT_U64_ARRAYS = [
+    ([-1], ValueError),
+    ([1, -(2**70)], ValueError),
+    ([2**64], ValueError),
+    ([1.5], TypeError),
+    ([1, 2.0], TypeError),  # numpy makes it float: element by element, like get_pfn(2.0)
+    (["x"], TypeError),
+    ([None], TypeError),
+    (np.array([1.0]), TypeError),
+    (np.array(["1"]), TypeError),
+    ([[1]], ValueError),  # 2-D
+    ([[1], 2], TypeError),  # ragged
+    (5, ValueError),  # 0-D
+    ("x", ValueError),
+]
+
+
+def bulk_bad_cases() -> list[Any]:
+    cases = []
+    for method, good, names in BULK_CALLS:
+        for i, name in enumerate(names):
+            for value, exc in NOT_U64_ARRAYS:
+                args = list(good)
+                args[i] = value
+                cases.append(
+                    pytest.param(method, tuple(args), exc, name, id=f"{method}-{name}={value!r}")
+                )
+    cases.append(pytest.param("guest_write_many", ([3, 4], [5]), ValueError, "tokens", id="len"))
+    cases.append(pytest.param("host_write_many", ([], [5]), ValueError, "tokens", id="len0"))
+    cases.append(
+        pytest.param("set_attributes_many", ([0], [4, 8], [0]), ValueError, "ends", id="len3")
+    )
+    return cases
+
+
+@IMPLS
+@pytest.mark.parametrize(("method", "args", "exc", "arg"), bulk_bad_cases())
+def test_bad_bulk_call_changes_nothing(impl, method, args, exc, arg) -> None:
+    f = file_under_test(impl)
+    before = state(f)
+    with pytest.raises(exc) as info:
+        getattr(f, method)(*args)
+    assert str(info.value).startswith(arg + ":"), str(info.value)
+    assert not hasattr(info.value, "completed")  # refused before any element ran
+    assert state(f) == before
+    f.close()
 
 
 def test_numpy_integers_are_accepted_everywhere() -> None:
@@ -595,6 +656,46 @@ def test_an_argument_whose_index_touches_the_file_reference(effect: str) -> None
     assert index_side_effect_mismatches(gmem.reference, effect) == []
 
 
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.parametrize("effect", INDEX_EFFECTS)
+@pytest.mark.parametrize(("method", "good", "names"), BULK_CALLS)
+def test_an_array_element_whose_index_touches_the_file(impl_name, method, good, names, effect):
+    """A bulk call's arrays are converted before the call takes the file: an element whose
+    __index__ reads, changes, closes or drops the file acts as if it ran just before."""
+    impl = gmem if impl_name == "engine" else gmem.reference
+
+    def run(side_effect_first: bool, i: int) -> Any:
+        f = file_under_test(impl)
+        pm = f.physmem
+        box = [f]
+        del f
+        fn = getattr(box[0], method)
+        args = [list(a) for a in good]
+        if side_effect_first:
+            _side_effect(effect, box)
+        else:
+            args[i][0] = SideEffectIndex(args[i][0], effect, box)
+        try:
+            fn(*args)
+            outcome = "ok"
+        except CLEAN as exc:
+            outcome = f"{type(exc).__name__}: {exc} ({getattr(exc, 'completed', None)})"
+        del fn, args
+        after = snapshot(box[0]) if box else "dropped"
+        if box:
+            box.pop().close()
+        assert pm.nr_free + pm.nr_kept == pm.nr_pages
+        return outcome, after
+
+    for i in range(len(names)):
+        assert run(False, i) == run(True, i), names[i]
+
+
+@pytest.fixture(params=["engine", "reference"])
+def impl_name(request: Any) -> str:
+    return str(request.param)
+
+
 # ---- objects made with Cls.__new__(Cls) and never initialised ----------------------------
 #
 # Every public method and property, and the special methods a class defines, of an object
@@ -642,6 +743,7 @@ UNINIT_ARGS: dict[str, tuple[Any, ...]] = {
     "__eq__": (None,),
     "__exit__": (None, None, None),
     "populate": (0,),
+    **{method: good for method, good, _ in BULK_CALLS},
     "memory_failure": (0,),
     "post_populate": (0, 0),
 }

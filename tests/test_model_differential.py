@@ -21,14 +21,37 @@ def outcome(fn: Any, *args: Any) -> Any:
     try:
         result = fn(*args)
     except (ValueError, TypeError, RuntimeError, gmem.GmemError) as exc:
-        return ("raises", type(exc).__name__, getattr(exc, "error_index", None))
+        return (
+            "raises",
+            type(exc).__name__,
+            getattr(exc, "error_index", None),
+            getattr(exc, "completed", None),
+        )
     return ("ok", result)
+
+
+def with_tokens(name: str, indexes: Any, token: Any) -> Any:
+    """(name, indexes, tokens): as many tokens as indexes."""
+    return indexes.flatmap(
+        lambda idx: st.lists(token, min_size=len(idx), max_size=len(idx)).map(
+            lambda tok: (name, idx, tok)
+        )
+    )
+
+
+def ranges_many(index: Any, attrs: Any) -> Any:
+    """("set_attributes_many", starts, ends, attrs) from a list of ranges."""
+    rows = st.lists(st.tuples(index, index, attrs), max_size=4)
+    return rows.map(lambda r: ("set_attributes_many", *([row[k] for row in r] for k in range(3))))
 
 
 def ops(nr_pages: int) -> st.SearchStrategy[tuple[Any, ...]]:
     index = st.integers(0, nr_pages + 1)
     token = st.integers(0, 2**64 - 1) | st.sampled_from([1, 2, 3])
     attrs = st.sampled_from([gmem.SHARED, gmem.PRIVATE, gmem.PRIVATE, 1])
+    indexes = st.lists(index, max_size=10) | st.builds(
+        lambda a, n: list(range(a, a + n)), index, st.integers(0, nr_pages)
+    )
     return st.one_of(
         st.tuples(st.just("fallocate"), index, index),
         st.tuples(st.just("punch_hole"), index, index | st.just(2 * nr_pages)),
@@ -52,6 +75,13 @@ def ops(nr_pages: int) -> st.SearchStrategy[tuple[Any, ...]]:
         ),
         st.tuples(st.just("add_folio"), index, st.integers(0, 3), st.integers(0, 70)),
         st.tuples(st.just("folios"), index, index),
+        # The bulk forms, over random indexes and forward runs.
+        st.tuples(st.just("get_pfns"), indexes),
+        st.tuples(st.just("guest_read_many"), indexes),
+        st.tuples(st.just("host_read_many"), indexes),
+        with_tokens("guest_write_many", indexes, token),
+        with_tokens("host_write_many", indexes, token),
+        ranges_many(index, attrs),
         st.tuples(st.just("pfn_ranges"), index, index),
         # Aimed at the busy check: map (or pin) a page, then take a range next to it private.
         st.tuples(st.just("map_then_convert"), index, index, st.booleans()),
@@ -88,8 +118,10 @@ def build(impl: Any, sc: dict[str, Any]) -> Any:
 
 
 def norm(value: Any) -> Any:
+    if isinstance(value, tuple):  # get_pfns: (pfns, max_orders)
+        return tuple(norm(v) for v in value)
     if hasattr(value, "tolist"):
-        return value.tolist()
+        return (value.dtype.str, value.tolist())
     return value
 
 

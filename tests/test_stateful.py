@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -38,12 +39,26 @@ PROFILE = os.environ.get("GMEM_HYPOTHESIS_PROFILE", "default")
 STEPS = {"n": 0}
 
 
+def plain(value: Any) -> Any:
+    """A result as plain values, arrays with their dtype (get_pfns answers a pair)."""
+    if isinstance(value, tuple):
+        return tuple(plain(v) for v in value)
+    if hasattr(value, "tolist"):
+        return (value.dtype.str, value.tolist())
+    return value
+
+
 def outcome(fn: Any, *args: Any) -> Any:
     try:
         result = fn(*args)
     except (ValueError, TypeError, RuntimeError, gmem.GmemError) as exc:
-        return ("raises", type(exc).__name__, getattr(exc, "error_index", None))
-    return ("ok", result.tolist() if hasattr(result, "tolist") else result)
+        return (
+            "raises",
+            type(exc).__name__,
+            getattr(exc, "error_index", None),
+            getattr(exc, "completed", None),  # bulk calls: the elements done before it
+        )
+    return ("ok", plain(result))
 
 
 class Pair:
@@ -143,6 +158,15 @@ class Model(RuleBasedStateMachine):
     def get_pfn(self, pair: Pair, i: int) -> None:
         self.both(pair, "get_pfn", i)
 
+    @rule(pair=files, s=index, e=index, room=st.integers(0, 12))
+    def pfn_ranges_into(self, pair: Pair, s: int, e: int, room: int) -> None:
+        """A walk into a caller's buffer: the same rows written, the rest left alone."""
+        STEPS["n"] += 1
+        buffers = [np.full((room, 2), 7, dtype=np.uint64) for _ in pair.files]
+        got = [outcome(f.pfn_ranges, s, e, b) for f, b in zip(pair.files, buffers, strict=True)]
+        assert got[0] == got[1], f"{pair} pfn_ranges({s}, {e}, out[{room}])"
+        assert buffers[0].tolist() == buffers[1].tolist()
+
     @rule(pair=files, i=index, token=st.none() | st.integers(1, 2**64 - 1))
     def populate(self, pair: Pair, i: int, token: int | None) -> None:
         self.both(pair, "populate", i, token)
@@ -156,6 +180,38 @@ class Model(RuleBasedStateMachine):
         got = self.both(pair, "pin", i)
         if got[0] == "ok":
             pair.pinned.append(got[1])
+
+    # The bulk forms: random indexes, and forward runs (what a simulator faulting a range
+    # does, and what the engine's fault window is for).
+    indexes = st.lists(index, max_size=12) | st.builds(
+        lambda a, n: list(range(a, a + n)), index, st.integers(0, 40)
+    )
+
+    @rule(pair=files, indexes=indexes, host=st.booleans())
+    def read_many(self, pair: Pair, indexes: list[int], host: bool) -> None:
+        self.both(pair, "host_read_many" if host else "guest_read_many", indexes)
+
+    @rule(pair=files, indexes=indexes)
+    def get_pfns(self, pair: Pair, indexes: list[int]) -> None:
+        self.both(pair, "get_pfns", indexes)
+
+    with_tokens = indexes.flatmap(
+        lambda idx: st.lists(st.integers(1, 2**64 - 1), min_size=len(idx), max_size=len(idx)).map(
+            lambda tokens: (idx, tokens)
+        )
+    )
+
+    @rule(pair=files, writes=with_tokens, host=st.booleans())
+    def write_many(self, pair: Pair, writes: tuple[list[int], list[int]], host: bool) -> None:
+        self.both(pair, "host_write_many" if host else "guest_write_many", *writes)
+
+    @rule(
+        pair=files,
+        ranges=st.lists(st.tuples(index, index, st.sampled_from([0, 8, 8, 1])), max_size=5),
+    )
+    def set_attributes_many(self, pair: Pair, ranges: list[tuple[int, int, int]]) -> None:
+        starts, ends, attrs = ([r[k] for r in ranges] for k in range(3))
+        self.both(pair, "set_attributes_many", starts, ends, attrs)
 
     @rule(pair=files, i=index)
     def unpin(self, pair: Pair, i: int) -> None:

@@ -3,6 +3,9 @@
 // arch: the state read from it at file creation, and the hook config names.
 #pragma once
 
+#include <cstddef>
+#include <typeinfo>
+
 #include "common.hpp"
 
 namespace gmem_bind __attribute__((visibility("hidden"))) {
@@ -31,7 +34,32 @@ struct PyHookState {
     }
 };
 
-inline PyHookState *hook_state(Arch &a) { return dynamic_cast<PyHookState *>(&a); }
+/*
+ * The PyHookState of an arch whose hooks may be Python methods (a PyArch), or null for a
+ * built-in model.  Every file operation asks, so the answer - null, or where the
+ * PyHookState lies inside the object - is kept per dynamic type in a few slots of this
+ * thread: a cross dynamic_cast costs more than the rest of a small operation's binding.
+ */
+inline PyHookState *hook_state(Arch &a)
+{
+    struct Slot {
+        const std::type_info *type;
+        bool python;
+        std::ptrdiff_t offset;
+    };
+    static thread_local Slot slots[4] = {};
+    static thread_local unsigned next = 0;
+    const std::type_info *type = &typeid(a);
+    for (const Slot &s : slots)
+        if (s.type == type)
+            return s.python ? reinterpret_cast<PyHookState *>(reinterpret_cast<char *>(&a) +
+                                                              s.offset)
+                            : nullptr;
+    PyHookState *hs = dynamic_cast<PyHookState *>(&a);
+    slots[next++ % 4] = Slot{type, hs != nullptr,
+                             hs ? reinterpret_cast<char *>(hs) - reinterpret_cast<char *>(&a) : 0};
+    return hs;
+}
 
 /* The hooks a Python Arch may override. */
 const char *const HOOK_NAMES[] = {"make_private",     "prepare",        "make_shared",

@@ -50,8 +50,11 @@ namespace py = pybind11;
 namespace gmem_detail __attribute__((visibility("hidden"))) {
 inline bool initialised(py::handle h)
 {
-    if (!py::isinstance(h, py::handle(reinterpret_cast<PyObject *>(
-                               py::detail::get_internals().instance_base))))
+    // The C-level type check: isinstance() would look up __instancecheck__ (a bound method
+    // made and dropped on every call) and believe a faked __class__.
+    static PyTypeObject *const base = reinterpret_cast<PyTypeObject *>(
+        py::detail::get_internals().instance_base);
+    if (!PyObject_TypeCheck(h.ptr(), base))
         return true; // not a pybind11 instance: the base caster says no on its own
     auto *inst = reinterpret_cast<py::detail::instance *>(h.ptr());
     for (auto &vh : py::detail::values_and_holders(inst))
@@ -191,6 +194,65 @@ inline u64_array to_u64_array(py::handle obj, const char *name)
                                         " at position " + std::to_string(i));
     }
     return u64_array::ensure(a);
+}
+
+/*
+ * A bulk call's 1-D array-like of integers as contiguous u64, each value converted as
+ * to_u64() converts one argument: numpy integer and bool arrays at C speed (an int64 array
+ * with no negative value is reinterpreted, not copied), anything else numpy makes an
+ * object array of (Python ints too large for int64, objects with __index__) element by
+ * element.  Errors name the argument and the position; nothing else is accepted.
+ */
+inline u64_array to_index_array(py::handle obj, const char *name)
+{
+    py::object numpy = py::module_::import("numpy");
+    py::array a;
+    try {
+        a = numpy.attr("asarray")(obj);
+        // numpy makes a list of Python ints float64 when one of them does not fit int64
+        // ([1, 2**63]): a sequence that is no integer array goes element by element.
+        char k = a.dtype().kind();
+        if (!py::isinstance<py::array>(obj) && a.size() > 0 && k != 'i' && k != 'u' && k != 'b')
+            a = numpy.attr("asarray")(obj, py::arg("dtype") = py::dtype("O"));
+    } catch (py::error_already_set &e) {
+        if (!e.matches(PyExc_ValueError) && !e.matches(PyExc_TypeError))
+            throw;
+        throw py::type_error(std::string(name) + ": must be a 1-D array of integers (" +
+                             std::string(py::str(e.value())) + ")");
+    }
+    if (a.ndim() != 1)
+        throw invalid(name, "must be a 1-D array, got " + std::to_string(a.ndim()) + " dims");
+    char kind = a.dtype().kind();
+    if (a.size() == 0)
+        return u64_array(0);
+    if (kind == 'i') {
+        auto s = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+        const int64_t *p = s.data();
+        for (py::ssize_t i = 0; i < s.size(); i++)
+            if (p[i] < 0)
+                throw invalid(name, "must be >= 0, got " + std::to_string(p[i]) +
+                                        " at position " + std::to_string(i));
+        return u64_array::ensure(s.attr("view")(numpy.attr("uint64")));
+    }
+    if (kind == 'u' || kind == 'b')
+        return u64_array::ensure(kind == 'b' ? a.attr("astype")(numpy.attr("uint64")) : a);
+    if (kind != 'O')
+        throw py::type_error(std::string(name) + ": must hold integers, got dtype " +
+                             std::string(py::str(a.dtype())));
+    u64_array out(a.size());
+    uint64_t *o = out.mutable_data();
+    py::ssize_t i = 0;
+    for (py::handle item : a.attr("tolist")()) {
+        try {
+            o[i] = to_u64(item, name);
+        } catch (py::type_error &e) {
+            throw py::type_error(std::string(e.what()) + " at position " + std::to_string(i));
+        } catch (InvalidArgument &e) {
+            throw InvalidArgument(std::string(e.what()) + " at position " + std::to_string(i));
+        }
+        i++;
+    }
+    return out;
 }
 
 /* Three parallel 1-D arrays of one length, as u64: (starts, ends, values) or (index, order,
@@ -366,6 +428,62 @@ inline py::array folio_rows(const std::vector<Folio> &folios)
     for (const Folio &f : folios)
         *row++ = FolioRow{f.index, uint8_t(f.order), f.pfn, 0, 0, f.uptodate};
     return std::move(out);
+}
+
+/*
+ * OutRows - a caller's buffer for a walk (pfn_ranges(..., out=)): a writable, C-contiguous
+ * (m, 2) uint64 array, checked before the walk; rows(n) checks that it has room for the n
+ * ranges the walk will write (errors name `out`), and answer(n) is the view of those rows.
+ * A walk that walks repeatedly reuses one buffer instead of fresh pages every call.
+ */
+struct OutRows {
+    py::array_t<uint64_t> array;
+
+    explicit OutRows(py::handle out)
+    {
+        if (!py::isinstance<py::array>(out))
+            throw py::type_error("out: must be a numpy array of uint64 with shape (n, 2), got " +
+                                 std::string(py::str(py::type::handle_of(out).attr("__name__"))));
+        py::array a = py::reinterpret_borrow<py::array>(out);
+        if (!py::isinstance<py::array_t<uint64_t>>(a))
+            throw py::type_error("out: must have dtype uint64, got " +
+                                 std::string(py::str(a.dtype())));
+        if (a.ndim() != 2 || a.shape(1) != 2)
+            throw invalid("out", "must have shape (n, 2), got " +
+                                     std::string(py::str(a.attr("shape"))));
+        if (!(a.flags() & py::array::c_style))
+            throw invalid("out", "must be C-contiguous (np.empty((n, 2), np.uint64) is)");
+        if (!a.writeable())
+            throw invalid("out", "must be writable (this array is read-only)");
+        array = py::reinterpret_borrow<py::array_t<uint64_t>>(a);
+    }
+    PfnRange *rows(size_t n)
+    {
+        if (size_t(array.shape(0)) < n)
+            throw invalid("out", "has room for " + std::to_string(array.shape(0)) +
+                                     " ranges, the walk needs " + std::to_string(n));
+        return reinterpret_cast<PfnRange *>(array.mutable_data());
+    }
+    py::object answer(size_t n) const
+    {
+        return array[py::slice(0, static_cast<py::ssize_t>(n), 1)];
+    }
+};
+
+/*
+ * The Python exception pybind11 raises for the C++ exception in flight, through the
+ * module's registered translators, as an error_already_set; call it from a catch block.
+ * (A bound function that rethrows it: every pybind11 version translates that way.)
+ */
+inline py::error_already_set python_error_of_current_exception()
+{
+    std::exception_ptr p = std::current_exception();
+    try {
+        py::cpp_function([p] { std::rethrow_exception(p); })();
+    } catch (py::error_already_set &e) {
+        return e;
+    }
+    throw std::logic_error("python_error_of_current_exception: nothing was raised");
 }
 
 inline std::string first_line(const std::string &s) { return s.substr(0, s.find('\n')); }

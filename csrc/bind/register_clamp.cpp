@@ -44,27 +44,50 @@ void register_clamp(py::module_ &m)
         py::arg("size_order"));
     m.def(
         "clamp_folio_ranges",
-        [](py::handle i, py::handle o, py::handle p, py::handle s, py::handle e) {
+        [](py::handle i, py::handle o, py::handle p, py::handle s, py::handle e,
+           py::handle out_arg) -> py::object {
             Columns cols = to_columns(i, o, p, "index", "order", "pfn");
             uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
             check_start_end(start, end);
+            std::optional<OutRows> into;
+            if (!out_arg.is_none()) {
+                into.emplace(out_arg);
+                py::object may_share = py::module_::import("numpy").attr("may_share_memory");
+                const std::pair<const char *, py::handle> inputs[] = {
+                    {"index", cols.a}, {"order", cols.b}, {"pfn", cols.c}};
+                for (const auto &in : inputs)
+                    if (may_share(into->array, in.second).cast<bool>())
+                        throw invalid("out", std::string("must not share memory with ") +
+                                                 in.first);
+            }
             size_t n = cols.n;
             const uint64_t *ip = cols.a.data(), *op = cols.b.data(), *pp = cols.c.data();
             size_t first = 0, count = 0;
             {
                 // Safe without the GIL: the three arrays are contiguous and referenced here.
                 py::gil_scoped_release nogil;
+                // The caller's buffer keeps its contents if the layout is bad: validated
+                // whole before the pass that writes.
+                if (into)
+                    check_folio_layout(ip, op, pp, n);
                 count = count_clamped(ip, op, n, start, end, &first);
             }
-            auto out = new_u64_2d(count, 2);
-            auto *ranges = reinterpret_cast<PfnRange *>(out.mutable_data());
+            py::array_t<uint64_t> fresh;
+            PfnRange *ranges;
+            if (into) {
+                ranges = into->rows(count);
+            } else {
+                fresh = new_u64_2d(count, 2);
+                ranges = reinterpret_cast<PfnRange *>(fresh.mutable_data());
+            }
             {
                 py::gil_scoped_release nogil;
                 clamp_folio_ranges(ip, op, pp, n, first, count, start, end, ranges);
             }
-            return out;
+            return into ? into->answer(count) : py::object(fresh);
         },
-        py::arg("index"), py::arg("order"), py::arg("pfn"), py::arg("start"), py::arg("end"));
+        py::arg("index"), py::arg("order"), py::arg("pfn"), py::arg("start"), py::arg("end"),
+        py::arg("out") = py::none());
 }
 
 

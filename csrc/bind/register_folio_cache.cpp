@@ -98,17 +98,26 @@ void register_folio_cache(py::module_ &m)
             py::arg("start") = 0, py::arg("end") = py::none())
         .def(
             "pfn_ranges",
-            [](const FolioCache &c, py::handle s, py::handle e) {
+            [](const FolioCache &c, py::handle s, py::handle e, py::handle o) -> py::object {
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
                 check_start_end(start, end);
+                std::optional<OutRows> into;
+                if (!o.is_none())
+                    into.emplace(o);
                 Guard lk(c.lock(), Mode::Read);
                 size_t n = c.count(start, end);
-                auto out = new_u64_2d(n, 2);
-                auto *ranges = reinterpret_cast<PfnRange *>(out.mutable_data());
+                py::array_t<uint64_t> fresh;
+                PfnRange *ranges;
+                if (into) {
+                    ranges = into->rows(n);
+                } else {
+                    fresh = new_u64_2d(n, 2);
+                    ranges = reinterpret_cast<PfnRange *>(fresh.mutable_data());
+                }
                 lk.nogil([&] { return c.pfn_ranges(start, end, ranges); });
-                return out;
+                return into ? into->answer(n) : py::object(fresh);
             },
-            py::arg("start"), py::arg("end"))
+            py::arg("start"), py::arg("end"), py::arg("out") = py::none())
         .def(
             "pfn_batches",
             [](const FolioCache &c, py::handle s, py::handle e) {

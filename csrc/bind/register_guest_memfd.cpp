@@ -154,6 +154,59 @@ auto file_op(GuestMemfd &f, Mode mode, bool long_op, Fn &&fn)
     }
 }
 
+/*
+ * bulk_op - run one bulk call (get_pfns, guest_read_many, ...) under file_op: without
+ * the GIL for a built-in arch, with it for a Python one, whose hooks need it.  Each
+ * element is one operation, as the single calls are: after each, a Python arch forgets
+ * the hook lookups of the element, and a hook that raised ends the call there.  What
+ * the call raises - the failing element's own error, a hook's, the KeyboardInterrupt of
+ * a Ctrl-C between elements, RuntimeError from the file's own hook - carries
+ * `completed`: the number of elements done before it stopped, which stay applied.
+ */
+template <class Fn>
+void bulk_op(GuestMemfd &f, Fn &&fn)
+{
+    BulkCall call;
+    if (PyHookState *hs = hook_state(f.arch())) {
+        call.arg = hs;
+        call.between = [](void *arg) {
+            auto *h = static_cast<PyHookState *>(arg);
+            h->forget();
+            return h->pending.has_value();
+        };
+    }
+    auto completed = [&](py::error_already_set &e) {
+        if (PyObject_SetAttrString(e.value().ptr(), "completed",
+                                   py::int_(call.done).ptr()) < 0)
+            PyErr_Clear(); // an exception object that takes no attributes: raised as it is
+    };
+    try {
+        file_op(f, Mode::Write, true, [&] {
+            fn(call);
+            return 0;
+        });
+    } catch (py::error_already_set &e) {
+        completed(e);
+        throw;
+    } catch (...) {
+        py::error_already_set e = python_error_of_current_exception();
+        completed(e);
+        throw e;
+    }
+}
+
+/* The indexes of a bulk call and, when it has them, its tokens: one length. */
+std::pair<u64_array, u64_array> indexes_and_tokens(py::handle i, py::handle t)
+{
+    u64_array index = to_index_array(i, "indexes");
+    u64_array token = to_index_array(t, "tokens");
+    if (token.size() != index.size())
+        throw invalid("tokens", "indexes and tokens must have one length, got " +
+                                    std::to_string(index.size()) + " and " +
+                                    std::to_string(token.size()));
+    return {index, token};
+}
+
 py::array folio_info_rows(const std::vector<FolioInfo> &infos)
 {
     py::array_t<FolioRow> out(py::ssize_t(infos.size()));
@@ -372,9 +425,92 @@ void register_guest_memfd(py::module_ &m)
             [](GM &f, py::handle i) {
                 uint64_t index = to_u64(i, "index");
                 auto r = file_op(f, Mode::Write, false, [&] { return f.get_pfn(index); });
-                return py::make_tuple(r.first, r.second);
+                // Built by hand: py::make_tuple's generic casters cost as much as the fault.
+                py::object pfn = py::reinterpret_steal<py::object>(
+                    PyLong_FromUnsignedLongLong(r.first));
+                py::object order = py::reinterpret_steal<py::object>(PyLong_FromLong(r.second));
+                if (!pfn || !order)
+                    throw py::error_already_set();
+                PyObject *t = PyTuple_New(2);
+                if (!t)
+                    throw py::error_already_set();
+                PyTuple_SET_ITEM(t, 0, pfn.release().ptr());
+                PyTuple_SET_ITEM(t, 1, order.release().ptr());
+                return py::reinterpret_steal<py::tuple>(t);
             },
             py::arg("index"))
+        .def(
+            "get_pfns",
+            [](GM &f, py::handle i) {
+                u64_array index = to_index_array(i, "indexes");
+                size_t n = size_t(index.size());
+                py::array_t<uint64_t> pfn(static_cast<py::ssize_t>(n));
+                py::array_t<uint8_t> order(static_cast<py::ssize_t>(n));
+                const uint64_t *ip = index.data();
+                uint64_t *pp = pfn.mutable_data();
+                uint8_t *op = order.mutable_data();
+                bulk_op(f, [&](BulkCall &call) { f.get_pfns(ip, n, pp, op, call); });
+                return py::make_tuple(pfn, order);
+            },
+            py::arg("indexes"))
+        .def(
+            "guest_read_many",
+            [](GM &f, py::handle i) {
+                u64_array index = to_index_array(i, "indexes");
+                size_t n = size_t(index.size());
+                py::array_t<uint64_t> token(static_cast<py::ssize_t>(n));
+                const uint64_t *ip = index.data();
+                uint64_t *tp = token.mutable_data();
+                bulk_op(f, [&](BulkCall &call) { f.guest_read_many(ip, n, tp, call); });
+                return token;
+            },
+            py::arg("indexes"))
+        .def(
+            "host_read_many",
+            [](GM &f, py::handle i) {
+                u64_array index = to_index_array(i, "indexes");
+                size_t n = size_t(index.size());
+                py::array_t<uint64_t> token(static_cast<py::ssize_t>(n));
+                const uint64_t *ip = index.data();
+                uint64_t *tp = token.mutable_data();
+                bulk_op(f, [&](BulkCall &call) { f.host_read_many(ip, n, tp, call); });
+                return token;
+            },
+            py::arg("indexes"))
+        .def(
+            "guest_write_many",
+            [](GM &f, py::handle i, py::handle t) {
+                auto cols = indexes_and_tokens(i, t);
+                const uint64_t *ip = cols.first.data(), *tp = cols.second.data();
+                size_t n = size_t(cols.first.size());
+                bulk_op(f, [&](BulkCall &call) { f.guest_write_many(ip, tp, n, call); });
+            },
+            py::arg("indexes"), py::arg("tokens"))
+        .def(
+            "host_write_many",
+            [](GM &f, py::handle i, py::handle t) {
+                auto cols = indexes_and_tokens(i, t);
+                const uint64_t *ip = cols.first.data(), *tp = cols.second.data();
+                size_t n = size_t(cols.first.size());
+                bulk_op(f, [&](BulkCall &call) { f.host_write_many(ip, tp, n, call); });
+            },
+            py::arg("indexes"), py::arg("tokens"))
+        .def(
+            "set_attributes_many",
+            [](GM &f, py::handle s, py::handle e, py::handle a) {
+                u64_array start = to_index_array(s, "starts");
+                u64_array end = to_index_array(e, "ends");
+                u64_array attrs = to_index_array(a, "attrs");
+                if (end.size() != start.size() || attrs.size() != start.size())
+                    throw invalid("ends", "starts, ends and attrs must have one length, got " +
+                                              std::to_string(start.size()) + ", " +
+                                              std::to_string(end.size()) + ", " +
+                                              std::to_string(attrs.size()));
+                const uint64_t *sp = start.data(), *ep = end.data(), *ap = attrs.data();
+                size_t n = size_t(start.size());
+                bulk_op(f, [&](BulkCall &call) { f.set_attributes_many(sp, ep, ap, n, call); });
+            },
+            py::arg("starts"), py::arg("ends"), py::arg("attrs"))
         .def(
             "set_memory_attributes2",
             [](GM &f, py::handle o, py::handle s, py::handle a, py::handle fl) {
@@ -424,18 +560,27 @@ void register_guest_memfd(py::module_ &m)
             py::arg("start") = 0, py::arg("end") = py::none())
         .def(
             "pfn_ranges",
-            [](GM &f, py::handle s, py::handle e) {
+            [](GM &f, py::handle s, py::handle e, py::handle o) -> py::object {
                 uint64_t start = to_u64(s, "start"), end = to_u64(e, "end");
                 check_query(f, start, end);
+                std::optional<OutRows> into;
+                if (!o.is_none())
+                    into.emplace(o);
                 Guard lk(f.physmem().lock(), Mode::Read);
                 f.check_open();
                 size_t n = f.cache().count(start, end);
-                auto out = new_u64_2d(n, 2);
-                auto *ranges = reinterpret_cast<PfnRange *>(out.mutable_data());
+                py::array_t<uint64_t> fresh;
+                PfnRange *ranges;
+                if (into) {
+                    ranges = into->rows(n);
+                } else {
+                    fresh = new_u64_2d(n, 2);
+                    ranges = reinterpret_cast<PfnRange *>(fresh.mutable_data());
+                }
                 lk.nogil([&] { return f.cache().pfn_ranges(start, end, ranges); });
-                return out;
+                return into ? into->answer(n) : py::object(fresh);
             },
-            py::arg("start"), py::arg("end"))
+            py::arg("start"), py::arg("end"), py::arg("out") = py::none())
         .def(
             "page_pfns",
             [](GM &f, py::handle s, py::handle e) {

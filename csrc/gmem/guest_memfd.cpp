@@ -233,6 +233,55 @@ Folio GuestMemfd::fault_in(uint64_t index)
     return f;
 }
 
+/*
+ * fault_in - the folio of @index, allocated if it is a hole (OutOfMemory changes
+ * nothing), as a reference into @m's window.  A call walking forward fetches the next
+ * AHEAD folios with one search (refill), so a run of neighbouring faults costs one search
+ * per AHEAD folios instead of one per fault.
+ */
+inline Folio &GuestMemfd::fault_in(uint64_t index, FaultMemo &m)
+{
+    while (m.pos < m.n && m.window[m.pos].end() <= index)
+        m.pos++;
+    if (m.pos < m.n && m.window[m.pos].index <= index)
+        return m.window[m.pos];
+    return refill(index, m);
+}
+
+Folio &GuestMemfd::refill(uint64_t index, FaultMemo &m)
+{
+    // Just past the window: the call walks forward, fetch ahead.  Else one lookup.
+    bool forward = m.n && index >= m.window[m.n - 1].end() &&
+                   index - m.window[m.n - 1].end() < FaultMemo::AHEAD;
+    m.pos = 0;
+    if (forward) {
+        m.n = cache_.folios(index, nr_pages_, m.window, FaultMemo::AHEAD);
+        if (m.n && m.window[0].index <= index)
+            return m.window[0];
+    } else if (cache_.lookup(index, &m.window[0])) {
+        m.n = 1;
+        return m.window[0];
+    }
+    m.n = 0; // a hole: the window no longer starts at the index
+    bool oom;
+    Folio f = alloc_folio(index, &oom);
+    if (oom)
+        throw OutOfMemory("guest_memfd: no free page for index " + std::to_string(index));
+    if (hugetlb())
+        cache_.lookup(index, &f); // it may have been split
+    m.window[0] = f;
+    m.n = 1;
+    return m.window[0];
+}
+
+/* The attribute run holding @index, from @m while the index stays inside it. */
+inline const Run &GuestMemfd::attr_run(uint64_t index, FaultMemo &m) const
+{
+    if (index < m.run.start || index >= m.run.end)
+        m.run = attrs_.run_at(index);
+    return m.run;
+}
+
 /* First touch: zero the folio and mark it uptodate. */
 void GuestMemfd::zero_folio(Folio &f)
 {
@@ -245,13 +294,16 @@ void GuestMemfd::zero_folio(Folio &f)
     stats_.pages_zeroed += f.nr_pages();
 }
 
-/* The largest naturally aligned block around @index, inside @f, of one attribute. */
-unsigned GuestMemfd::max_order(const Folio &f, uint64_t index, uint64_t *block) const
+/*
+ * The largest naturally aligned block around @index, inside @f, of one attribute: inside
+ * @run, the attribute run holding @index (runs are maximal).
+ */
+inline unsigned GuestMemfd::max_order(const Folio &f, uint64_t index, const Run &run,
+                                      uint64_t *block) const
 {
-    uint64_t value = attrs_.load(index);
     for (unsigned o = f.order; o > 0; o--) {
         uint64_t b = index & ~(pages(o) - 1);
-        if (attrs_.range_has(b, b + pages(o), value)) {
+        if (b >= run.start && b + pages(o) <= run.end) {
             *block = b;
             return o;
         }
@@ -272,15 +324,24 @@ void GuestMemfd::check_poison(uint64_t index) const
 
 std::pair<uint64_t, unsigned> GuestMemfd::get_pfn(uint64_t index)
 {
+    FaultMemo m;
+    return fault_guest(index, m);
+}
+
+std::pair<uint64_t, unsigned> GuestMemfd::fault_guest(uint64_t index, FaultMemo &m)
+{
     check_open();
     check_index(index);
-    check_poison(index);
-    Folio f = fault_in(index);
-    zero_folio(f);
+    if (!poisoned_.empty())
+        check_poison(index);
+    Folio &f = fault_in(index, m);
+    if (!f.uptodate)
+        zero_folio(f);
     touch(index, index + 1);
+    const Run &run = attr_run(index, m);
     uint64_t block;
-    unsigned order = max_order(f, index, &block);
-    bool priv = attrs_.load(index) & ATTR_PRIVATE;
+    unsigned order = max_order(f, index, run, &block);
+    bool priv = run.value & ATTR_PRIVATE;
     uint64_t block_pfn = f.file_pfn(block);
     arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
     if (priv && (config_ & CONFIG_PREPARE)) {
@@ -292,6 +353,12 @@ std::pair<uint64_t, unsigned> GuestMemfd::get_pfn(uint64_t index)
 
 uint64_t GuestMemfd::host_fault(uint64_t index)
 {
+    FaultMemo m;
+    return fault_host(index, m);
+}
+
+uint64_t GuestMemfd::fault_host(uint64_t index, FaultMemo &m)
+{
     check_open();
     if (index >= nr_pages_)
         throw SigBus("host fault at index " + std::to_string(index) +
@@ -302,14 +369,18 @@ uint64_t GuestMemfd::host_fault(uint64_t index)
         throw SigBus("host fault at index " + std::to_string(index) +
                          ": the file was created without FLAG_MMAP",
                      index);
-    if (attrs_.load(index) & ATTR_PRIVATE)
+    if (attr_run(index, m).value & ATTR_PRIVATE)
         throw SigBus("host fault at index " + std::to_string(index) + ": the page is private",
                      index);
-    check_poison(index);
-    Folio f = fault_in(index);
-    zero_folio(f);
+    if (!poisoned_.empty())
+        check_poison(index);
+    Folio &f = fault_in(index, m);
+    if (!f.uptodate)
+        zero_folio(f);
     touch(index, index + 1);
-    mapped_.insert(index);
+    // Hinted at the slot after the last index mapped: a forward run inserts in O(1).
+    m.mapped = mapped_.insert(m.has_mapped ? std::next(m.mapped) : mapped_.end(), index);
+    m.has_mapped = true;
     return f.file_pfn(index);
 }
 
@@ -989,6 +1060,90 @@ std::string GuestMemfd::dump() const
         os << "\n  attrs [" << r.start << ", " << r.end << ") "
            << (r.value & ATTR_PRIVATE ? "PRIVATE" : "SHARED");
     return os.str();
+}
+
+/*
+ * DOC: Bulk operations
+ *
+ * A simulator issues millions of page operations; one call from Python each costs more
+ * than the engine's work.  get_pfns, guest_read_many, guest_write_many, host_read_many,
+ * host_write_many and set_attributes_many run the single calls' code on each element in
+ * order, so state, hooks, stats and errors are exactly those of the single calls:
+ *
+ *     elements:  [ 0  1  2  3 | 4 | 5  6 ]
+ *                  applied      ^   not run
+ *                               raises its own error; call.done == 4
+ *
+ * as a batch of ioctls would.  The faults of one call share a FaultMemo, which is what
+ * makes a run of neighbouring indexes cheap.  Between elements the loop checks for an
+ * interrupt (Ctrl-C): Interrupted, with the elements before it applied.
+ */
+template <class Fn>
+void GuestMemfd::bulk(size_t n, BulkCall &call, Fn &&element)
+{
+    InterruptCheck interrupted;
+    check_open(); // a closed file refuses even an empty batch, as every call on it
+    for (call.done = 0; call.done < n; call.done++) {
+        if (call.done && interrupted())
+            throw Interrupted("interrupted after " + std::to_string(call.done) + " of " +
+                              std::to_string(n) + " elements; those stay applied");
+        element(call.done);
+        if (call.between && call.between(call.arg)) {
+            call.done++;
+            return;
+        }
+    }
+}
+
+void GuestMemfd::get_pfns(const uint64_t *index, size_t n, uint64_t *pfn, uint8_t *order,
+                          BulkCall &call)
+{
+    FaultMemo m;
+    bulk(n, call, [&](size_t k) {
+        auto r = fault_guest(index[k], m);
+        pfn[k] = r.first;
+        order[k] = uint8_t(r.second);
+    });
+}
+
+void GuestMemfd::guest_read_many(const uint64_t *index, size_t n, uint64_t *token,
+                                 BulkCall &call)
+{
+    FaultMemo m;
+    bulk(n, call, [&](size_t k) { token[k] = pm_->read(fault_guest(index[k], m).first); });
+}
+
+void GuestMemfd::guest_write_many(const uint64_t *index, const uint64_t *token, size_t n,
+                                  BulkCall &call)
+{
+    FaultMemo m;
+    bulk(n, call, [&](size_t k) {
+        pm_->write(fault_guest(index[k], m).first, token[k]);
+        expected_.store(index[k], index[k] + 1, token[k]);
+    });
+}
+
+void GuestMemfd::host_read_many(const uint64_t *index, size_t n, uint64_t *token,
+                                BulkCall &call)
+{
+    FaultMemo m;
+    bulk(n, call, [&](size_t k) { token[k] = pm_->read(fault_host(index[k], m)); });
+}
+
+void GuestMemfd::host_write_many(const uint64_t *index, const uint64_t *token, size_t n,
+                                 BulkCall &call)
+{
+    FaultMemo m;
+    bulk(n, call, [&](size_t k) {
+        pm_->write(fault_host(index[k], m), token[k]);
+        expected_.store(index[k], index[k] + 1, token[k]);
+    });
+}
+
+void GuestMemfd::set_attributes_many(const uint64_t *start, const uint64_t *end,
+                                     const uint64_t *attrs, size_t n, BulkCall &call)
+{
+    bulk(n, call, [&](size_t k) { set_attributes(start[k], end[k], attrs[k]); });
 }
 
 } // namespace gmem

@@ -69,6 +69,18 @@ struct SigBus : std::runtime_error {
     uint64_t index;
 };
 
+/*
+ * BulkCall - the progress of one bulk call (get_pfns, guest_read_many, ...): @done counts
+ * the elements completed.  @between, if set, is asked after each element (with @arg):
+ * true ends the call there, that element done - how an embedder stops a batch whose hook
+ * failed, as the single call would have raised after it.
+ */
+struct BulkCall {
+    size_t done = 0;
+    bool (*between)(void *arg) = nullptr;
+    void *arg = nullptr;
+};
+
 /// Which hook set the file runs: the kernel as merged (the default), or the two designs of
 /// the June 2026 thread.
 enum class HookDesign { Mainline, Split, Overloaded };
@@ -157,6 +169,23 @@ public:
                                 uint64_t flags);
     uint64_t get_attributes(uint64_t index) const;
 
+    /*
+     * Bulk forms (DOC: Bulk operations in guest_memfd.cpp): element k has exactly the
+     * effect of the single call on element k, in order.  An element that throws leaves
+     * the elements before it applied and changes nothing itself; the rest do not run.
+     * call.done says how many completed, also when the call is Interrupted between two.
+     */
+    void get_pfns(const uint64_t *index, size_t n, uint64_t *pfn, uint8_t *order,
+                  BulkCall &call);
+    void guest_read_many(const uint64_t *index, size_t n, uint64_t *token, BulkCall &call);
+    void guest_write_many(const uint64_t *index, const uint64_t *token, size_t n,
+                          BulkCall &call);
+    void host_read_many(const uint64_t *index, size_t n, uint64_t *token, BulkCall &call);
+    void host_write_many(const uint64_t *index, const uint64_t *token, size_t n,
+                         BulkCall &call);
+    void set_attributes_many(const uint64_t *start, const uint64_t *end, const uint64_t *attrs,
+                             size_t n, BulkCall &call);
+
     std::vector<FolioInfo> folios(uint64_t start, uint64_t end) const;
     std::vector<Violation> check() const;
     void record(Violation v) { violations_.push_back(std::move(v)); }
@@ -187,10 +216,33 @@ private:
     GmemStats stats_;
     bool closed_ = false, in_operation_ = false;
 
+    /*
+     * FaultMemo - what the faults of one call may reuse from one another: a window of
+     * copies of the folios at and after the last index faulted, and the attribute run
+     * holding it.  Nothing a fault does invalidates either: it only adds folios in holes
+     * and marks folios uptodate (through the window's own copy), and its hooks may not
+     * change the file.  A memo lives for one call.
+     */
+    struct FaultMemo {
+        static constexpr size_t AHEAD = 64; // folios fetched at once when walking forward
+        Folio window[AHEAD];
+        size_t n = 0, pos = 0;
+        Run run{0, 0, 0};
+        std::set<uint64_t>::iterator mapped{}; // the last index host_fault mapped
+        bool has_mapped = false;
+    };
+
     Folio alloc_folio(uint64_t index, bool *oom);
     Folio fault_in(uint64_t index);
+    Folio &fault_in(uint64_t index, FaultMemo &m);
+    Folio &refill(uint64_t index, FaultMemo &m);
+    const Run &attr_run(uint64_t index, FaultMemo &m) const;
+    std::pair<uint64_t, unsigned> fault_guest(uint64_t index, FaultMemo &m);
+    uint64_t fault_host(uint64_t index, FaultMemo &m);
+    template <class Fn>
+    void bulk(size_t n, BulkCall &call, Fn &&element);
     void zero_folio(Folio &f);
-    unsigned max_order(const Folio &f, uint64_t index, uint64_t *block) const;
+    unsigned max_order(const Folio &f, uint64_t index, const Run &run, uint64_t *block) const;
     void reclaim(const Folio *folios, size_t n);
     void give_back(const Folio &f);
     std::vector<uint64_t> pinned_state(uint64_t pfn, uint64_t nr) const;

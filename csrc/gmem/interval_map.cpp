@@ -39,6 +39,14 @@ uint64_t IntervalMap::load(uint64_t index) const
     return tree_.val(tree_.floor(index));
 }
 
+Run IntervalMap::run_at(uint64_t index) const
+{
+    check_index(index);
+    auto p = tree_.floor(index);
+    auto nx = tree_.next(p);
+    return Run{tree_.key(p), nx == tree_.end() ? nr_pages_ : tree_.key(nx), tree_.val(p)};
+}
+
 /*
  * store_unchecked - set [start, end) to @value; the range is already validated.
  *

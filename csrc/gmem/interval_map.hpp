@@ -47,6 +47,10 @@ public:
     /// Make the next @n stores allocation-free (each adds at most two runs).
     void reserve_stores(size_t n) { tree_.reserve(2 * n); }
     uint64_t load(uint64_t index) const;
+    /// The whole run that holds @index (not clipped): a caller that asks about many indexes
+    /// nearby answers most of them from it.  Runs are maximal, so a range lies in one value
+    /// exactly when it lies inside one run.
+    Run run_at(uint64_t index) const;
     /// Does every index of [start, end) hold @value?  (true for an empty range)
     bool range_has(uint64_t start, uint64_t end, uint64_t value) const;
     /// Number of runs overlapping [start, end), and those runs clipped to it.

@@ -315,6 +315,110 @@ def bench_memory(s: Suite) -> None:
     s.figures["rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
 
 
+def _median_spread(fn: Callable[[], Any], repeat: int) -> tuple[float, float, float]:
+    """(median, min, max) seconds of ``repeat`` calls of fn."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2], times[0], times[-1]
+
+
+def bench_bulk(s: Suite) -> None:
+    """The bulk forms against a loop of single calls, and one get_pfn against the cost of a
+    call that only converts an integer (IntervalMap(1).load(0)), side by side: each
+    repeat times every contender once, in turn, so load on the machine hits them alike."""
+    n = 10**6 if s.full else 2 * 10**5
+    f = gmem.GuestMemfd(16 * GiB, folio_order=0, flags=gmem.FLAG_MMAP | gmem.FLAG_INIT_SHARED)
+    f.fallocate(0, f.nr_pages)
+    rng = np.random.default_rng(5)
+    seq = np.arange(n, dtype=np.uint64)
+    rnd = rng.integers(0, f.nr_pages, n).astype(np.uint64)
+    f.get_pfns(seq)
+    f.get_pfns(rnd)  # faulted in: the figures are of faults on present folios
+    f.host_read_many(seq)
+    seq_l, rnd_l, zeros = seq.tolist(), rnd.tolist(), [0] * n
+    floor_map = gmem.IntervalMap(1)
+    tokens = rng.integers(1, 2**63, n).astype(np.uint64)
+    tok_l = tokens.tolist()
+
+    def loop(call: Any, args: list[int]) -> Callable[[], None]:
+        def run() -> None:
+            for i in args:
+                call(i)
+
+        return run
+
+    def loop2(call: Any, args: list[int], vals: list[int]) -> Callable[[], None]:
+        def run() -> None:
+            for i, v in zip(args, vals, strict=True):
+                call(i, v)
+
+        return run
+
+    contenders: dict[str, Callable[[], Any]] = {
+        "floor": loop(floor_map.load, zeros),
+        "get_pfn_random": loop(f.get_pfn, rnd_l),
+        "get_pfn_seq": loop(f.get_pfn, seq_l),
+        "get_pfns_random": lambda: f.get_pfns(rnd),
+        "get_pfns_seq": lambda: f.get_pfns(seq),
+        "guest_read_loop": loop(f.guest_read, seq_l),
+        "guest_read_many": lambda: f.guest_read_many(seq),
+        "host_read_loop": loop(f.host_read, seq_l),
+        "host_read_many": lambda: f.host_read_many(seq),
+        "guest_write_loop": loop2(f.guest_write, seq_l, tok_l),
+        "guest_write_many": lambda: f.guest_write_many(seq, tokens),
+        "host_write_loop": loop2(f.host_write, seq_l, tok_l),
+        "host_write_many": lambda: f.host_write_many(seq, tokens),
+    }
+    repeat = 5
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(repeat):
+        for name, fn in contenders.items():
+            times[name].append(_median_spread(fn, 1)[0] / n)
+    stat = {k: sorted(v) for k, v in times.items()}
+    med = {k: v[len(v) // 2] for k, v in stat.items()}
+    for k, v in stat.items():
+        s.figures[f"bulk_{k}_ns"] = med[k] * 1e9
+        s.figures[f"bulk_{k}_ns_spread"] = (v[-1] - v[0]) * 1e9
+    f.close()
+    s.add(
+        "get_pfn vs IntervalMap(1).load(0), 16 GiB of 4 KiB folios",
+        med["get_pfn_random"] / med["floor"],
+        2,
+        "x",
+        "lower",
+        f"random faulted-in indexes; sequential {med['get_pfn_seq'] / med['floor']:.2f}x; "
+        f"median of {repeat}",
+    )
+    s.add(
+        "get_pfns ns per index, faulted-in, in order",
+        med["get_pfns_seq"] * 1e9,
+        25,
+        "ns",
+        "lower",
+        f"random indexes: {med['get_pfns_random'] * 1e9:.0f} ns",
+    )
+    for bulk, single in [
+        ("get_pfns_seq", "get_pfn_seq"),
+        ("get_pfns_random", "get_pfn_random"),
+        ("guest_read_many", "guest_read_loop"),
+        ("host_read_many", "host_read_loop"),
+        ("guest_write_many", "guest_write_loop"),
+        ("host_write_many", "host_write_loop"),
+    ]:
+        s.add(
+            f"{bulk} vs a loop of single calls @{n:.0e}",
+            med[single] / med[bulk],
+            20,
+            "x",
+            "higher",
+            f"median of {repeat}",
+        )
+
+
 STEPS = [
     ("PFN walk", bench_walk),
     ("conversion", bench_convert),
@@ -322,6 +426,7 @@ STEPS = [
     ("IntervalMap and peers", bench_interval_map),
     ("Python hooks", bench_hooks),
     ("memory", bench_memory),
+    ("bulk operations and per-call cost", bench_bulk),
 ]
 
 

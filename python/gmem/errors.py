@@ -19,6 +19,9 @@ class GmemError(Exception):
     """Base of gmem's domain errors; ``errno`` is the kernel's error number."""
 
     errno: int = 0
+    # Set on what a bulk call (get_pfns, guest_read_many, ...) raises: the number of
+    # elements done before the failing one.  (Its ValueError and TypeError carry it too.)
+    completed: int
 
 
 class OutOfMemory(GmemError, MemoryError):

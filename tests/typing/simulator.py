@@ -69,6 +69,20 @@ def converted_pages(
         return f.stats["pages_converted"]  # __exit__ returns None: no missing return
 
 
+def faults_in_bulk(indexes: npt.NDArray[np.uint64]) -> int:
+    """The bulk forms: arrays in and out, and the count a failing batch carries."""
+    with gmem.GuestMemfd(1 << 21, flags=gmem.FLAG_MMAP | gmem.FLAG_INIT_SHARED) as f:
+        pfns, orders = f.get_pfns(indexes)
+        f.host_write_many(indexes, pfns)
+        try:
+            f.host_read_many([0, f.nr_pages])
+        except gmem.SigBus as e:
+            assert e.completed == 1
+        buf = np.empty((f.nr_pages, 2), dtype=np.uint64)
+        walked: npt.NDArray[np.uint64] = f.pfn_ranges(0, f.nr_pages, out=buf)
+        return int(orders.sum()) + len(walked) + int(f.guest_read_many(indexes)[-1] - pfns[-1])
+
+
 def builtin(name: gmem.ArchName) -> int:
     with gmem.GuestMemfd(1 << 21, arch=name) as f:
         return f.guest_read(0)
@@ -81,6 +95,7 @@ def main() -> None:
     assert converted_pages(batched) == 512 and batched.ranges == 1
     assert converted_pages(QuietSNP(), "overloaded") == 512
     assert all(builtin(n) == 0 for n in ("sw_protected", "snp", "tdx", "pkvm"))
+    assert faults_in_bulk(np.arange(8, dtype=np.uint64)) == 8  # order 0, 8 folios walked
 
 
 if __name__ == "__main__":

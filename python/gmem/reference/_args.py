@@ -53,6 +53,39 @@ def u64_array(obj: Any, name: str) -> npt.NDArray[np.uint64]:
     return np.ascontiguousarray(a, dtype=np.uint64)
 
 
+def index_list(obj: Any, name: str) -> list[int]:
+    """A bulk call's 1-D array-like of integers, each value converted as ``u64`` converts
+    one argument: numpy integer and bool arrays, or element by element through
+    ``__index__`` for anything numpy makes an object array of.  Errors name the argument
+    and the position."""
+    try:
+        a = np.asarray(obj)
+        # numpy makes a list of Python ints float64 when one of them does not fit int64
+        # ([1, 2**63]): a sequence that is no integer array goes element by element.
+        if not isinstance(obj, np.ndarray) and a.size and a.dtype.kind not in "iub":
+            a = np.asarray(obj, dtype=object)
+    except (ValueError, TypeError) as exc:
+        raise TypeError(f"{name}: must be a 1-D array of integers ({exc})") from None
+    if a.ndim != 1:
+        raise ValueError(f"{name}: must be a 1-D array, got {a.ndim} dims")
+    if not a.size:
+        return []
+    if a.dtype.kind == "i" and (a < 0).any():
+        i = int(np.argmax(a < 0))
+        raise ValueError(f"{name}: must be >= 0, got {a[i]} at position {i}")
+    if a.dtype.kind in "iub":
+        return [int(v) for v in a.tolist()]
+    if a.dtype.kind != "O":
+        raise TypeError(f"{name}: must hold integers, got dtype {a.dtype}")
+    out = []
+    for i, item in enumerate(a.tolist()):
+        try:
+            out.append(u64(item, name))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc} at position {i}") from None
+    return out
+
+
 def u64_columns(
     a: Any, b: Any, c: Any, names: tuple[str, str, str]
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
@@ -64,6 +97,35 @@ def u64_columns(
             f"{len(cols[0])}, {len(cols[1])}, {len(cols[2])}"
         )
     return cols
+
+
+def out_rows(out: Any) -> npt.NDArray[np.uint64]:
+    """A caller's buffer for a walk: a writable, C-contiguous (m, 2) uint64 array."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(
+            f"out: must be a numpy array of uint64 with shape (n, 2), got {type(out).__name__}"
+        )
+    if out.dtype != np.uint64 or not out.dtype.isnative:
+        raise TypeError(f"out: must have dtype uint64, got {out.dtype}")
+    if out.ndim != 2 or out.shape[1] != 2:
+        raise ValueError(f"out: must have shape (n, 2), got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out: must be C-contiguous (np.empty((n, 2), np.uint64) is)")
+    if not out.flags.writeable:
+        raise ValueError("out: must be writable (this array is read-only)")
+    return out
+
+
+def check_room(out: npt.NDArray[np.uint64], n: int) -> None:
+    if out.shape[0] < n:
+        raise ValueError(f"out: has room for {out.shape[0]} ranges, the walk needs {n}")
+
+
+def into(out: npt.NDArray[np.uint64], ranges: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """Write the walk's ranges into the first rows of ``out``; those rows, as a view."""
+    check_room(out, len(ranges))
+    out[: len(ranges)] = ranges
+    return out[: len(ranges)]
 
 
 SMALL_REQUEST = 64 << 20  # requests below this many bytes fit without asking the host

@@ -25,7 +25,9 @@ from gmem.reference._args import (
     check_page_count,
     check_start_end,
     end_arg,
+    into,
     order_arg,
+    out_rows,
     u64,
     u64_columns,
 )
@@ -214,10 +216,12 @@ class FolioCache:
         check_start_end(s, e)
         return folio_rows(self.overlapping(s, e))
 
-    def pfn_ranges(self, start: Any, end: Any) -> npt.NDArray[np.uint64]:
+    def pfn_ranges(self, start: Any, end: Any, out: Any = None) -> npt.NDArray[np.uint64]:
         s, e = u64(start, "start"), u64(end, "end")
         check_start_end(s, e)
-        return ranges_array([f.clamp(s, e) for f in self.overlapping(s, e)])
+        buffer = None if out is None else out_rows(out)
+        ranges = ranges_array([f.clamp(s, e) for f in self.overlapping(s, e)])
+        return ranges if buffer is None else into(buffer, ranges)
 
     def pfn_batches(self, start: Any, end: Any) -> list[npt.NDArray[np.uint64]]:
         s, e = u64(start, "start"), u64(end, "end")
@@ -278,14 +282,20 @@ def check_folio_layout(index: list[int], order: list[int], pfn: list[int]) -> No
 
 
 def clamp_folio_ranges(
-    index: Any, order: Any, pfn: Any, start: Any, end: Any
+    index: Any, order: Any, pfn: Any, start: Any, end: Any, out: Any = None
 ) -> npt.NDArray[np.uint64]:
     """The walk as a pure function over a sorted folio layout given as three arrays."""
     idx, o, p = u64_columns(index, order, pfn, ("index", "order", "pfn"))
     s, e = u64(start, "start"), u64(end, "end")
     check_start_end(s, e)
+    buffer = None if out is None else out_rows(out)
+    if buffer is not None:
+        for name, column in (("index", idx), ("order", o), ("pfn", p)):
+            if np.may_share_memory(buffer, column):
+                raise ValueError(f"out: must not share memory with {name}")
     check_folio_layout(idx.tolist(), o.tolist(), p.tolist())
     folios = zip(idx.tolist(), o.tolist(), p.tolist(), strict=True)
-    return ranges_array(
+    ranges = ranges_array(
         [Folio(i, od, pf).clamp(s, e) for i, od, pf in folios if i < e and i + (1 << od) > s]
     )
+    return ranges if buffer is None else into(buffer, ranges)

@@ -38,7 +38,9 @@ from gmem.reference._args import (
     check_start_end,
     end_arg,
     host_memory_available,
+    index_list,
     order_arg,
+    out_rows,
     u64,
 )
 from gmem.reference._config import config_for, config_names
@@ -458,6 +460,94 @@ class GuestMemfd:
             self._expected.store(i, i + 1, t)
 
         self._operation(write)
+
+    # ---- bulk forms ------------------------------------------------------------------
+    # Element k has exactly the effect of the single call on element k, in order.  What a
+    # failing element raises (its own error; a hook's, after its element completed) carries
+    # ``completed``: the elements done before the call stopped, which stay applied.
+
+    def _bulk(self, n: int, element: Callable[[int], None]) -> None:
+        done = 0
+
+        def run() -> None:
+            nonlocal done
+            self._check_open()  # a closed file refuses even an empty batch
+            while done < n:
+                element(done)
+                done += 1
+                if self._pending is not None:  # a hook raised: the single call would have
+                    return
+
+        try:
+            self._operation(run)
+        except BaseException as exc:
+            exc.completed = done  # type: ignore[attr-defined]
+            raise
+
+    def _indexes_and_tokens(self, indexes: Any, tokens: Any) -> tuple[list[int], list[int]]:
+        idx, tok = index_list(indexes, "indexes"), index_list(tokens, "tokens")
+        if len(tok) != len(idx):
+            raise ValueError(
+                f"tokens: indexes and tokens must have one length, got {len(idx)} and {len(tok)}"
+            )
+        return idx, tok
+
+    def get_pfns(self, indexes: Any) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint8]]:
+        idx = index_list(indexes, "indexes")
+        pfns, orders = np.zeros(len(idx), dtype=np.uint64), np.zeros(len(idx), dtype=np.uint8)
+
+        def element(k: int) -> None:
+            pfns[k], orders[k] = self._get_pfn(idx[k])
+
+        self._bulk(len(idx), element)
+        return pfns, orders
+
+    def guest_read_many(self, indexes: Any) -> npt.NDArray[np.uint64]:
+        idx = index_list(indexes, "indexes")
+        out = np.zeros(len(idx), dtype=np.uint64)
+
+        def element(k: int) -> None:
+            out[k] = self._pm.read(self._get_pfn(idx[k])[0])
+
+        self._bulk(len(idx), element)
+        return out
+
+    def guest_write_many(self, indexes: Any, tokens: Any) -> None:
+        idx, tok = self._indexes_and_tokens(indexes, tokens)
+
+        def element(k: int) -> None:
+            self._pm.write(self._get_pfn(idx[k])[0], tok[k])
+            self._expected.store(idx[k], idx[k] + 1, tok[k])
+
+        self._bulk(len(idx), element)
+
+    def host_read_many(self, indexes: Any) -> npt.NDArray[np.uint64]:
+        idx = index_list(indexes, "indexes")
+        out = np.zeros(len(idx), dtype=np.uint64)
+
+        def element(k: int) -> None:
+            out[k] = self._pm.read(self._host_fault(idx[k]))
+
+        self._bulk(len(idx), element)
+        return out
+
+    def host_write_many(self, indexes: Any, tokens: Any) -> None:
+        idx, tok = self._indexes_and_tokens(indexes, tokens)
+
+        def element(k: int) -> None:
+            self._pm.write(self._host_fault(idx[k]), tok[k])
+            self._expected.store(idx[k], idx[k] + 1, tok[k])
+
+        self._bulk(len(idx), element)
+
+    def set_attributes_many(self, starts: Any, ends: Any, attrs: Any) -> None:
+        s, e, a = index_list(starts, "starts"), index_list(ends, "ends"), index_list(attrs, "attrs")
+        if not len(s) == len(e) == len(a):
+            raise ValueError(
+                f"ends: starts, ends and attrs must have one length, got {len(s)}, {len(e)}, "
+                f"{len(a)}"
+            )
+        self._bulk(len(s), lambda k: self._set_attributes(s[k], e[k], a[k]))
 
     def pin(self, index: Any) -> int:
         i = u64(index, "index")
@@ -941,10 +1031,11 @@ class GuestMemfd:
             row["mapped"] = self._mapped_in(f.index, f.end)
         return rows
 
-    def pfn_ranges(self, start: Any, end: Any) -> npt.NDArray[np.uint64]:
+    def pfn_ranges(self, start: Any, end: Any, out: Any = None) -> npt.NDArray[np.uint64]:
         s, e = self._query(u64(start, "start"), u64(end, "end"))
+        buffer = None if out is None else out_rows(out)
         self._check_open()
-        return self._cache.pfn_ranges(s, e)
+        return self._cache.pfn_ranges(s, e, buffer)
 
     def page_pfns(self, start: Any, end: Any) -> npt.NDArray[np.uint64]:
         s, e = self._query(u64(start, "start"), u64(end, "end"))
