@@ -188,6 +188,8 @@ private:
     bool closed_ = false, in_operation_ = false;
 
     Folio alloc_folio(uint64_t index, bool *oom);
+    void fill_holes(uint64_t start, uint64_t end,
+                    std::vector<std::pair<uint64_t, uint64_t>> &got, uint64_t &allocated);
     Folio fault_in(uint64_t index);
     void zero_folio(Folio &f);
     unsigned max_order(const Folio &f, uint64_t index, uint64_t *block) const;

@@ -131,14 +131,13 @@ int64_t PageGroup::find_first(unsigned o) const
 int32_t PageGroup::compute_max_order()
 {
     int32_t m = -1;
-    if (sum[6]) {
-        unsigned k = 0;
-        while (k < 6 && fold(sum[6], k + 1))
-            k++;
-        m = int32_t(6 + k); // 12: the whole group is free
+    if (uint64_t w = sum[6]) {
+        for (m = 6; m < 12 && w; m++) // order 6 + k: k + 1 folds of the all-free words
+            w &= (w >> (1u << (m - 6))) & M[m - 6];
+        m = w ? 12 : m - 1; // 12: the whole group is free
     } else {
-        for (unsigned o = 0; o <= 5 && sum[o]; o++)
-            m = int32_t(o);
+        while (m < 5 && sum[m + 1])
+            m++;
     }
     return max_order = m;
 }
@@ -236,10 +235,13 @@ void PhysMem::group_changed(uint64_t gid, PageGroup &g)
     int32_t old = g.max_order, m = g.compute_max_order();
     bool keep = m >= 0 && m < int32_t(GROUP_ORDER);
     if (m != old) {
-        if (keep)
+        if (keep) {
             by_max_[unsigned(m)].insert(gid);
-        if (old >= 0 && old < int32_t(GROUP_ORDER))
-            by_max_[unsigned(old)].erase(gid);
+            by_max_used_ |= 1u << m;
+        }
+        if (old >= 0 && old < int32_t(GROUP_ORDER) && by_max_[unsigned(old)].erase(gid) &&
+            by_max_[unsigned(old)].empty())
+            by_max_used_ &= ~(1u << old);
     }
     if (keep)
         return;
@@ -317,8 +319,10 @@ void PhysMem::check_block(uint64_t pfn, unsigned order) const
 bool PhysMem::lowest_block(unsigned order, uint64_t *pfn, unsigned *bo, bool *is_group) const
 {
     uint64_t best = UINT64_MAX;
-    for (unsigned m = order; m < GROUP_ORDER; m++) {
-        if (!by_max_[m].empty() && (*by_max_[m].begin() << GROUP_ORDER) < best) {
+    for (unsigned used = order < GROUP_ORDER ? by_max_used_ >> order << order : 0; used;
+         used &= used - 1) {
+        unsigned m = unsigned(__builtin_ctz(used));
+        if ((*by_max_[m].begin() << GROUP_ORDER) < best) {
             best = *by_max_[m].begin() << GROUP_ORDER;
             *bo = m;
             *is_group = true;
@@ -387,7 +391,12 @@ bool PhysMem::try_alloc(unsigned order, uint64_t *pfn)
         uint64_t gid = best >> GROUP_ORDER;
         PageGroup &g = *group(gid);
         unsigned off = unsigned(g.find_first(order));
-        g.set_range(off, off + unsigned(pages(order)), false);
+        if (order <= 6) {
+            g.bits[off >> 6] &= ~word_mask(off & 63, (off & 63) + unsigned(pages(order)));
+            g.update_word(off >> 6);
+        } else {
+            g.set_range(off, off + unsigned(pages(order)), false);
+        }
         group_changed(gid, g);
         best += off;
     } else {
@@ -525,11 +534,26 @@ void PhysMem::free_unchecked(uint64_t pfn, unsigned order)
     unsigned off = unsigned(pfn & (GROUP_PAGES - 1));
     if (order <= 6) {
         g->bits[off >> 6] |= word_mask(off & 63, (off & 63) + unsigned(pages(order)));
-        g->update_word(off >> 6);
+        // Freeing only adds free blocks: below order 6 (a word that is not all free) the
+        // group's largest order changes only if the word now holds a larger one.
+        int32_t in_word = g->update_word(off >> 6);
+        if (in_word < 6 && in_word <= g->max_order)
+            return;
     } else {
         g->set_range(off, off + unsigned(pages(order)), true);
     }
     group_changed(gid, *g);
+}
+
+void PhysMem::free_range_unchecked(uint64_t pfn, uint64_t nr)
+{
+    while (nr) {
+        unsigned o = pfn ? unsigned(__builtin_ctzll(pfn)) : MAX_ORDER;
+        o = std::min({o, MAX_ORDER, unsigned(63 - __builtin_clzll(nr))});
+        free_unchecked(pfn, o);
+        pfn += pages(o);
+        nr -= pages(o);
+    }
 }
 
 /* No part of the block may be free: a larger free block around it, or a smaller one in it. */
@@ -537,13 +561,15 @@ void PhysMem::check_not_free(uint64_t pfn, unsigned order) const
 {
     uint64_t end = pfn + pages(order), b;
     unsigned bo;
-    bool overlap = find_free_container(pfn, order, &b, &bo);
-    if (order < GROUP_ORDER) {
-        if (const PageGroup *g = group(pfn >> GROUP_ORDER)) {
-            unsigned off = unsigned(pfn & (GROUP_PAGES - 1));
-            overlap = g->any_free(off, off + unsigned(pages(order)));
-        }
+    const PageGroup *g = order < GROUP_ORDER ? group(pfn >> GROUP_ORDER) : nullptr;
+    bool overlap;
+    if (g) {
+        unsigned off = unsigned(pfn & (GROUP_PAGES - 1));
+        overlap = g->any_free(off, off + unsigned(pages(order)));
     } else {
+        overlap = find_free_container(pfn, order, &b, &bo);
+    }
+    if (order >= GROUP_ORDER) {
         for (unsigned o = GROUP_ORDER; o < order && !overlap; o++)
             overlap = free_[o].at_or_after(pfn) < end;
         auto g = groups_.lower_bound(pfn >> GROUP_ORDER); // a partly free group in it?

@@ -149,16 +149,27 @@ struct PageGroup {
             w &= (w >> (1u << k)) & M[k];
         return w;
     }
-    /// Recompute the summaries of word @j after its bits changed.
-    void update_word(unsigned j)
+    /// Recompute the summaries of word @j after its bits changed; returns the largest
+    /// order of a free block inside the word (-1: none).
+    int32_t update_word(unsigned j)
     {
-        uint64_t w = bits[j], bit = uint64_t(1) << j;
-        for (unsigned o = 0; o <= 6; o++) {
-            sum[o] = (sum[o] & ~bit) | (w ? bit : 0);
-            if (o < 6)
-                w &= (w >> (1u << o)) & M[o];
-        }
+        uint64_t w = bits[j], bit = uint64_t(1) << j, keep = ~bit;
+        sum[0] = (sum[0] & keep) | (w ? bit : 0);
+        w &= (w >> 1) & M[0];
+        sum[1] = (sum[1] & keep) | (w ? bit : 0);
+        w &= (w >> 2) & M[1];
+        sum[2] = (sum[2] & keep) | (w ? bit : 0);
+        w &= (w >> 4) & M[2];
+        sum[3] = (sum[3] & keep) | (w ? bit : 0);
+        w &= (w >> 8) & M[3];
+        sum[4] = (sum[4] & keep) | (w ? bit : 0);
+        w &= (w >> 16) & M[4];
+        sum[5] = (sum[5] & keep) | (w ? bit : 0);
+        sum[6] = (sum[6] & keep) | (bits[j] == ~uint64_t(0) ? bit : 0);
         nr_blocks = -1;
+        return bits[j] == ~uint64_t(0) ? 6 : 5 - int32_t(((sum[5] & bit) == 0) + ((sum[4] & bit) == 0) +
+                                       ((sum[3] & bit) == 0) + ((sum[2] & bit) == 0) +
+                                       ((sum[1] & bit) == 0) + ((sum[0] & bit) == 0));
     }
     /// Offset of the lowest free block of order @o (< 12) in the group, or -1.
     int64_t find_first(unsigned o) const;
@@ -218,6 +229,8 @@ public:
     /// free() without the checks, for blocks whose holder's own bookkeeping says they are
     /// held (the page cache's folios): a block that is partly free corrupts the allocator.
     void free_unchecked(uint64_t pfn, unsigned order);
+    /// free_unchecked() of the pages [pfn, pfn + nr), as the largest aligned blocks.
+    void free_range_unchecked(uint64_t pfn, uint64_t nr);
     /// Is all of [pfn, pfn + 2**order) free?  (the block must be valid: see check_block)
     bool is_free(uint64_t pfn, unsigned order) const;
     /// Take the specific block [pfn, pfn + 2**order), which must be free.
@@ -286,6 +299,7 @@ private:
     std::array<FreeList, MAX_ORDER + 1> free_; // orders >= GROUP_ORDER only
     std::map<uint64_t, PageGroup> groups_;     // partly free groups, by pfn >> GROUP_ORDER
     std::array<std::set<uint64_t>, GROUP_ORDER> by_max_; // groups_ keys by max_order
+    unsigned by_max_used_ = 0;                           // bit m: by_max_[m] is not empty
     PageGroup *last_ = nullptr;                // the group free_unchecked() used last
     uint64_t last_gid_ = UINT64_MAX;
     IntervalMap tokens_, rmp_, owner_; // indexed by pfn - base_
