@@ -132,7 +132,9 @@ def wide_fallocates(draw: st.DrawFn) -> dict[str, Any]:
     groups (4096 pages) and chunks (1024 folios), fragmented, partly populated, short."""
     order = draw(st.sampled_from([0, 0, 1, 3, 9]))
     nr_pages = draw(st.integers(1, 3 << 12))
-    before = st.tuples(st.sampled_from(["get_pfn", "punch_hole", "add_folio"]), st.integers(0, nr_pages))
+    before = st.tuples(
+        st.sampled_from(["get_pfn", "punch_hole", "add_folio"]), st.integers(0, nr_pages)
+    )
     return {
         "nr_pages": nr_pages,
         "folio_order": order,
@@ -140,8 +142,13 @@ def wide_fallocates(draw: st.DrawFn) -> dict[str, Any]:
         "base_pfn": draw(st.sampled_from([0, 7, 4095, 1 << 18])),
         "fragment": draw(st.sampled_from([0.0, 0.0, 0.002, 0.05])),
         "before": draw(st.lists(before, max_size=12)),
-        "ranges": draw(st.lists(st.tuples(st.integers(0, nr_pages), st.integers(0, nr_pages + 1)),
-                                min_size=1, max_size=4)),
+        "ranges": draw(
+            st.lists(
+                st.tuples(st.integers(0, nr_pages), st.integers(0, nr_pages + 1)),
+                min_size=1,
+                max_size=4,
+            )
+        ),
     }
 
 
@@ -151,8 +158,11 @@ def test_fallocate_agrees_with_the_reference_across_bitmap_groups(sc: dict[str, 
     for impl in (gmem, ref):
         pm = impl.PhysMem(sc["physmem_pages"], base_pfn=sc["base_pfn"], seed=1)
         pm.fragment(sc["fragment"])
-        files.append(impl.GuestMemfd(sc["nr_pages"] * P, folio_order=sc["folio_order"],
-                                     physmem=pm, arch="sw_protected"))
+        files.append(
+            impl.GuestMemfd(
+                sc["nr_pages"] * P, folio_order=sc["folio_order"], physmem=pm, arch="sw_protected"
+            )
+        )
     engine, oracle = files
     for name, index in sc["before"]:
         args: tuple[int, ...] = (index,)
