@@ -230,3 +230,24 @@ def test_constructor_rejects_bad_sizes(impl) -> None:
         impl.PhysMem(2, base_pfn=-1)
     with pytest.raises(TypeError):
         impl.PhysMem(2, 0)  # base_pfn is keyword-only
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+
+
+def test_scattered_pages_cost_a_bounded_bitmap_each() -> None:
+    # A page taken in each of 20,000 far-apart 16 MiB groups of a 2**52-page PhysMem: each
+    # group gets its bitmap (568 bytes) and a few free-list nodes, never more.
+    pm = gmem.PhysMem(2**52)
+    before = _rss()
+    pfns = [(g * 7919 % 2**30) << 20 | 3 for g in range(20000)]
+    for p in pfns:
+        pm.take(p, 0)
+    grown = _rss() - before
+    assert grown < 20000 * 4096, f"{grown / 20000:.0f} bytes per scattered page"
+    for p in pfns:
+        pm.free(p, 0)
+    # Back to the one run of top-order blocks it started as.
+    assert f"free={2**52} pages in {2**34} blocks" in pm.dump().splitlines()[0]
