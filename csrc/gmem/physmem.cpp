@@ -678,8 +678,10 @@ void PhysMem::fragment(double fraction)
     if (!(fraction >= 0.0 && fraction <= 1.0))
         throw invalid("fraction", "must be in [0, 1], got " + std::to_string(fraction));
     const uint64_t threshold = uint64_t(fraction * 9007199254740992.0); // * 2**53
-    // Each kept page costs its entry in kept_ and up to two free-list nodes (~100 bytes).
-    const double need = double(nr_free_) * fraction * 100.0;
+    // Each kept page costs its entry in kept_ and a few free-list nodes (~100 bytes), and
+    // each group it breaks a bitmap and its map node (~700 bytes).
+    const double kept = double(nr_free_) * fraction;
+    const double need = kept * 100.0 + std::min(kept, double(nr_free_ >> GROUP_ORDER) + 2) * 700.0;
     if (need > double(SMALL_REQUEST) && need > double(host_memory_available()))
         throw OutOfMemory("fragment: keeping " + std::to_string(fraction) + " of " +
                           std::to_string(nr_free_) + " free pages needs about " +

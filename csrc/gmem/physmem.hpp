@@ -167,9 +167,12 @@ struct PageGroup {
         sum[5] = (sum[5] & keep) | (w ? bit : 0);
         sum[6] = (sum[6] & keep) | (bits[j] == ~uint64_t(0) ? bit : 0);
         nr_blocks = -1;
-        return bits[j] == ~uint64_t(0) ? 6 : 5 - int32_t(((sum[5] & bit) == 0) + ((sum[4] & bit) == 0) +
-                                       ((sum[3] & bit) == 0) + ((sum[2] & bit) == 0) +
-                                       ((sum[1] & bit) == 0) + ((sum[0] & bit) == 0));
+        if (bits[j] == ~uint64_t(0))
+            return 6;
+        int32_t top = -1; // the summaries nest: sum[o + 1] is a subset of sum[o]
+        for (unsigned o = 0; o <= 5 && (sum[o] & bit); o++)
+            top = int32_t(o);
+        return top;
     }
     /// Offset of the lowest free block of order @o (< 12) in the group, or -1.
     int64_t find_first(unsigned o) const;
