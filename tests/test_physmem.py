@@ -239,7 +239,7 @@ def _rss() -> int:
 
 def test_scattered_pages_cost_a_bounded_bitmap_each() -> None:
     # A page taken in each of 20,000 far-apart 16 MiB groups of a 2**52-page PhysMem: each
-    # group gets its bitmap (568 bytes) and a few free-list nodes, never more.
+    # group gets its bitmap (576 bytes) and a few free-list nodes, never more.
     pm = gmem.PhysMem(2**52)
     before = _rss()
     pfns = [(g * 7919 % 2**30) << 20 | 3 for g in range(20000)]

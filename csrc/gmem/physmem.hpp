@@ -17,7 +17,7 @@
 //
 // Two tiers hold the free blocks.  Blocks of order >= GROUP_ORDER (12: 16 MiB) sit in one
 // ordered set per order (runs of blocks at MAX_ORDER, so a 2**52-page PhysMem is one
-// entry).  A 2**12-page group that is partly free has a page bitmap (PageGroup, 568
+// entry).  A 2**12-page group that is partly free has a page bitmap (PageGroup, 576
 // bytes), and its blocks of order < 12 are read off the bitmap; a group with no free page
 // has nothing at all.  So memory follows what is fragmented, not the size of the range,
 // and allocating or freeing a page is a few word operations on one bitmap.
