@@ -484,10 +484,15 @@ void GuestMemfd::release_range(uint64_t start, uint64_t end, bool with_orphans,
     if (start == 0 && end == nr_pages_) {
         FolioCache taken;
         cache_.move_all_to(taken);
-        // Teardown in bulk: the walk's own batches of 31 go straight to reclaim.
-        taken.walk_batches(0, nr_pages_, [&](const Folio *folios, const PfnRange *, unsigned n) {
-            reclaim(folios, n);
-        });
+        if (hugetlb()) // split pieces are put back together on the way
+            taken.for_each_clamped(0, nr_pages_, [&](const Folio &f, const PfnRange &) {
+                release(f);
+            });
+        else // in bulk: the walk's own batches of 31 go straight to reclaim
+            taken.walk_batches(0, nr_pages_,
+                               [&](const Folio *folios, const PfnRange *, unsigned n) {
+                                   reclaim(folios, n);
+                               });
     } else {
         std::vector<Folio> local;
         std::vector<Folio> &chunk = buffer ? *buffer : local;
@@ -563,19 +568,53 @@ void GuestMemfd::fallocate(uint64_t start, uint64_t end)
  * i rounded down to 2**folio_order and forward to i rounded up, so the holes are found
  * over that wider range; in a hole [a, b) the folio at i is the largest aligned block
  * around i inside it (a moves up as folios are placed), of the largest order PhysMem can
- * supply - alloc_folio()'s choice, without its cache searches.
+ * supply - alloc_folio()'s choice, without its cache searches.  Under "hugetlb" (huge
+ * pages only, split where shared) it goes index by index through alloc_folio().
  */
 void GuestMemfd::fill_holes(uint64_t start, uint64_t end,
                             std::vector<std::pair<uint64_t, uint64_t>> &got,
                             uint64_t &allocated)
 {
+    InterruptCheck interrupted;
+    if (hugetlb()) {
+        // Huge pages only, each split at once where a page of it is shared: index by index
+        // through alloc_folio(), which knows both rules.
+        for (uint64_t i = start; i < end;) {
+            Folio f;
+            if (cache_.lookup(i, &f)) {
+                i = f.end();
+                continue;
+            }
+            if (interrupted())
+                throw Interrupted("fallocate: interrupted at index " + std::to_string(i) +
+                                  "; nothing was allocated");
+            bool oom;
+            f = alloc_folio(i, &oom);
+            if (oom)
+                throw OutOfMemory("fallocate: physical memory ran out at index " +
+                                  std::to_string(i) + "; nothing was allocated");
+            allocated++;
+            if (!got.empty() && got.back().second == f.index) {
+                got.back().second = f.end();
+            } else {
+                try {
+                    got.push_back({f.index, f.end()});
+                } catch (...) {
+                    pm_->free(cache_.remove(f.index).pfn, f.order);
+                    allocated--;
+                    throw;
+                }
+            }
+            i = f.end();
+        }
+        return;
+    }
     const unsigned k = folio_order_;
     const uint64_t K = pages(k), lo = start & ~(K - 1);
     const uint64_t hi = std::min(nr_pages_, (end + K - 1) & ~(K - 1));
     constexpr size_t CHUNK = 1024;
     uint64_t pfns[CHUNK];
     bool full_size_left = true; // PhysMem only loses free blocks during the walk
-    InterruptCheck interrupted;
     auto record = [&](uint64_t index) { // before a folio at @index is added
         if (got.empty() || got.back().second != index)
             got.push_back({index, index});
