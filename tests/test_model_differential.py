@@ -156,3 +156,61 @@ def test_engine_and_reference_agree_step_by_step(sc: dict[str, Any]) -> None:
     engine.close()
     oracle.close()
     assert snapshot(engine) == snapshot(oracle)
+
+
+@st.composite
+def wide_fallocates(draw: st.DrawFn) -> dict[str, Any]:
+    """Files and PhysMems big enough for the engine's bulk fallocate to cross its bitmap
+    groups (4096 pages) and chunks (1024 folios), fragmented, partly populated, short."""
+    order = draw(st.sampled_from([0, 0, 1, 3, 9]))
+    nr_pages = draw(st.integers(1, 3 << 12))
+    before = st.tuples(
+        st.sampled_from(["get_pfn", "punch_hole", "add_folio"]), st.integers(0, nr_pages)
+    )
+    return {
+        "nr_pages": nr_pages,
+        "folio_order": order,
+        "physmem_pages": draw(st.sampled_from([nr_pages + 4096, nr_pages // 2 + 1, 3 << 12])),
+        "base_pfn": draw(st.sampled_from([0, 7, 4095, 1 << 18])),
+        "fragment": draw(st.sampled_from([0.0, 0.0, 0.002, 0.05])),
+        "before": draw(st.lists(before, max_size=12)),
+        "ranges": draw(
+            st.lists(
+                st.tuples(st.integers(0, nr_pages), st.integers(0, nr_pages + 1)),
+                min_size=1,
+                max_size=4,
+            )
+        ),
+    }
+
+
+@given(sc=wide_fallocates())
+def test_fallocate_agrees_with_the_reference_across_bitmap_groups(sc: dict[str, Any]) -> None:
+    files = []
+    for impl in (gmem, ref):
+        pm = impl.PhysMem(sc["physmem_pages"], base_pfn=sc["base_pfn"], seed=1)
+        pm.fragment(sc["fragment"])
+        files.append(
+            impl.GuestMemfd(
+                sc["nr_pages"] * P, folio_order=sc["folio_order"], physmem=pm, arch="sw_protected"
+            )
+        )
+    engine, oracle = files
+    for name, index in sc["before"]:
+        args: tuple[int, ...] = (index,)
+        if name == "punch_hole":
+            args = (index, index + 5)
+        elif name == "add_folio":
+            free = [int(p) for p, o in engine.physmem.free_blocks().tolist() if o == 0]
+            args = (index, 0, free[index % len(free)] if free else 0)
+        assert outcome(getattr(engine, name), *args) == outcome(getattr(oracle, name), *args)
+    for s, e in sc["ranges"]:
+        got, want = outcome(engine.fallocate, s, e), outcome(oracle.fallocate, s, e)
+        assert got == want, (s, e)
+        assert engine.folios().tolist() == oracle.folios().tolist(), (s, e)
+        assert engine.stats == oracle.stats
+        assert engine.physmem.nr_free == oracle.physmem.nr_free
+        assert engine.physmem.free_blocks().tolist() == oracle.physmem.free_blocks().tolist()
+    engine.close()
+    oracle.close()
+    assert engine.physmem.free_blocks().tolist() == oracle.physmem.free_blocks().tolist()

@@ -150,6 +150,47 @@ def test_differential_operation_sequences(ops, nr, base, seed) -> None:
         check_free_blocks(pm)
 
 
+# Big enough to cross the engine's 4096-page bitmap groups and reach its top tier (orders
+# 12 and up): pfns are drawn as block numbers, so most frees and takes are aligned.
+WIDE_OPS = st.one_of(
+    st.tuples(st.just("alloc"), st.integers(0, 15)),
+    st.tuples(st.just("free_allocated"), st.integers(0, 50)),
+    st.tuples(st.just("free"), st.integers(0, 2**15), st.integers(0, 14)),
+    st.tuples(st.just("take"), st.integers(0, 2**15), st.integers(0, 14)),
+    st.tuples(st.just("is_free"), st.integers(0, 2**15), st.integers(0, 14)),
+    st.tuples(st.just("fragment"), st.sampled_from([0.0, 0.001, 0.02])),
+)
+
+
+@given(
+    ops=st.lists(WIDE_OPS, max_size=30),
+    nr=st.integers(1, 3 << 13),
+    base=st.integers(0, 5000) | st.sampled_from([4095, 4096, 8192, 1 << 18]),
+    seed=st.integers(0, 3),
+)
+def test_differential_across_bitmap_groups(ops, nr, base, seed) -> None:
+    pm, oracle = (
+        gmem.PhysMem(nr, base_pfn=base, seed=seed),
+        ref.PhysMem(nr, base_pfn=base, seed=seed),
+    )
+    allocated: list[tuple[int, int]] = []
+    for name, *args in ops:
+        if name == "free_allocated":
+            if not allocated:
+                continue
+            name, args = "free", list(allocated.pop(args[0] % len(allocated)))
+        elif name in ("free", "take", "is_free"):
+            order = args[1]
+            args = [base - base % (1 << order) + (args[0] << order) % (nr + (1 << order)), order]
+        kind, result = both(pm, oracle, name, *args)
+        if kind == "ok" and name in ("alloc", "take"):
+            allocated.append((result, args[0]) if name == "alloc" else (args[0], args[1]))
+        assert np.array_equal(pm.free_blocks(), oracle.free_blocks())
+        assert pm.nr_free == oracle.nr_free
+        assert pm.dump().splitlines()[0] == oracle.dump().splitlines()[0]
+    check_free_blocks(pm)
+
+
 BAD = [
     ("alloc", (19,), ValueError, "order"),
     ("alloc", (-1,), ValueError, "order"),
@@ -189,3 +230,24 @@ def test_constructor_rejects_bad_sizes(impl) -> None:
         impl.PhysMem(2, base_pfn=-1)
     with pytest.raises(TypeError):
         impl.PhysMem(2, 0)  # base_pfn is keyword-only
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+
+
+def test_scattered_pages_cost_a_bounded_bitmap_each() -> None:
+    # A page taken in each of 20,000 far-apart 16 MiB groups of a 2**52-page PhysMem: each
+    # group gets its bitmap (576 bytes) and a few free-list nodes, never more.
+    pm = gmem.PhysMem(2**52)
+    before = _rss()
+    pfns = [(g * 7919 % 2**30) << 20 | 3 for g in range(20000)]
+    for p in pfns:
+        pm.take(p, 0)
+    grown = _rss() - before
+    assert grown < 20000 * 4096, f"{grown / 20000:.0f} bytes per scattered page"
+    for p in pfns:
+        pm.free(p, 0)
+    # Back to the one run of top-order blocks it started as.
+    assert f"free={2**52} pages in {2**34} blocks" in pm.dump().splitlines()[0]

@@ -61,6 +61,13 @@ public:
     /// Validate a new folio: order 0..18, index and pfn aligned, pfn < 2**52, no overlap.
     void check_new(uint64_t index, unsigned order, uint64_t pfn) const;
     void add(uint64_t index, unsigned order, uint64_t pfn, bool uptodate = false);
+    /// Add a folio its caller placed itself (valid, in a hole): no search for overlap, so
+    /// a front-to-back fill costs the tree's insert alone.
+    void add_unchecked(uint64_t index, unsigned order, uint64_t pfn)
+    {
+        tree_.insert(index, pack(pfn, order, false));
+        nr_pages_ += uint64_t(1) << order;
+    }
     /// Add many folios at once: sorted by index and disjoint (check_folio_layout), none
     /// overlapping a folio already here.  All are validated before the first is added.
     void add_many(const uint64_t *index, const uint64_t *order, const uint64_t *pfn, size_t n);
@@ -69,6 +76,13 @@ public:
     /// Remove the folio that starts at @index (which must exist) and return it.
     Folio remove(uint64_t index);
     void set_uptodate(uint64_t index, bool uptodate);
+    /// Remove the folios of [start, end), which tile it exactly: one erase, no search per
+    /// folio (fallocate's undo).
+    void remove_tiling(uint64_t start, uint64_t end)
+    {
+        tree_.erase_range(start, end);
+        nr_pages_ -= end - start;
+    }
     /// Remove @n folios that are consecutive in the cache (as folios() returned them).
     void remove_consecutive(const Folio *folios, size_t n);
     /// Move every folio into @into (which must be empty), leaving this cache empty: O(1).

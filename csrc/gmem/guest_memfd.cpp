@@ -490,13 +490,28 @@ void GuestMemfd::reclaim(const Folio *folios, size_t n)
                         "still holds"));
             orphans_[f.pfn] = f.order; // back to the PhysMem at its last unpin_pfn()
         }
+        // The rest go back to the PhysMem, checked by the arch first, each run of
+        // physically contiguous folios in one call.
+        uint64_t run = 0, nr = 0;
         for (size_t i = 0, k = 0; i < m; i++) {
             if (k < pinned.size() && pinned[k].first == i) {
                 k++;
                 continue;
             }
-            give_back(batch[i]);
+            const Folio &f = batch[i];
+            arch_->check_freed(*this, f.pfn, f.nr_pages(), violations_);
+            stats_.folios_freed++;
+            if (nr && f.pfn == run + nr) {
+                nr += f.nr_pages();
+                continue;
+            }
+            if (nr)
+                pm_->free_range_unchecked(run, nr);
+            run = f.pfn;
+            nr = f.nr_pages();
         }
+        if (nr)
+            pm_->free_range_unchecked(run, nr);
     }
 }
 
@@ -504,7 +519,7 @@ void GuestMemfd::reclaim(const Folio *folios, size_t n)
 void GuestMemfd::give_back(const Folio &f)
 {
     arch_->check_freed(*this, f.pfn, f.nr_pages(), violations_);
-    pm_->free(f.pfn, f.order);
+    pm_->free_unchecked(f.pfn, f.order); // the page cache held it: no double-free check
     stats_.folios_freed++;
 }
 
@@ -540,7 +555,15 @@ void GuestMemfd::release_range(uint64_t start, uint64_t end, bool with_orphans,
     if (start == 0 && end == nr_pages_) {
         FolioCache taken;
         cache_.move_all_to(taken);
-        taken.for_each_clamped(0, nr_pages_, [&](const Folio &f, const PfnRange &) { release(f); });
+        if (hugetlb()) // split pieces are put back together on the way
+            taken.for_each_clamped(0, nr_pages_, [&](const Folio &f, const PfnRange &) {
+                release(f);
+            });
+        else // in bulk: the walk's own batches of 31 go straight to reclaim
+            taken.walk_batches(0, nr_pages_,
+                               [&](const Folio *folios, const PfnRange *, unsigned n) {
+                                   reclaim(folios, n);
+                               });
     } else {
         std::vector<Folio> local;
         std::vector<Folio> &chunk = buffer ? *buffer : local;
@@ -561,6 +584,15 @@ void GuestMemfd::release_range(uint64_t start, uint64_t end, bool with_orphans,
     }
 }
 
+/*
+ * fallocate - every hole of [start, end) gets the folios alloc_folio() would give it one
+ * index at a time, in one walk: the cache is read a batch of folios at a time to find the
+ * holes, a hole's run of full-size folios comes from PhysMem::alloc_many() (the same
+ * blocks, lowest address first) and is appended to the page cache with no overlap search
+ * per folio; only the edges of a hole, where alignment forces smaller folios, and a
+ * PhysMem out of full-size blocks go one folio at a time.  All or nothing: OutOfMemory,
+ * Interrupted or a host allocation failure gives back everything this call allocated.
+ */
 void GuestMemfd::fallocate(uint64_t start, uint64_t end)
 {
     check_open();
@@ -582,18 +614,43 @@ void GuestMemfd::fallocate(uint64_t start, uint64_t end)
     auto give_back = [&] {
         // The buddy allocator's free state depends only on which pages are free, so
         // freeing in any order restores it exactly.
-        Folio chunk[FOLIO_BATCH_SIZE];
-        for (const auto &run : got)
-            for (size_t n; (n = cache_.folios(run.first, run.second, chunk, FOLIO_BATCH_SIZE));) {
-                cache_.remove_consecutive(chunk, n);
-                for (size_t k = 0; k < n; k++)
-                    pm_->free(chunk[k].pfn, chunk[k].order);
-            }
+        // Each run is tiled by this call's folios: one walk to free, one erase.
+        for (const auto &run : got) {
+            if (run.first >= run.second)
+                continue;
+            cache_.for_each_clamped(run.first, run.second, [&](const Folio &f, const PfnRange &) {
+                pm_->free_unchecked(f.pfn, f.order);
+            });
+            cache_.remove_tiling(run.first, run.second);
+        }
         stats_.folios_allocated -= allocated;
         stats_.folio_splits = splits; // new huge folios split for shared pages: gone again
     };
-    InterruptCheck interrupted;
     try {
+        fill_holes(start, end, got, allocated);
+    } catch (...) {
+        give_back();
+        throw;
+    }
+    touch(start, end);
+}
+
+/*
+ * fill_holes - fallocate's walk.  A folio for an index i >= start reaches back at most to
+ * i rounded down to 2**folio_order and forward to i rounded up, so the holes are found
+ * over that wider range; in a hole [a, b) the folio at i is the largest aligned block
+ * around i inside it (a moves up as folios are placed), of the largest order PhysMem can
+ * supply - alloc_folio()'s choice, without its cache searches.  Under "hugetlb" (huge
+ * pages only, split where shared) it goes index by index through alloc_folio().
+ */
+void GuestMemfd::fill_holes(uint64_t start, uint64_t end,
+                            std::vector<std::pair<uint64_t, uint64_t>> &got,
+                            uint64_t &allocated)
+{
+    InterruptCheck interrupted;
+    if (hugetlb()) {
+        // Huge pages only, each split at once where a page of it is shared: index by index
+        // through alloc_folio(), which knows both rules.
         for (uint64_t i = start; i < end;) {
             Folio f;
             if (cache_.lookup(i, &f)) {
@@ -622,11 +679,84 @@ void GuestMemfd::fallocate(uint64_t start, uint64_t end)
             }
             i = f.end();
         }
-    } catch (...) {
-        give_back();
-        throw;
+        return;
     }
-    touch(start, end);
+    const unsigned k = folio_order_;
+    const uint64_t K = pages(k), lo = start & ~(K - 1);
+    const uint64_t hi = std::min(nr_pages_, (end + K - 1) & ~(K - 1));
+    constexpr size_t CHUNK = 1024;
+    uint64_t pfns[CHUNK];
+    bool full_size_left = true; // PhysMem only loses free blocks during the walk
+    auto record = [&](uint64_t index) { // before a folio at @index is added
+        if (got.empty() || got.back().second != index)
+            got.push_back({index, index});
+    };
+    auto add = [&](uint64_t index, unsigned order, uint64_t pfn) { // cannot fail after
+        cache_.add_unchecked(index, order, pfn);
+        got.back().second = index + pages(order);
+        allocated++;
+        stats_.folios_allocated++;
+    };
+    auto fill = [&](uint64_t a, uint64_t b) {
+        for (uint64_t i = std::max(a, start); i < std::min(b, end);) {
+            if (interrupted())
+                throw Interrupted("fallocate: interrupted at index " + std::to_string(i) +
+                                  "; nothing was allocated");
+            unsigned o = k;
+            uint64_t blk = i & ~(K - 1);
+            while (o && (blk < a || blk + pages(o) > b))
+                blk = i & ~(pages(--o) - 1);
+            if (o == k && full_size_left) {
+                uint64_t count = std::min({(b - blk) >> k, (end - blk + K - 1) >> k,
+                                           uint64_t(CHUNK)});
+                record(blk);
+                size_t n = pm_->alloc_many(k, count, pfns);
+                for (size_t j = 0; j < n; j++) {
+                    try {
+                        add(blk + (j << k), k, pfns[j]);
+                    } catch (...) {
+                        for (; j < n; j++) // host memory ran out: these go back
+                            pm_->free_unchecked(pfns[j], k);
+                        throw;
+                    }
+                }
+                full_size_left = n == count;
+                if (n)
+                    i = a = blk + (n << k);
+                continue;
+            }
+            uint64_t pfn;
+            for (;; blk = i & ~(pages(--o) - 1)) {
+                if (pm_->try_alloc(o, &pfn))
+                    break;
+                if (o == 0)
+                    throw OutOfMemory("fallocate: physical memory ran out at index " +
+                                      std::to_string(i) + "; nothing was allocated");
+            }
+            try {
+                record(blk);
+                add(blk, o, pfn);
+            } catch (...) {
+                pm_->free_unchecked(pfn, o);
+                throw;
+            }
+            i = a = blk + pages(o);
+        }
+    };
+    Folio seen[64];
+    for (uint64_t cur = lo;;) {
+        size_t n = cache_.folios(cur, hi, seen, 64);
+        for (size_t s = 0; s < n; s++) {
+            if (seen[s].index > cur)
+                fill(cur, seen[s].index);
+            cur = std::max(cur, seen[s].end());
+        }
+        if (n < 64) {
+            if (cur < hi)
+                fill(cur, hi);
+            return;
+        }
+    }
 }
 
 void GuestMemfd::add_folio(uint64_t index, unsigned order, uint64_t pfn)

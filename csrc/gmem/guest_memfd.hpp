@@ -233,6 +233,8 @@ private:
     };
 
     Folio alloc_folio(uint64_t index, bool *oom);
+    void fill_holes(uint64_t start, uint64_t end,
+                    std::vector<std::pair<uint64_t, uint64_t>> &got, uint64_t &allocated);
     Folio fault_in(uint64_t index);
     Folio &fault_in(uint64_t index, FaultMemo &m);
     Folio &refill(uint64_t index, FaultMemo &m);

@@ -3,6 +3,7 @@
 #include "physmem.hpp"
 
 #include <algorithm>
+#include <cstring>
 #include <sstream>
 
 #include "errors.hpp"
@@ -108,6 +109,85 @@ uint64_t FreeList::erase_range(uint64_t lo, uint64_t hi)
     return n;
 }
 
+/* ---- PageGroup: the bitmap of one partly free 2**12-page group ---- */
+
+static inline uint64_t word_mask(unsigned a, unsigned b) // bits [a, b) of a word, a < b <= 64
+{
+    return (b - a == 64 ? ~uint64_t(0) : ((uint64_t(1) << (b - a)) - 1)) << a;
+}
+
+int64_t PageGroup::find_first(unsigned o) const
+{
+    if (o <= 6) {
+        if (!sum[o])
+            return -1;
+        unsigned j = unsigned(__builtin_ctzll(sum[o]));
+        return int64_t(j << 6) + __builtin_ctzll(fold(bits[j], o));
+    }
+    uint64_t m = fold(sum[6], o - 6);
+    return m ? int64_t(__builtin_ctzll(m)) << 6 : -1;
+}
+
+int32_t PageGroup::compute_max_order()
+{
+    int32_t m = -1;
+    if (uint64_t w = sum[6]) {
+        for (m = 6; m < 12 && w; m++) // order 6 + k: k + 1 folds of the all-free words
+            w &= (w >> (1u << (m - 6))) & M[m - 6];
+        m = w ? 12 : m - 1; // 12: the whole group is free
+    } else {
+        while (m < 5 && sum[m + 1])
+            m++;
+    }
+    return max_order = m;
+}
+
+void PageGroup::set_range(unsigned lo, unsigned hi, bool free)
+{
+    for (unsigned j = lo >> 6; j << 6 < hi; j++) {
+        unsigned a = std::max(lo, j << 6) - (j << 6), b = std::min(hi, (j + 1) << 6) - (j << 6);
+        uint64_t m = word_mask(a, b);
+        bits[j] = free ? bits[j] | m : bits[j] & ~m;
+        update_word(j);
+    }
+}
+
+bool PageGroup::all_free(unsigned lo, unsigned hi) const
+{
+    for (unsigned j = lo >> 6; j << 6 < hi; j++) {
+        unsigned a = std::max(lo, j << 6) - (j << 6), b = std::min(hi, (j + 1) << 6) - (j << 6);
+        uint64_t m = word_mask(a, b);
+        if ((bits[j] & m) != m)
+            return false;
+    }
+    return true;
+}
+
+bool PageGroup::any_free(unsigned lo, unsigned hi) const
+{
+    for (unsigned j = lo >> 6; j << 6 < hi; j++) {
+        unsigned a = std::max(lo, j << 6) - (j << 6), b = std::min(hi, (j + 1) << 6) - (j << 6);
+        if (bits[j] & word_mask(a, b))
+            return true;
+    }
+    return false;
+}
+
+uint64_t PageGroup::count_blocks() const
+{
+    if (nr_blocks < 0) {
+        int32_t n = 0;
+        for_each_block([&](unsigned, unsigned) {
+            n++;
+            return true;
+        });
+        nr_blocks = n;
+    }
+    return uint64_t(nr_blocks);
+}
+
+/* ---- PhysMem: FreeLists for orders >= 12, PageGroups below ---- */
+
 PhysMem::PhysMem(uint64_t nr_pages, uint64_t base_pfn, uint64_t seed)
     : base_(base_pfn), nr_pages_(checked_size(nr_pages, base_pfn)), seed_(seed), rng_{seed},
       tokens_(nr_pages), rmp_(nr_pages), owner_(nr_pages), user_(nr_pages)
@@ -115,6 +195,78 @@ PhysMem::PhysMem(uint64_t nr_pages, uint64_t base_pfn, uint64_t seed)
     for (unsigned o = 0; o <= MAX_ORDER; o++)
         free_[o] = FreeList(pages(o), o == MAX_ORDER);
     add_free_range(base_, base_ + nr_pages_);
+}
+
+PageGroup *PhysMem::group(uint64_t gid)
+{
+    if (gid == last_gid_)
+        return last_;
+    auto it = groups_.find(gid);
+    if (it == groups_.end())
+        return nullptr;
+    last_gid_ = gid;
+    return last_ = &it->second;
+}
+
+const PageGroup *PhysMem::group(uint64_t gid) const
+{
+    auto it = groups_.find(gid);
+    return it == groups_.end() ? nullptr : &it->second;
+}
+
+/* A group with no free page yet (not in by_max_ until group_changed() says so). */
+PageGroup &PhysMem::new_group(uint64_t gid)
+{
+    PageGroup &g = groups_.emplace(gid, PageGroup{}).first->second;
+    std::memset(g.bits, 0, sizeof(g.bits));
+    std::memset(g.sum, 0, sizeof(g.sum));
+    g.max_order = -1;
+    g.nr_blocks = -1;
+    last_gid_ = gid;
+    return *(last_ = &g);
+}
+
+/*
+ * The bits of group @gid changed: file it under its new largest free order.  A group with
+ * no free page goes away; one that is all free becomes an order-12 block, coalesced.
+ */
+void PhysMem::group_changed(uint64_t gid, PageGroup &g)
+{
+    int32_t old = g.max_order, m = g.compute_max_order();
+    bool keep = m >= 0 && m < int32_t(GROUP_ORDER);
+    if (m != old) {
+        if (keep) {
+            by_max_[unsigned(m)].insert(gid);
+            by_max_used_ |= 1u << m;
+        }
+        if (old >= 0 && old < int32_t(GROUP_ORDER) && by_max_[unsigned(old)].erase(gid) &&
+            by_max_[unsigned(old)].empty())
+            by_max_used_ &= ~(1u << old);
+    }
+    if (keep)
+        return;
+    groups_.erase(gid);
+    if (gid == last_gid_) {
+        last_gid_ = UINT64_MAX;
+        last_ = nullptr;
+    }
+    if (m == int32_t(GROUP_ORDER))
+        free_top(gid << GROUP_ORDER, GROUP_ORDER);
+}
+
+/* Pages [start, end) become free or held, group by group (the top tier is not touched). */
+void PhysMem::set_free(uint64_t start, uint64_t end, bool free)
+{
+    while (start < end) {
+        uint64_t gid = start >> GROUP_ORDER, gend = std::min(end, (gid + 1) << GROUP_ORDER);
+        PageGroup *g = group(gid);
+        if (!g)
+            g = &new_group(gid);
+        g->set_range(unsigned(start & (GROUP_PAGES - 1)),
+                     unsigned(gend - (gid << GROUP_ORDER)), free);
+        group_changed(gid, *g);
+        start = gend;
+    }
 }
 
 /* Tile [start, end) with the largest naturally aligned blocks, lowest address first; the
@@ -127,7 +279,10 @@ void PhysMem::add_free_range(uint64_t start, uint64_t end)
                start + pages(order + 1) <= end)
             order++;
         uint64_t n = order == MAX_ORDER ? (end - start) >> MAX_ORDER : 1;
-        free_[order].insert(start, n);
+        if (order >= GROUP_ORDER)
+            free_[order].insert(start, n);
+        else
+            set_free(start, start + pages(order), true);
         nr_free_ += n << order;
         start += n << order;
     }
@@ -160,26 +315,147 @@ void PhysMem::check_block(uint64_t pfn, unsigned order) const
                                    std::to_string(end_pfn()) + ")");
 }
 
+/* The lowest free block of @order or larger: a group's (*is_group) or a top-tier one. */
+bool PhysMem::lowest_block(unsigned order, uint64_t *pfn, unsigned *bo, bool *is_group) const
+{
+    uint64_t best = UINT64_MAX;
+    for (unsigned used = order < GROUP_ORDER ? by_max_used_ >> order << order : 0; used;
+         used &= used - 1) {
+        unsigned m = unsigned(__builtin_ctz(used));
+        if ((*by_max_[m].begin() << GROUP_ORDER) < best) {
+            best = *by_max_[m].begin() << GROUP_ORDER;
+            *bo = m;
+            *is_group = true;
+        }
+    }
+    for (unsigned o = std::max(order, GROUP_ORDER); o <= MAX_ORDER; o++) {
+        if (!free_[o].empty() && free_[o].first() < best) {
+            best = free_[o].first();
+            *bo = o;
+            *is_group = false;
+        }
+    }
+    *pfn = best;
+    return best != UINT64_MAX;
+}
+
+/*
+ * Take [pfn, pfn + 2**order) out of the top-tier block [b, b + 2**bo): the halves that do
+ * not hold it go back one order at a time; below order 12 its group gets a bitmap.
+ */
+void PhysMem::split_top(uint64_t b, unsigned bo, uint64_t pfn, unsigned order)
+{
+    free_[bo].erase(b);
+    for (unsigned o = bo; o > std::max(order, GROUP_ORDER); o--) {
+        uint64_t half = pages(o - 1);
+        if (pfn >= b + half) {
+            free_[o - 1].insert(b);
+            b += half;
+        } else {
+            free_[o - 1].insert(b + half);
+        }
+    }
+    if (order >= GROUP_ORDER)
+        return;
+    uint64_t gid = b >> GROUP_ORDER;
+    PageGroup &g = new_group(gid);
+    std::memset(g.bits, 0xff, sizeof(g.bits));
+    std::memset(g.sum, 0xff, sizeof(g.sum));
+    g.set_range(unsigned(pfn - b), unsigned(pfn - b + pages(order)), false);
+    group_changed(gid, g);
+}
+
+/* Free a top-tier block, coalescing with its buddy while the buddy is free. */
+void PhysMem::free_top(uint64_t pfn, unsigned order)
+{
+    while (order < MAX_ORDER) {
+        uint64_t buddy = pfn ^ pages(order);
+        if (!free_[order].contains(buddy))
+            break;
+        free_[order].erase(buddy);
+        pfn &= ~pages(order);
+        order++;
+    }
+    free_[order].insert(pfn);
+}
+
 bool PhysMem::try_alloc(unsigned order, uint64_t *pfn)
 {
     check_order(order);
-    unsigned best = MAX_ORDER + 1;
-    uint64_t best_pfn = 0;
-    for (unsigned o = order; o <= MAX_ORDER; o++) {
-        if (!free_[o].empty() && (best > MAX_ORDER || free_[o].first() < best_pfn)) {
-            best = o;
-            best_pfn = free_[o].first();
+    uint64_t best;
+    unsigned bo;
+    bool is_group;
+    if (!lowest_block(order, &best, &bo, &is_group))
+        return false;
+    if (is_group) {
+        uint64_t gid = best >> GROUP_ORDER;
+        PageGroup &g = *group(gid);
+        unsigned off = unsigned(g.find_first(order));
+        if (order <= 6) {
+            g.bits[off >> 6] &= ~word_mask(off & 63, (off & 63) + unsigned(pages(order)));
+            g.update_word(off >> 6);
+        } else {
+            g.set_range(off, off + unsigned(pages(order)), false);
+        }
+        group_changed(gid, g);
+        best += off;
+    } else {
+        split_top(best, bo, best, order);
+    }
+    nr_free_ -= pages(order);
+    *pfn = best;
+    return true;
+}
+
+/*
+ * alloc_many - n calls of try_alloc(order) at once.  The lowest free block of the order
+ * is the lowest set bit of a bitmap or the start of a top-tier block, and handing it out
+ * touches nothing below it, so the next one is the next bit, or the next piece of the
+ * same block: each source is drained in one pass.
+ */
+size_t PhysMem::alloc_many(unsigned order, size_t n, uint64_t *out)
+{
+    check_order(order);
+    size_t got = 0;
+    uint64_t best;
+    unsigned bo;
+    bool is_group;
+    while (got < n && lowest_block(order, &best, &bo, &is_group)) {
+        if (is_group) {
+            uint64_t gid = best >> GROUP_ORDER;
+            PageGroup &g = *group(gid);
+            size_t before = got;
+            if (order <= 6) {
+                const uint64_t one = order == 6 ? ~uint64_t(0) : (uint64_t(1) << pages(order)) - 1;
+                while (got < n && g.sum[order]) {
+                    unsigned j = unsigned(__builtin_ctzll(g.sum[order]));
+                    uint64_t f = PageGroup::fold(g.bits[j], order), taken = 0;
+                    for (; f && got < n; f &= f - 1) {
+                        unsigned b = unsigned(__builtin_ctzll(f));
+                        out[got++] = best + (uint64_t(j) << 6) + b;
+                        taken |= one << b;
+                    }
+                    g.bits[j] &= ~taken;
+                    g.update_word(j);
+                }
+            } else {
+                for (int64_t off; got < n && (off = g.find_first(order)) >= 0;) {
+                    g.set_range(unsigned(off), unsigned(off) + unsigned(pages(order)), false);
+                    out[got++] = best + uint64_t(off);
+                }
+            }
+            nr_free_ -= (got - before) << order;
+            group_changed(gid, g);
+        } else {
+            uint64_t m = std::min<uint64_t>(n - got, pages(bo - order));
+            free_[bo].erase(best);
+            nr_free_ -= pages(bo);
+            for (uint64_t i = 0; i < m; i++)
+                out[got++] = best + (i << order);
+            add_free_range(best + (m << order), best + pages(bo)); // the rest, re-tiled
         }
     }
-    if (best > MAX_ORDER)
-        return false;
-    free_[best].erase(best_pfn);
-    // Hand out the lowest 2**order pages; the upper halves go back one order at a time.
-    for (unsigned o = best; o > order; o--)
-        free_[o - 1].insert(best_pfn + pages(o - 1));
-    nr_free_ -= pages(order);
-    *pfn = best_pfn;
-    return true;
+    return got;
 }
 
 uint64_t PhysMem::alloc(unsigned order)
@@ -192,11 +468,11 @@ uint64_t PhysMem::alloc(unsigned order)
     return pfn;
 }
 
-/* The free block that contains all of [pfn, pfn + 2**order), if there is one. */
+/* The top-tier free block that contains all of [pfn, pfn + 2**order), if there is one. */
 bool PhysMem::find_free_container(uint64_t pfn, unsigned order, uint64_t *block,
                                   unsigned *block_order) const
 {
-    for (unsigned o = order; o <= MAX_ORDER; o++) {
+    for (unsigned o = std::max(order, GROUP_ORDER); o <= MAX_ORDER; o++) {
         uint64_t b = pfn & ~(pages(o) - 1);
         if (free_[o].contains(b)) {
             *block = b;
@@ -211,27 +487,28 @@ bool PhysMem::is_free(uint64_t pfn, unsigned order) const
 {
     uint64_t b;
     unsigned bo;
+    if (order < GROUP_ORDER) {
+        if (const PageGroup *g = group(pfn >> GROUP_ORDER)) {
+            unsigned off = unsigned(pfn & (GROUP_PAGES - 1));
+            return g->all_free(off, off + unsigned(pages(order)));
+        }
+    }
     return find_free_container(pfn, order, &b, &bo);
 }
 
 void PhysMem::take(uint64_t pfn, unsigned order)
 {
     check_block(pfn, order);
-    uint64_t b;
-    unsigned bo;
-    if (!find_free_container(pfn, order, &b, &bo))
+    if (!is_free(pfn, order))
         throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " +
                                  std::to_string(pfn + pages(order)) + ") are not all free");
-    free_[bo].erase(b);
-    // Split down towards pfn, freeing the half that does not hold it at each level.
-    for (unsigned o = bo; o > order; o--) {
-        uint64_t half = pages(o - 1);
-        if (pfn >= b + half) {
-            free_[o - 1].insert(b);
-            b += half;
-        } else {
-            free_[o - 1].insert(b + half);
-        }
+    uint64_t b;
+    unsigned bo;
+    if (order < GROUP_ORDER && group(pfn >> GROUP_ORDER)) {
+        set_free(pfn, pfn + pages(order), false);
+    } else {
+        find_free_container(pfn, order, &b, &bo);
+        split_top(b, bo, pfn, order);
     }
     nr_free_ -= pages(order);
 }
@@ -240,16 +517,43 @@ void PhysMem::free(uint64_t pfn, unsigned order)
 {
     check_block(pfn, order);
     check_not_free(pfn, order);
+    free_unchecked(pfn, order);
+}
+
+void PhysMem::free_unchecked(uint64_t pfn, unsigned order)
+{
     nr_free_ += pages(order);
-    while (order < MAX_ORDER) {
-        uint64_t buddy = pfn ^ pages(order);
-        if (!free_[order].contains(buddy))
-            break;
-        free_[order].erase(buddy);
-        pfn &= ~pages(order);
-        order++;
+    if (order >= GROUP_ORDER) {
+        free_top(pfn, order);
+        return;
     }
-    free_[order].insert(pfn);
+    uint64_t gid = pfn >> GROUP_ORDER;
+    PageGroup *g = group(gid);
+    if (!g)
+        g = &new_group(gid); // a group with no free page had no bitmap
+    unsigned off = unsigned(pfn & (GROUP_PAGES - 1));
+    if (order <= 6) {
+        g->bits[off >> 6] |= word_mask(off & 63, (off & 63) + unsigned(pages(order)));
+        // Freeing only adds free blocks: below order 6 (a word that is not all free) the
+        // group's largest order changes only if the word now holds a larger one.
+        int32_t in_word = g->update_word(off >> 6);
+        if (in_word < 6 && in_word <= g->max_order)
+            return;
+    } else {
+        g->set_range(off, off + unsigned(pages(order)), true);
+    }
+    group_changed(gid, *g);
+}
+
+void PhysMem::free_range_unchecked(uint64_t pfn, uint64_t nr)
+{
+    while (nr) {
+        unsigned o = pfn ? unsigned(__builtin_ctzll(pfn)) : MAX_ORDER;
+        o = std::min({o, MAX_ORDER, unsigned(63 - __builtin_clzll(nr))});
+        free_unchecked(pfn, o);
+        pfn += pages(o);
+        nr -= pages(o);
+    }
 }
 
 /* No part of the block may be free: a larger free block around it, or a smaller one in it. */
@@ -257,9 +561,20 @@ void PhysMem::check_not_free(uint64_t pfn, unsigned order) const
 {
     uint64_t end = pfn + pages(order), b;
     unsigned bo;
-    bool overlap = find_free_container(pfn, order, &b, &bo);
-    for (unsigned o = 0; o < order && !overlap; o++)
-        overlap = free_[o].at_or_after(pfn) < end;
+    const PageGroup *g = order < GROUP_ORDER ? group(pfn >> GROUP_ORDER) : nullptr;
+    bool overlap;
+    if (g) {
+        unsigned off = unsigned(pfn & (GROUP_PAGES - 1));
+        overlap = g->any_free(off, off + unsigned(pages(order)));
+    } else {
+        overlap = find_free_container(pfn, order, &b, &bo);
+    }
+    if (order >= GROUP_ORDER) {
+        for (unsigned o = GROUP_ORDER; o < order && !overlap; o++)
+            overlap = free_[o].at_or_after(pfn) < end;
+        auto g = groups_.lower_bound(pfn >> GROUP_ORDER); // a partly free group in it?
+        overlap = overlap || (g != groups_.end() && g->first < end >> GROUP_ORDER);
+    }
     if (overlap)
         throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " + std::to_string(end) +
                                  ") are already free (double free)");
@@ -318,8 +633,31 @@ std::vector<FreeBlock> PhysMem::free_blocks(size_t limit) const
 uint64_t PhysMem::nr_free_blocks() const
 {
     uint64_t n = 0;
-    for (const auto &s : free_)
-        n += s.size();
+    for (unsigned o = GROUP_ORDER; o <= MAX_ORDER; o++)
+        n += free_[o].size();
+    for (const auto &g : groups_)
+        n += g.second.count_blocks();
+    return n;
+}
+
+/* Take every free page of [lo, hi) out of the free lists and bitmaps; returns how many. */
+uint64_t PhysMem::clear_free(uint64_t lo, uint64_t hi)
+{
+    uint64_t n = 0;
+    for (unsigned o = GROUP_ORDER; o <= MAX_ORDER; o++)
+        n += pages(o) * free_[o].erase_range(lo, hi);
+    for (auto it = groups_.lower_bound(lo >> GROUP_ORDER);
+         it != groups_.end() && it->first << GROUP_ORDER < hi;) {
+        uint64_t gid = it->first, base = gid << GROUP_ORDER;
+        PageGroup &g = it->second;
+        ++it; // group_changed() may erase the group
+        unsigned a = unsigned(std::max(lo, base) - base);
+        unsigned b = unsigned(std::min(hi, base + GROUP_PAGES) - base);
+        for (unsigned p = a; p < b; p++)
+            n += (g.bits[p >> 6] >> (p & 63)) & 1;
+        g.set_range(a, b, false);
+        group_changed(gid, g);
+    }
     return n;
 }
 
@@ -340,8 +678,10 @@ void PhysMem::fragment(double fraction)
     if (!(fraction >= 0.0 && fraction <= 1.0))
         throw invalid("fraction", "must be in [0, 1], got " + std::to_string(fraction));
     const uint64_t threshold = uint64_t(fraction * 9007199254740992.0); // * 2**53
-    // Each kept page costs its entry in kept_ and up to two free-list nodes (~100 bytes).
-    const double need = double(nr_free_) * fraction * 100.0;
+    // Each kept page costs its entry in kept_ and a few free-list nodes (~100 bytes), and
+    // each group it breaks a bitmap and its map node (~700 bytes).
+    const double kept = double(nr_free_) * fraction;
+    const double need = kept * 100.0 + std::min(kept, double(nr_free_ >> GROUP_ORDER) + 2) * 700.0;
     if (need > double(SMALL_REQUEST) && need > double(host_memory_available()))
         throw OutOfMemory("fragment: keeping " + std::to_string(fraction) + " of " +
                           std::to_string(nr_free_) + " free pages needs about " +
@@ -368,7 +708,10 @@ void PhysMem::fragment(double fraction)
     try {
         for (; done < hit.size(); done++) {
             const FreeBlock &fb = hit[done].first;
-            free_[fb.order].erase(fb.pfn);
+            if (fb.order >= GROUP_ORDER)
+                free_[fb.order].erase(fb.pfn);
+            else
+                set_free(fb.pfn, fb.pfn + pages(fb.order), false);
             nr_free_ -= pages(fb.order);
             uint64_t from = fb.pfn;
             for (size_t k = next; k < next + hit[done].second; k++) {
@@ -386,10 +729,8 @@ void PhysMem::fragment(double fraction)
             free(taken[k], 0);
         if (done < hit.size()) {
             const FreeBlock &fb = hit[done].first;
-            for (unsigned o = 0; o <= MAX_ORDER; o++)
-                nr_free_ -= pages(o) * free_[o].erase_range(fb.pfn, fb.pfn + pages(fb.order));
-            free_[fb.order].insert(fb.pfn);
-            nr_free_ += pages(fb.order);
+            nr_free_ -= clear_free(fb.pfn, fb.pfn + pages(fb.order));
+            add_free_range(fb.pfn, fb.pfn + pages(fb.order));
         }
         throw;
     }

@@ -4,15 +4,23 @@
 // DOC: PhysMem
 //
 // PFNs [base_pfn, base_pfn + nr_pages) start out free as the largest naturally aligned
-// blocks (order <= MAX_ORDER) that tile the range.  Free blocks sit in one ordered set per
-// order.  alloc(order) is lowest-address first fit: of all free blocks of that order or
-// larger, the one at the lowest address; it is split and its lowest part handed out, so a
-// run is reproducible from the seed and the call sequence alone.  free() coalesces with
-// the buddy while the buddy is free.
+// blocks (order <= MAX_ORDER) that tile the range.  The free blocks are always the
+// canonical buddy decomposition of the free pages: every maximal naturally aligned run of
+// free pages of order <= MAX_ORDER.  alloc(order) is lowest-address first fit: of all free
+// blocks of that order or larger, the one at the lowest address; it is split and its
+// lowest part handed out, so a run is reproducible from the seed and the call sequence
+// alone.  free() coalesces with the buddy while the buddy is free.
 //
 //     order 2: [ 8 .. 12 )            alloc(0) from an empty range of 16:
 //     order 1: [ 2 .. 4 )               hands out 0, leaves 1@0, 2@1, 4@2, 8@3 free
 //     order 0: [ 1 ]
+//
+// Two tiers hold the free blocks.  Blocks of order >= GROUP_ORDER (12: 16 MiB) sit in one
+// ordered set per order (runs of blocks at MAX_ORDER, so a 2**52-page PhysMem is one
+// entry).  A 2**12-page group that is partly free has a page bitmap (PageGroup, 576
+// bytes), and its blocks of order < 12 are read off the bitmap; a group with no free page
+// has nothing at all.  So memory follows what is fragmented, not the size of the range,
+// and allocating or freeing a page is a few word operations on one bitmap.
 //
 // Each PFN also holds a 64-bit content token (0 = zeroed) and the per-PFN state of the
 // architecture models (SNP's RMP, pKVM's page ownership), each kept as a run map over the
@@ -114,6 +122,93 @@ private:
     std::map<uint64_t, uint64_t>::const_iterator run_of(uint64_t pfn) const;
 };
 
+/// Blocks below this order live in per-group page bitmaps (PageGroup), the rest in FreeLists.
+constexpr unsigned GROUP_ORDER = 12;
+constexpr uint64_t GROUP_PAGES = uint64_t(1) << GROUP_ORDER;
+
+/*
+ * PageGroup - the free pages of one naturally aligned 2**12-page group that is partly
+ * free: one bit per page (1 = free) and, for each order o <= 6, a summary word whose bit j
+ * says that word j holds a free naturally aligned block of order o (sum[6]: word j is all
+ * free).  Orders 7..11 are read off sum[6].  A block of order o is free exactly when its
+ * bits are, so the lowest free block of order o is two count-trailing-zeros away.
+ */
+struct PageGroup {
+    uint64_t bits[64];
+    uint64_t sum[7];
+    mutable int32_t nr_blocks = -1; // canonical free blocks, -1: not counted since a change
+    int32_t max_order = -1;         // largest order with a free block; 12: all free
+
+    static constexpr uint64_t M[6] = {0x5555555555555555ULL, 0x1111111111111111ULL,
+                                      0x0101010101010101ULL, 0x0001000100010001ULL,
+                                      0x0000000100000001ULL, 0x0000000000000001ULL};
+    /// The bits of @w that start a free naturally aligned block of order @o (o <= 6).
+    static uint64_t fold(uint64_t w, unsigned o)
+    {
+        for (unsigned k = 0; k < o; k++)
+            w &= (w >> (1u << k)) & M[k];
+        return w;
+    }
+    /// Recompute the summaries of word @j after its bits changed; returns the largest
+    /// order of a free block inside the word (-1: none).
+    int32_t update_word(unsigned j)
+    {
+        uint64_t w = bits[j], bit = uint64_t(1) << j, keep = ~bit;
+        sum[0] = (sum[0] & keep) | (w ? bit : 0);
+        w &= (w >> 1) & M[0];
+        sum[1] = (sum[1] & keep) | (w ? bit : 0);
+        w &= (w >> 2) & M[1];
+        sum[2] = (sum[2] & keep) | (w ? bit : 0);
+        w &= (w >> 4) & M[2];
+        sum[3] = (sum[3] & keep) | (w ? bit : 0);
+        w &= (w >> 8) & M[3];
+        sum[4] = (sum[4] & keep) | (w ? bit : 0);
+        w &= (w >> 16) & M[4];
+        sum[5] = (sum[5] & keep) | (w ? bit : 0);
+        sum[6] = (sum[6] & keep) | (bits[j] == ~uint64_t(0) ? bit : 0);
+        nr_blocks = -1;
+        if (bits[j] == ~uint64_t(0))
+            return 6;
+        int32_t top = -1; // the summaries nest: sum[o + 1] is a subset of sum[o]
+        for (unsigned o = 0; o <= 5 && (sum[o] & bit); o++)
+            top = int32_t(o);
+        return top;
+    }
+    /// Offset of the lowest free block of order @o (< 12) in the group, or -1.
+    int64_t find_first(unsigned o) const;
+    /// Recompute max_order; returns it.
+    int32_t compute_max_order();
+    /// Set (free) or clear (allocate) the bits of pages [lo, hi) of the group.
+    void set_range(unsigned lo, unsigned hi, bool free);
+    /// Are all pages [lo, hi) free / none of them?
+    bool all_free(unsigned lo, unsigned hi) const;
+    bool any_free(unsigned lo, unsigned hi) const;
+    /// fn(offset, order) for each canonical free block in offset order, until fn is false;
+    /// returns false if fn stopped it.
+    template <class Fn>
+    bool for_each_block(Fn &&fn) const
+    {
+        for (unsigned p = 0; p < GROUP_PAGES;) {
+            unsigned j = p >> 6;
+            uint64_t w = bits[j] >> (p & 63);
+            if (!w) {
+                p = (j + 1) << 6;
+                continue;
+            }
+            p += unsigned(__builtin_ctzll(w));
+            unsigned o = 0;
+            while (o + 1 < GROUP_ORDER && (p & ((2u << o) - 1)) == 0 &&
+                   all_free(p, p + (2u << o)))
+                o++;
+            if (!fn(p, o))
+                return false;
+            p += 1u << o;
+        }
+        return true;
+    }
+    uint64_t count_blocks() const;
+};
+
 class PhysMem : public Lockable {
 public:
     PhysMem(uint64_t nr_pages, uint64_t base_pfn = 0, uint64_t seed = 0);
@@ -129,8 +224,16 @@ public:
     uint64_t alloc(unsigned order);
     /// Like alloc() but returns false instead of throwing.
     bool try_alloc(unsigned order, uint64_t *pfn);
+    /// try_alloc(@order) @n times at once: the same blocks in the same order into @out;
+    /// returns how many (fewer than @n only when no block of @order is left).
+    size_t alloc_many(unsigned order, size_t n, uint64_t *out);
     /// Give back [pfn, pfn + 2**order); none of it may be free already.
     void free(uint64_t pfn, unsigned order);
+    /// free() without the checks, for blocks whose holder's own bookkeeping says they are
+    /// held (the page cache's folios): a block that is partly free corrupts the allocator.
+    void free_unchecked(uint64_t pfn, unsigned order);
+    /// free_unchecked() of the pages [pfn, pfn + nr), as the largest aligned blocks.
+    void free_range_unchecked(uint64_t pfn, uint64_t nr);
     /// Is all of [pfn, pfn + 2**order) free?  (the block must be valid: see check_block)
     bool is_free(uint64_t pfn, unsigned order) const;
     /// Take the specific block [pfn, pfn + 2**order), which must be free.
@@ -164,12 +267,22 @@ public:
     void for_each_free_block(Fn &&fn) const
     {
         uint64_t at[MAX_ORDER + 1];
-        for (unsigned o = 0; o <= MAX_ORDER; o++)
+        for (unsigned o = GROUP_ORDER; o <= MAX_ORDER; o++)
             at[o] = free_[o].at_or_after(0);
+        auto g = groups_.begin();
         for (;;) {
-            unsigned lo = 0;
-            for (unsigned o = 1; o <= MAX_ORDER; o++)
+            unsigned lo = GROUP_ORDER;
+            for (unsigned o = GROUP_ORDER + 1; o <= MAX_ORDER; o++)
                 lo = at[o] < at[lo] ? o : lo;
+            if (g != groups_.end() && (g->first << GROUP_ORDER) < at[lo]) {
+                uint64_t base = g->first << GROUP_ORDER;
+                if (!g->second.for_each_block([&](unsigned off, unsigned o) {
+                        return fn(FreeBlock{base + off, o});
+                    }))
+                    return;
+                ++g;
+                continue;
+            }
             if (at[lo] == UINT64_MAX || !fn(FreeBlock{at[lo], lo}))
                 return;
             at[lo] = free_[lo].at_or_after(at[lo] + (uint64_t(1) << lo));
@@ -186,7 +299,12 @@ public:
 private:
     uint64_t base_, nr_pages_, seed_, nr_free_ = 0;
     SplitMix64 rng_;
-    std::array<FreeList, MAX_ORDER + 1> free_;
+    std::array<FreeList, MAX_ORDER + 1> free_; // orders >= GROUP_ORDER only
+    std::map<uint64_t, PageGroup> groups_;     // partly free groups, by pfn >> GROUP_ORDER
+    std::array<std::set<uint64_t>, GROUP_ORDER> by_max_; // groups_ keys by max_order
+    unsigned by_max_used_ = 0;                           // bit m: by_max_[m] is not empty
+    PageGroup *last_ = nullptr;                // the group free_unchecked() used last
+    uint64_t last_gid_ = UINT64_MAX;
     IntervalMap tokens_, rmp_, owner_; // indexed by pfn - base_
     IntervalMap user_;                 // 1: held through the public API
     std::vector<uint64_t> kept_;       // pages kept by fragment(), sorted
@@ -195,6 +313,15 @@ private:
     void check_not_free(uint64_t pfn, unsigned order) const;
     bool find_free_container(uint64_t pfn, unsigned order, uint64_t *block,
                              unsigned *block_order) const;
+    PageGroup *group(uint64_t gid);
+    const PageGroup *group(uint64_t gid) const;
+    PageGroup &new_group(uint64_t gid);
+    void group_changed(uint64_t gid, PageGroup &g);
+    bool lowest_block(unsigned order, uint64_t *pfn, unsigned *bo, bool *is_group) const;
+    void split_top(uint64_t block, unsigned bo, uint64_t pfn, unsigned order);
+    void free_top(uint64_t pfn, unsigned order);
+    void set_free(uint64_t start, uint64_t end, bool free);
+    uint64_t clear_free(uint64_t lo, uint64_t hi);
 };
 
 } // namespace gmem
