@@ -3,9 +3,9 @@
 //
 // DOC: U64Tree
 //
-// A B+ tree with small nodes.  Leaves hold up to LeafCap (64) entries, keys in one array
+// A B+ tree with small leaves.  Leaves hold up to LeafCap (64) entries, keys in one array
 // and values in the next, and are chained in key order for walks; inner nodes hold up to
-// InnerCap (32) children and the separators between them:
+// InnerCap (128) children and the separators between them:
 //
 //                      root [ sep 4096 | sep 9000 ]
 //                         /          |          \_
@@ -14,14 +14,15 @@
 // Every key of child i is >= sep[i - 1] and < sep[i].  A separator is the first key of
 // its right child when it is made (a split), and only a bound afterwards: erasing a
 // leaf's first key leaves it in place, so a leaf's first key may sit above its fence.
+// Unused key slots of a leaf hold NONE (no key is NONE), so a leaf needs no count.
 //
-// A lookup reads one small inner node per level, prefetching the keys of the node below
-// before it searches it, so the cache lines of a node arrive in parallel rather than one
-// per step of the binary search; a 10**6-entry tree has four levels and the top two stay
-// in cache.  Inserting into a full node splits it in O(log n); a key past the end of a
-// full node starts a new node instead, so a file populated front to back fills every
-// node (16.3 bytes per entry, inner nodes included).  Erasing merges a small node into
-// a neighbour when both fit in half a node, and drops empty nodes.
+// A lookup reads one inner node per level, prefetching the separators (or the leaf) below
+// before it searches them, so that their cache lines arrive in parallel rather than one
+// per step of the binary search; 10**6 entries make two inner levels.  Inserting into a
+// full node splits it in O(log n); a key past the end of a full node starts a new node
+// instead, so a file populated front to back fills every node: 16.4 bytes per entry,
+// inner nodes included.  Erasing merges a small node into a neighbour when both fit in
+// half a node, and drops empty nodes.
 //
 // reserve(n) keeps spare nodes so that the next n inserts cannot fail on allocation
 // (each insert allocates at most one node per level).  The tree does no locking: its
@@ -37,7 +38,7 @@
 
 namespace gmem {
 
-template <unsigned LeafCap = 64, unsigned InnerCap = 32>
+template <unsigned LeafCap = 64, unsigned InnerCap = 128>
 class U64Tree {
     static_assert(LeafCap >= 8 && InnerCap >= 8, "nodes must hold a handful of entries");
 

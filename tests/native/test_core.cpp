@@ -214,8 +214,8 @@ static void check_u64tree()
 {
     check_u64tree_shape<8, 8>(300, 20000);
     check_u64tree_shape<8, 8>(100000, 40000);
-    check_u64tree_shape<64, 32>(1000000, 100000);
-    // Appending in key order fills every node: 16.3 bytes per entry, inner nodes included.
+    check_u64tree_shape<64, 128>(1000000, 100000);
+    // Appending in key order fills every node: 16.4 bytes per entry, inner nodes included.
     U64Tree<> t;
     for (uint64_t k = 0; k < 1000000; k++)
         t.insert(k, k);
