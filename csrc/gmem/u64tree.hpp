@@ -159,7 +159,8 @@ public:
         return p ? Pos{p, nr(p) - 1} : end();
     }
 
-    /// Insert (@k, @v); @k must not be present, nor NONE.
+    /// Insert (@k, @v); @k must not be present, nor NONE.  Throws std::bad_alloc having
+    /// changed nothing.
     void insert(uint64_t k, uint64_t v)
     {
         if (!root_) {
@@ -171,6 +172,13 @@ public:
         Leaf *l = descend(k, &path, nullptr);
         uint32_t n = nr(l), s = rank_lt(l->key, n, k);
         if (n == LeafCap) {
+            // Every node the split will take, taken before anything changes: an insert
+            // that throws std::bad_alloc leaves the tree as it was.
+            unsigned full = 0;
+            while (full < height_ && path.node[height_ - 1 - full]->n == InnerCap)
+                full++;
+            top_up(spare_leaves_, 1);
+            top_up(spare_inners_, full + (full == height_));
             Leaf *r = take_leaf();
             r->next = l->next;
             l->next = r;
