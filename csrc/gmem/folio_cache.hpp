@@ -52,7 +52,7 @@ struct PfnRange {
 };
 
 class FolioCache : public Lockable {
-    using Tree = U64Tree<256>;
+    using Tree = U64Tree<>;
 
 public:
     size_t nr_folios() const { return tree_.size(); }
@@ -146,10 +146,10 @@ public:
         if (start >= end)
             return;
         auto p = first_overlapping(start);
-        for (size_t li = p.leaf; li < tree_.nr_leaves(); li++) {
-            const uint64_t *keys = tree_.leaf_keys(li), *vals = tree_.leaf_vals(li);
-            uint32_t cnt = tree_.leaf_size(li);
-            for (uint32_t s = li == p.leaf ? p.slot : 0; s < cnt; s++) {
+        uint32_t s = p.slot;
+        for (const Tree::Leaf *l = p.leaf; l; l = Tree::next_leaf(l), s = 0) {
+            const uint64_t *keys = Tree::leaf_keys(l), *vals = Tree::leaf_vals(l);
+            for (uint32_t cnt = Tree::leaf_size(l); s < cnt; s++) {
                 if (keys[s] >= end)
                     return;
                 Folio f = unpack(keys[s], vals[s]);

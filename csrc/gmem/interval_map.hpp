@@ -85,7 +85,7 @@ public:
 
 private:
     uint64_t nr_pages_;
-    U64Tree<256> tree_;
+    U64Tree<> tree_;
 
     void store_unchecked(uint64_t start, uint64_t end, uint64_t value);
 };

@@ -3,167 +3,229 @@
 //
 // DOC: U64Tree
 //
-// A two-level B+ tree: sorted leaves of up to Cap (key, value) pairs, and one flat array
-// holding the first key of every leaf.  A lookup is a binary search over the leaf keys
-// (one cache-friendly array) followed by one inside a leaf:
+// A B+ tree with small leaves.  Leaves hold up to LeafCap (64) entries, keys in one array
+// and values in the next, and are chained in key order for walks; inner nodes hold up to
+// InnerCap (128) children and the separators between them:
 //
-//     first_:   [ 0      | 4096    | 9000 ]
-//                 |         |         |
-//     leaves:   [0 7 12..] [4096 ..] [9000 9001 ..]
+//                      root [ sep 4096 | sep 9000 ]
+//                         /          |          \_
+//     leaves:   [0 7 12 ..] --> [4096 5000 ..] --> [9000 9001 ..] --> null
 //
-// Both levels are contiguous arrays, so a walk over consecutive keys touches memory in
-// order; that is what makes the PFN walk run at a few ns per folio.  Appending in key
-// order fills leaves completely (a full leaf that receives a key past its end starts a
-// new leaf instead of splitting), so a file populated front to back costs 16 bytes per
-// entry; random inserts split leaves in half as a B-tree does.
+// Every key of child i is >= sep[i - 1] and < sep[i].  A separator is the first key of
+// its right child when it is made (a split), and only a bound afterwards: erasing a
+// leaf's first key leaves it in place, so a leaf's first key may sit above its fence.
+// Unused key slots of a leaf hold NONE (no key is NONE), so a leaf needs no count.
 //
-// The tree does no locking: its owner serialises access.
+// A lookup reads one inner node per level, prefetching the separators (or the leaf) below
+// before it searches them, so that their cache lines arrive in parallel rather than one
+// per step of the binary search; 10**6 entries make two inner levels.  Inserting into a
+// full node splits it in O(log n); a key past the end of a full node starts a new node
+// instead, so a file populated front to back fills every node: 16.4 bytes per entry,
+// inner nodes included.  Erasing merges a small node into a neighbour when both fit in
+// half a node, and drops empty nodes.
+//
+// reserve(n) keeps spare nodes so that the next n inserts cannot fail on allocation
+// (each insert allocates at most one node per level).  The tree does no locking: its
+// owner serialises access.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <memory>
+#include <new>
 #include <vector>
 
 namespace gmem {
 
-template <unsigned Cap = 256>
+template <unsigned LeafCap = 64, unsigned InnerCap = 128>
 class U64Tree {
-    static_assert(Cap >= 8, "leaves must hold a handful of entries");
+    static_assert(LeafCap >= 8 && InnerCap >= 8, "nodes must hold a handful of entries");
 
+public:
+    /// Keys past a leaf's last entry are NONE, so a leaf needs no count (1032 bytes).
+    static constexpr uint64_t NONE = ~uint64_t(0);
     struct Leaf {
-        uint32_t n = 0;
-        uint64_t key[Cap];
-        uint64_t val[Cap];
+        uint64_t key[LeafCap];
+        uint64_t val[LeafCap];
+        Leaf *next;
+    };
+
+private:
+    struct Inner {
+        uint64_t n;                 // children; first, in the line of the first separators
+        uint64_t sep[InnerCap - 1]; // sep[i] separates child[i] from child[i + 1]
+        void *child[InnerCap];
+    };
+
+    static constexpr unsigned MAX_DEPTH = 32;
+
+    // The inner nodes from the root down to a leaf, and the child taken at each.
+    struct Path {
+        Inner *node[MAX_DEPTH];
+        uint32_t slot[MAX_DEPTH];
     };
 
 public:
-    /// A position: leaf number and slot inside it.  `leaf == nr_leaves()` is the end.
+    /// A position: a leaf and a slot inside it.  end() is {nullptr, 0}.
     struct Pos {
-        size_t leaf;
+        Leaf *leaf;
         uint32_t slot;
         bool operator==(const Pos &o) const { return leaf == o.leaf && slot == o.slot; }
         bool operator!=(const Pos &o) const { return !(*this == o); }
     };
 
+    U64Tree() = default;
+    U64Tree(const U64Tree &) = delete;
+    U64Tree &operator=(const U64Tree &) = delete;
+    U64Tree(U64Tree &&o) noexcept { swap(*this, o); }
+    U64Tree &operator=(U64Tree &&o) noexcept
+    {
+        swap(*this, o);
+        return *this;
+    }
+    ~U64Tree()
+    {
+        clear();
+        for (Leaf *l : spare_leaves_)
+            delete l;
+        for (Inner *in : spare_inners_)
+            delete in;
+    }
+
     size_t size() const { return size_; }
     bool empty() const { return size_ == 0; }
-    size_t nr_leaves() const { return leaves_.size(); }
-    Pos end() const { return Pos{leaves_.size(), 0}; }
-    Pos begin() const { return Pos{0, 0}; }
+    Pos end() const { return Pos{nullptr, 0}; }
+    Pos begin() const { return size_ ? Pos{head_, 0} : end(); }
 
-    uint64_t key(Pos p) const { return leaves_[p.leaf]->key[p.slot]; }
-    uint64_t val(Pos p) const { return leaves_[p.leaf]->val[p.slot]; }
-    void set_val(Pos p, uint64_t v) { leaves_[p.leaf]->val[p.slot] = v; }
+    uint64_t key(Pos p) const { return p.leaf->key[p.slot]; }
+    uint64_t val(Pos p) const { return p.leaf->val[p.slot]; }
+    void set_val(Pos p, uint64_t v) { p.leaf->val[p.slot] = v; }
 
     Pos next(Pos p) const
     {
-        if (++p.slot == leaves_[p.leaf]->n) {
-            p.leaf++;
-            p.slot = 0;
-        }
-        return p;
+        if (++p.slot < LeafCap && p.leaf->key[p.slot] != NONE)
+            return p;
+        return Pos{p.leaf->next, 0}; // leaves in the chain are never empty
     }
 
+    /// The entry before @p (which must have one); prev(end()) is the last entry.
     Pos prev(Pos p) const
     {
-        if (p.slot == 0) {
-            p.leaf--;
-            p.slot = leaves_[p.leaf]->n - 1;
-        } else {
-            p.slot--;
-        }
-        return p;
+        if (p.leaf && p.slot > 0)
+            return Pos{p.leaf, p.slot - 1};
+        return floor(p.leaf ? p.leaf->key[0] - 1 : ~uint64_t(0));
     }
 
-    /// Raw leaf access for tight loops: keys and values of leaf @li, @n entries.
-    const uint64_t *leaf_keys(size_t li) const { return leaves_[li]->key; }
-    const uint64_t *leaf_vals(size_t li) const { return leaves_[li]->val; }
-    uint32_t leaf_size(size_t li) const { return leaves_[li]->n; }
+    /// Raw leaf access for tight loops: the leaf after @l (nullptr at the end), and the
+    /// @leaf_size(l) keys and values of @l.
+    static const Leaf *next_leaf(const Leaf *l) { return l->next; }
+    static const uint64_t *leaf_keys(const Leaf *l) { return l->key; }
+    static const uint64_t *leaf_vals(const Leaf *l) { return l->val; }
+    static uint32_t leaf_size(const Leaf *l) { return nr(l); }
 
     /// First entry whose key is >= @k.
     Pos lower_bound(uint64_t k) const
     {
-        if (leaves_.empty())
+        if (!size_)
             return end();
-        size_t li = leaf_for(k);
-        const Leaf &l = *leaves_[li];
-        uint32_t s = uint32_t(std::lower_bound(l.key, l.key + l.n, k) - l.key);
-        if (s == l.n)
-            return Pos{li + 1, 0};
-        return Pos{li, s};
+        Leaf *l = find_leaf(k);
+        uint32_t s = rank_lt(l->key, LeafCap, k);
+        return s < LeafCap && l->key[s] != NONE ? Pos{l, s} : Pos{l->next, 0};
     }
 
-    /// Last entry whose key is <= @k, or end() when every key is larger.
-    Pos floor(uint64_t k) const
-    {
-        if (leaves_.empty() || k < first_[0])
-            return end();
-        size_t li = leaf_for(k);
-        const Leaf &l = *leaves_[li];
-        uint32_t s = uint32_t(std::upper_bound(l.key, l.key + l.n, k) - l.key);
-        return Pos{li, s - 1}; // s >= 1: the leaf's first key is <= k
-    }
-
-    /// Insert (@k, @v); @k must not be present.
-    void insert(uint64_t k, uint64_t v)
-    {
-        if (leaves_.empty()) {
-            leaves_.push_back(take_leaf());
-            first_.push_back(k);
-        }
-        size_t li = leaf_for(k);
-        Leaf *l = leaves_[li].get();
-        uint32_t s = uint32_t(std::lower_bound(l->key, l->key + l->n, k) - l->key);
-        if (l->n == Cap) {
-            if (s == Cap) {
-                // Appending past a full leaf: start a new one, keep this one full.
-                new_leaf_after(li);
-                li++;
-                l = leaves_[li].get();
-                s = 0;
-            } else {
-                split(li);
-                if (s > l->n) {
-                    s -= l->n;
-                    li++;
-                    l = leaves_[li].get();
-                }
-            }
-        }
-        std::memmove(l->key + s + 1, l->key + s, (l->n - s) * sizeof(uint64_t));
-        std::memmove(l->val + s + 1, l->val + s, (l->n - s) * sizeof(uint64_t));
-        l->key[s] = k;
-        l->val[s] = v;
-        l->n++;
-        if (s == 0)
-            first_[li] = k;
-        size_++;
-    }
-
-    /// First entry whose key is > @k: the keys are integers, so the first one >= k + 1.
+    /// First entry whose key is > @k.
     Pos upper_bound(uint64_t k) const
     {
         return k == ~uint64_t(0) ? end() : lower_bound(k + 1);
     }
 
-    /// The entries with @lo <= key <= @hi: [a, b).  One search when they share a leaf.
+    /// Last entry whose key is <= @k, or end() when every key is larger.
+    Pos floor(uint64_t k) const
+    {
+        if (!size_)
+            return end();
+        if (k == NONE)
+            k--; // no key is NONE
+        Leaf *l = find_leaf(k);
+        uint32_t s = rank_le(l->key, LeafCap, k);
+        if (s)
+            return Pos{l, s - 1};
+        // Every key of the leaf is above @k (its fence is stale): the entry is the last
+        // one of the leaf before.
+        Path path;
+        descend(k, &path, nullptr);
+        Leaf *p = pred_leaf(path);
+        return p ? Pos{p, nr(p) - 1} : end();
+    }
+
+    /// Insert (@k, @v); @k must not be present, nor NONE.  Throws std::bad_alloc having
+    /// changed nothing.
+    void insert(uint64_t k, uint64_t v)
+    {
+        if (!root_) {
+            Leaf *l = take_leaf();
+            l->next = nullptr;
+            root_ = head_ = l;
+        }
+        Path path;
+        Leaf *l = descend(k, &path, nullptr);
+        uint32_t n = nr(l), s = rank_lt(l->key, n, k);
+        if (n == LeafCap) {
+            // Every node the split will take, taken before anything changes: an insert
+            // that throws std::bad_alloc leaves the tree as it was.
+            unsigned full = 0;
+            while (full < height_ && path.node[height_ - 1 - full]->n == InnerCap)
+                full++;
+            top_up(spare_leaves_, 1);
+            top_up(spare_inners_, full + (full == height_));
+            Leaf *r = take_leaf();
+            r->next = l->next;
+            l->next = r;
+            if (s == LeafCap) {
+                // Appending past a full leaf: start a new one, keep this one full.
+                leaf_put(r, 0, 0, k, v);
+                size_++;
+                add_child(path, height_, k, r);
+                return;
+            }
+            uint32_t keep = LeafCap / 2;
+            std::memcpy(r->key, l->key + keep, (LeafCap - keep) * sizeof(uint64_t));
+            std::memcpy(r->val, l->val + keep, (LeafCap - keep) * sizeof(uint64_t));
+            std::fill(l->key + keep, l->key + LeafCap, NONE);
+            uint64_t sep = r->key[0];
+            if (s > keep)
+                leaf_put(r, LeafCap - keep, s - keep, k, v);
+            else
+                leaf_put(l, keep, s, k, v);
+            size_++;
+            add_child(path, height_, sep, r);
+            return;
+        }
+        leaf_put(l, n, s, k, v);
+        size_++;
+    }
+
+    /// The entries with @lo <= key <= @hi: [a, b).  One search when they share a leaf;
+    /// then a and b may be one past the leaf's last entry (valid for prev() and replace()).
     struct Span {
         Pos a, b;
+        bool one_leaf;
     };
     Span span(uint64_t lo, uint64_t hi) const
     {
-        Pos a = lower_bound(lo);
-        if (a != end()) {
-            const Leaf &l = *leaves_[a.leaf];
-            if (l.key[l.n - 1] > hi) {
-                uint32_t s = uint32_t(std::upper_bound(l.key + a.slot, l.key + l.n, hi) - l.key);
-                return Span{a, Pos{a.leaf, s}};
-            }
+        if (!size_)
+            return Span{end(), end(), false};
+        uint64_t upper = 0;
+        bool bounded = false;
+        Leaf *l = descend(lo, nullptr, &upper, &bounded);
+        uint32_t s = rank_lt(l->key, LeafCap, lo);
+        if (!bounded || hi < upper) { // every key <= hi that is >= lo lives in this leaf
+            uint64_t last = hi == NONE ? NONE - 1 : hi;
+            return Span{Pos{l, s}, Pos{l, s + rank_le(l->key + s, LeafCap - s, last)}, true};
         }
-        return Span{a, upper_bound(hi)};
+        Pos a = s < LeafCap && l->key[s] != NONE ? Pos{l, s} : Pos{l->next, 0};
+        return Span{a, upper_bound(hi), false};
     }
 
     /*
@@ -174,20 +236,20 @@ public:
     void replace(Span sp, uint64_t lo, uint64_t hi, const uint64_t *keys, const uint64_t *vals,
                  unsigned k)
     {
-        if (sp.a != end() && sp.a.leaf == sp.b.leaf) {
-            Leaf &l = *leaves_[sp.a.leaf];
-            uint32_t from = sp.a.slot, to = sp.b.slot;
-            if (l.n - (to - from) + k <= Cap && l.n - (to - from) + k > 0) {
-                uint32_t tail = l.n - to;
+        if (sp.one_leaf) {
+            Leaf &l = *sp.a.leaf;
+            uint32_t from = sp.a.slot, to = sp.b.slot, was = nr(&l);
+            uint32_t n = was - (to - from) + k;
+            if (n <= LeafCap && n > 0) {
+                uint32_t tail = was - to;
                 std::memmove(l.key + from + k, l.key + to, tail * sizeof(uint64_t));
                 std::memmove(l.val + from + k, l.val + to, tail * sizeof(uint64_t));
                 for (unsigned i = 0; i < k; i++) {
                     l.key[from + i] = keys[i];
                     l.val[from + i] = vals[i];
                 }
-                l.n = l.n - (to - from) + k;
+                std::fill(l.key + n, l.key + std::max(n, was), NONE);
                 size_ = size_ - (to - from) + k;
-                first_[sp.a.leaf] = l.key[0];
                 return;
             }
         }
@@ -197,166 +259,415 @@ public:
             insert(keys[i], vals[i]);
     }
 
-    /// Erase every entry with @lo <= key < @hi.
+    /// Erase every entry with @lo <= key < @hi: one search per leaf it touches.
     void erase_range(uint64_t lo, uint64_t hi)
     {
-        if (lo >= hi || leaves_.empty())
-            return;
-        Pos a = lower_bound(lo);
-        Pos b = lower_bound(hi);
-        if (a == b)
-            return;
-        if (a.leaf == b.leaf) {
-            Leaf *l = leaves_[a.leaf].get();
-            cut(*l, a.slot, b.slot);
-            after_shrink(a.leaf);
-            return;
+        while (lo < hi && size_) {
+            Path path;
+            Leaf *l = descend(lo, &path, nullptr);
+            uint32_t n = nr(l), s = rank_lt(l->key, n, lo);
+            if (s == n) {
+                if (!l->next || l->next->key[0] >= hi)
+                    return;
+                l = descend(l->next->key[0], &path, nullptr);
+                n = nr(l);
+                s = 0;
+            }
+            uint32_t t = s + rank_lt(l->key + s, n - s, hi);
+            if (t == s)
+                return;
+            cut(l, n, s, t);
+            settle_leaf(path, l);
+            if (t < n)
+                return;
         }
-        // Trim the tail of a's leaf, drop the leaves in between, trim the head of b's.
-        Leaf *la = leaves_[a.leaf].get();
-        cut(*la, a.slot, la->n);
-        size_t first_dead = a.leaf + 1, last_dead = b.leaf; // [first_dead, last_dead)
-        for (size_t i = first_dead; i < last_dead; i++)
-            size_ -= leaves_[i]->n;
-        if (b.leaf < leaves_.size()) {
-            Leaf *lb = leaves_[b.leaf].get();
-            cut(*lb, 0, b.slot);
-            if (lb->n)
-                first_[b.leaf] = lb->key[0];
-        }
-        leaves_.erase(leaves_.begin() + first_dead, leaves_.begin() + last_dead);
-        first_.erase(first_.begin() + first_dead, first_.begin() + last_dead);
-        // Now b's leaf sits right after a's; settle b first so a's index stays valid.
-        if (first_dead < leaves_.size())
-            after_shrink(first_dead);
-        after_shrink(a.leaf);
     }
 
     void erase(uint64_t k)
     {
-        Pos p = lower_bound(k);
-        if (p == end() || key(p) != k)
-            return;
-        cut(*leaves_[p.leaf], p.slot, p.slot + 1);
-        after_shrink(p.leaf);
+        if (k != NONE)
+            erase_range(k, k + 1);
     }
 
     void clear()
     {
-        leaves_.clear();
-        first_.clear();
+        if (root_)
+            free_subtree(root_, height_);
+        root_ = nullptr;
+        head_ = nullptr;
+        height_ = 0;
         size_ = 0;
+        nr_leaves_ = nr_inners_ = 0;
     }
 
     friend void swap(U64Tree &a, U64Tree &b) noexcept
     {
-        a.first_.swap(b.first_);
-        a.leaves_.swap(b.leaves_);
-        a.spare_.swap(b.spare_);
+        std::swap(a.root_, b.root_);
+        std::swap(a.head_, b.head_);
+        std::swap(a.height_, b.height_);
         std::swap(a.size_, b.size_);
+        std::swap(a.nr_leaves_, b.nr_leaves_);
+        std::swap(a.nr_inners_, b.nr_inners_);
+        a.spare_leaves_.swap(b.spare_leaves_);
+        a.spare_inners_.swap(b.spare_inners_);
     }
 
-    /// Bytes this tree holds on the heap (leaves and the leaf index).
+    /// Bytes this tree holds on the heap: nodes in use and spare, and the spare lists.
     size_t memory_bytes() const
     {
-        return (leaves_.size() + spare_.size()) * sizeof(Leaf) +
-               first_.capacity() * sizeof(uint64_t) +
-               leaves_.capacity() * sizeof(std::unique_ptr<Leaf>);
+        return (nr_leaves_ + spare_leaves_.size()) * sizeof(Leaf) +
+               (nr_inners_ + spare_inners_.size()) * sizeof(Inner) +
+               spare_leaves_.capacity() * sizeof(Leaf *) +
+               spare_inners_.capacity() * sizeof(Inner *);
     }
 
     /*
-     * reserve - make the next @n inserts allocation-free: each adds at most one leaf, so
-     * @n spare leaves and room for @n more in the leaf index.  For an update that must not
-     * fail half-way: reserve before its point of no return, as the kernel reserves its
-     * attribute entries (xa_reserve in kvm_vm_set_mem_attributes).  Throws std::bad_alloc
-     * having changed nothing observable.
+     * reserve - make the next @n inserts allocation-free.  An insert allocates at most one
+     * leaf, and an inner node only when a node of the level below was allocated, so n
+     * inserts need n leaves and n inner nodes per level the tree may reach: the levels it
+     * has, the one a root split adds, and one per factor of InnerCap / 2 in n.  For an
+     * update that must not fail half-way: reserve before its point of no return, as the
+     * kernel reserves its attribute entries (xa_reserve in kvm_vm_set_mem_attributes).
+     * Throws std::bad_alloc having changed nothing observable.
      */
     void reserve(size_t n)
     {
-        size_t need = leaves_.size() + n + 1;
-        if (leaves_.capacity() < need) // grow geometrically: exact sizes would copy per call
-            leaves_.reserve(std::max(need, 2 * leaves_.capacity()));
-        if (first_.capacity() < need)
-            first_.reserve(std::max(need, 2 * first_.capacity()));
-        while (spare_.size() < n)
-            spare_.push_back(std::make_unique<Leaf>());
+        size_t levels = height_ + 1;
+        for (size_t m = n; m > 1; m /= InnerCap / 2)
+            levels++;
+        top_up(spare_leaves_, n);
+        top_up(spare_inners_, n * levels);
     }
 
 private:
-    std::vector<uint64_t> first_;
-    std::vector<std::unique_ptr<Leaf>> leaves_;
-    std::vector<std::unique_ptr<Leaf>> spare_; // reserved leaves
+    void *root_ = nullptr; // a Leaf when height_ == 0, else an Inner
+    Leaf *head_ = nullptr; // the first leaf of the chain
+    unsigned height_ = 0;  // inner levels above the leaves
     size_t size_ = 0;
+    size_t nr_leaves_ = 0, nr_inners_ = 0;
+    std::vector<Leaf *> spare_leaves_; // reserved nodes
+    std::vector<Inner *> spare_inners_;
 
-    // The leaf that holds, or would receive, key @k: the last one whose first key is <= k.
-    size_t leaf_for(uint64_t k) const
+    /* Number of the @n sorted keys at @a that are <= @k: a branch-free binary search. */
+    static uint32_t rank_le(const uint64_t *a, uint32_t n, uint64_t k)
     {
-        size_t i = size_t(std::upper_bound(first_.begin(), first_.end(), k) - first_.begin());
-        return i ? i - 1 : 0;
+        if (!n)
+            return 0;
+        const uint64_t *base = a;
+        while (n > 1) {
+            uint32_t half = n / 2;
+            base = base[half - 1] <= k ? base + half : base;
+            n -= half;
+        }
+        return uint32_t(base - a) + (*base <= k);
+    }
+    static uint32_t rank_lt(const uint64_t *a, uint32_t n, uint64_t k)
+    {
+        return k ? rank_le(a, n, k - 1) : 0;
     }
 
-    void new_leaf_after(size_t li)
+    // Ask for the cache lines of the first @bytes at @p before they are searched.
+    static void prefetch(const void *p, size_t bytes)
     {
-        leaves_.insert(leaves_.begin() + li + 1, take_leaf());
-        first_.insert(first_.begin() + li + 1, 0); // set by the caller's insert at slot 0
+        for (size_t off = 0; off < bytes; off += 64)
+            __builtin_prefetch(static_cast<const char *>(p) + off);
     }
 
-    std::unique_ptr<Leaf> take_leaf()
+    // The leaf whose range holds @k: descend() for lookups, without the bookkeeping.
+    Leaf *find_leaf(uint64_t k) const
     {
-        if (spare_.empty())
-            return std::make_unique<Leaf>();
-        std::unique_ptr<Leaf> l = std::move(spare_.back()); // reserved: cannot fail
-        spare_.pop_back();
-        l->n = 0;
-        return l;
+        void *node = root_;
+        for (unsigned d = height_; d > 0; d--) {
+            const Inner *in = static_cast<const Inner *>(node);
+            node = in->child[rank_le(in->sep, uint32_t(in->n - 1), k)];
+            prefetch(node, d > 1 ? offsetof(Inner, child) : sizeof(Leaf::key) + sizeof(Leaf::val));
+        }
+        return static_cast<Leaf *>(node);
     }
 
-    void split(size_t li)
+    /*
+     * descend - the leaf whose range holds @k, recording the inner nodes on the way in
+     * @path when given.  @upper receives the separator that bounds the leaf from above,
+     * and @bounded whether there is one (the last leaf has none).
+     */
+    Leaf *descend(uint64_t k, Path *path, uint64_t *upper, bool *bounded = nullptr) const
     {
-        new_leaf_after(li);
-        Leaf *l = leaves_[li].get(), *r = leaves_[li + 1].get();
-        uint32_t keep = l->n / 2;
-        r->n = l->n - keep;
-        std::memcpy(r->key, l->key + keep, r->n * sizeof(uint64_t));
-        std::memcpy(r->val, l->val + keep, r->n * sizeof(uint64_t));
-        l->n = keep;
-        first_[li + 1] = r->key[0];
+        void *node = root_;
+        for (unsigned d = 0; d < height_; d++) {
+            const Inner *in = static_cast<const Inner *>(node);
+            uint32_t i = rank_le(in->sep, uint32_t(in->n - 1), k);
+            if (path) {
+                path->node[d] = const_cast<Inner *>(in);
+                path->slot[d] = i;
+            }
+            if (bounded && i + 1 < in->n) {
+                *upper = in->sep[i];
+                *bounded = true;
+            }
+            node = in->child[i];
+            if (d + 1 < height_) // the count and the separators, not the child pointers
+                prefetch(node, offsetof(Inner, child));
+            else
+                prefetch(node, sizeof(Leaf::key) + sizeof(Leaf::val));
+        }
+        return static_cast<Leaf *>(node);
     }
 
-    void cut(Leaf &l, uint32_t from, uint32_t to)
+    // The leaf before the one @path leads to, or nullptr when it is the first.
+    Leaf *pred_leaf(const Path &path) const
     {
-        std::memmove(l.key + from, l.key + to, (l.n - to) * sizeof(uint64_t));
-        std::memmove(l.val + from, l.val + to, (l.n - to) * sizeof(uint64_t));
-        l.n -= to - from;
+        for (unsigned d = height_; d-- > 0;) {
+            if (path.slot[d] == 0)
+                continue;
+            void *node = path.node[d]->child[path.slot[d] - 1];
+            for (unsigned e = d + 1; e < height_; e++) {
+                const Inner *in = static_cast<const Inner *>(node);
+                node = in->child[in->n - 1];
+            }
+            return static_cast<Leaf *>(node);
+        }
+        return nullptr;
+    }
+
+    // Number of entries of leaf @l: the keys before the first NONE.
+    static uint32_t nr(const Leaf *l) { return rank_le(l->key, LeafCap, NONE - 1); }
+
+    // Put (@k, @v) at slot @s of leaf @l, which holds @n < LeafCap entries.
+    static void leaf_put(Leaf *l, uint32_t n, uint32_t s, uint64_t k, uint64_t v)
+    {
+        std::memmove(l->key + s + 1, l->key + s, (n - s) * sizeof(uint64_t));
+        std::memmove(l->val + s + 1, l->val + s, (n - s) * sizeof(uint64_t));
+        l->key[s] = k;
+        l->val[s] = v;
+    }
+
+    static void inner_put(Inner *in, uint32_t j, uint64_t sep, void *child)
+    {
+        // @child becomes child j (j >= 1), @sep its lower bound sep[j - 1].
+        std::memmove(in->child + j + 1, in->child + j, (in->n - j) * sizeof(void *));
+        std::memmove(in->sep + j, in->sep + j - 1, (in->n - j) * sizeof(uint64_t));
+        in->child[j] = child;
+        in->sep[j - 1] = sep;
+        in->n++;
+    }
+
+    /*
+     * add_child - node @child, whose keys are >= @sep, was made right after the node
+     * @path leads to at depth @d (the leaves are at depth height_): put it into the
+     * parent, splitting parents as needed, and grow a new root when the old one splits.
+     */
+    void add_child(const Path &path, unsigned d, uint64_t sep, void *child)
+    {
+        while (d > 0) {
+            Inner *in = path.node[d - 1];
+            uint32_t j = path.slot[d - 1] + 1;
+            if (in->n < InnerCap) {
+                inner_put(in, j, sep, child);
+                return;
+            }
+            Inner *r = take_inner();
+            uint64_t up;
+            if (j == InnerCap) {
+                // Appending past a full node: start a new one, keep this one full.
+                r->n = 1;
+                r->child[0] = child;
+                up = sep;
+            } else {
+                uint32_t keep = InnerCap / 2;
+                r->n = InnerCap - keep;
+                std::memcpy(r->child, in->child + keep, r->n * sizeof(void *));
+                std::memcpy(r->sep, in->sep + keep, (r->n - 1) * sizeof(uint64_t));
+                up = in->sep[keep - 1];
+                in->n = keep;
+                if (j <= keep)
+                    inner_put(in, j, sep, child);
+                else
+                    inner_put(r, j - keep, sep, child);
+            }
+            sep = up;
+            child = r;
+            d--;
+        }
+        Inner *root = take_inner();
+        root->n = 2;
+        root->child[0] = root_;
+        root->child[1] = child;
+        root->sep[0] = sep;
+        root_ = root;
+        height_++;
+    }
+
+    // Drop slots [@from, @to) of leaf @l, which holds @n entries.
+    void cut(Leaf *l, uint32_t n, uint32_t from, uint32_t to)
+    {
+        std::memmove(l->key + from, l->key + to, (n - to) * sizeof(uint64_t));
+        std::memmove(l->val + from, l->val + to, (n - to) * sizeof(uint64_t));
+        std::fill(l->key + n - (to - from), l->key + n, NONE);
         size_ -= to - from;
     }
 
-    // Leaf @li lost entries: drop it when empty, refresh its first key, and merge it into
-    // a neighbour when both are less than half full, so deletions cannot leave a tree of
-    // nearly empty leaves.
-    void after_shrink(size_t li)
+    // Remove child @j of @in (and the separator that bounds it).
+    static void inner_drop(Inner *in, uint32_t j)
     {
-        Leaf *l = leaves_[li].get();
-        if (l->n == 0) {
-            leaves_.erase(leaves_.begin() + li);
-            first_.erase(first_.begin() + li);
-            return;
-        }
-        first_[li] = l->key[0];
-        if (li + 1 < leaves_.size() && l->n + leaves_[li + 1]->n <= Cap / 2)
-            merge_next(li);
-        else if (li > 0 && leaves_[li - 1]->n + l->n <= Cap / 2)
-            merge_next(li - 1);
+        std::memmove(in->child + j, in->child + j + 1, (in->n - j - 1) * sizeof(void *));
+        uint32_t s = j ? j - 1 : 0; // child 0 takes over its own lower bound
+        if (in->n >= 2)
+            std::memmove(in->sep + s, in->sep + s + 1, (in->n - 2 - s) * sizeof(uint64_t));
+        in->n--;
     }
 
-    void merge_next(size_t li)
+    /*
+     * settle_leaf - leaf @l (reached by @path) lost entries: unlink and free it when
+     * empty, else merge it with a neighbour under the same parent when both fit in half a
+     * leaf, so that deletions cannot leave a tree of nearly empty leaves.
+     */
+    void settle_leaf(const Path &path, Leaf *l)
     {
-        Leaf *l = leaves_[li].get(), *r = leaves_[li + 1].get();
-        std::memcpy(l->key + l->n, r->key, r->n * sizeof(uint64_t));
-        std::memcpy(l->val + l->n, r->val, r->n * sizeof(uint64_t));
+        if (height_ == 0) {
+            if (l->key[0] == NONE)
+                clear();
+            return;
+        }
+        Inner *p = path.node[height_ - 1];
+        uint32_t j = path.slot[height_ - 1];
+        if (l->key[0] == NONE) {
+            Leaf *pred = pred_leaf(path);
+            if (pred)
+                pred->next = l->next;
+            else
+                head_ = l->next;
+            free_leaf(l);
+            inner_drop(p, j);
+        } else if (j + 1 < p->n &&
+                   nr(l) + nr(static_cast<Leaf *>(p->child[j + 1])) <= LeafCap / 2) {
+            merge_leaves(l, static_cast<Leaf *>(p->child[j + 1]));
+            inner_drop(p, j + 1);
+        } else if (j > 0 && nr(static_cast<Leaf *>(p->child[j - 1])) + nr(l) <= LeafCap / 2) {
+            merge_leaves(static_cast<Leaf *>(p->child[j - 1]), l);
+            inner_drop(p, j);
+        } else {
+            return;
+        }
+        settle_inner(path, height_ - 1);
+    }
+
+    // Move the entries of @r into @l, the leaf before it, and free @r.
+    void merge_leaves(Leaf *l, Leaf *r)
+    {
+        uint32_t nl = nr(l), nr_ = nr(r);
+        std::memcpy(l->key + nl, r->key, nr_ * sizeof(uint64_t));
+        std::memcpy(l->val + nl, r->val, nr_ * sizeof(uint64_t));
+        l->next = r->next;
+        free_leaf(r);
+    }
+
+    // Inner node @path.node[d] lost a child: the same rules one level up, and a root
+    // left with one child makes way for it.
+    void settle_inner(const Path &path, unsigned d)
+    {
+        for (;; d--) {
+            Inner *in = path.node[d];
+            if (d == 0) {
+                if (!in->n) {
+                    clear();
+                    return;
+                }
+                while (height_ > 0 && static_cast<Inner *>(root_)->n == 1) {
+                    Inner *old = static_cast<Inner *>(root_);
+                    root_ = old->child[0];
+                    free_inner(old);
+                    height_--;
+                }
+                return;
+            }
+            Inner *p = path.node[d - 1];
+            uint32_t j = path.slot[d - 1];
+            if (!in->n) {
+                free_inner(in);
+                inner_drop(p, j);
+            } else if (j + 1 < p->n &&
+                       in->n + static_cast<Inner *>(p->child[j + 1])->n <= InnerCap / 2) {
+                merge_inners(in, p->sep[j], static_cast<Inner *>(p->child[j + 1]));
+                inner_drop(p, j + 1);
+            } else if (j > 0 &&
+                       static_cast<Inner *>(p->child[j - 1])->n + in->n <= InnerCap / 2) {
+                merge_inners(static_cast<Inner *>(p->child[j - 1]), p->sep[j - 1], in);
+                inner_drop(p, j);
+            } else {
+                return;
+            }
+        }
+    }
+
+    void merge_inners(Inner *l, uint64_t sep, Inner *r)
+    {
+        l->sep[l->n - 1] = sep;
+        std::memcpy(l->sep + l->n, r->sep, (r->n - 1) * sizeof(uint64_t));
+        std::memcpy(l->child + l->n, r->child, r->n * sizeof(void *));
         l->n += r->n;
-        leaves_.erase(leaves_.begin() + li + 1);
-        first_.erase(first_.begin() + li + 1);
+        free_inner(r);
+    }
+
+    template <class T>
+    static void top_up(std::vector<T *> &spare, size_t n)
+    {
+        if (spare.size() >= n)
+            return;
+        spare.reserve(n);
+        while (spare.size() < n)
+            spare.push_back(new T);
+    }
+
+    Leaf *take_leaf()
+    {
+        Leaf *l;
+        if (spare_leaves_.empty()) {
+            l = new Leaf;
+        } else {
+            l = spare_leaves_.back(); // reserved: cannot fail
+            spare_leaves_.pop_back();
+        }
+        std::fill(l->key, l->key + LeafCap, NONE);
+        nr_leaves_++;
+        return l;
+    }
+
+    Inner *take_inner()
+    {
+        Inner *in;
+        if (spare_inners_.empty()) {
+            in = new Inner;
+        } else {
+            in = spare_inners_.back();
+            spare_inners_.pop_back();
+        }
+        in->n = 0;
+        nr_inners_++;
+        return in;
+    }
+
+    void free_leaf(Leaf *l)
+    {
+        nr_leaves_--;
+        delete l;
+    }
+
+    void free_inner(Inner *in)
+    {
+        nr_inners_--;
+        delete in;
+    }
+
+    void free_subtree(void *node, unsigned h)
+    {
+        if (h == 0) {
+            delete static_cast<Leaf *>(node);
+            return;
+        }
+        Inner *in = static_cast<Inner *>(node);
+        for (uint32_t i = 0; i < in->n; i++)
+            free_subtree(in->child[i], h - 1);
+        delete in;
     }
 };
 

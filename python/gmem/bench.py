@@ -1,7 +1,11 @@
 """``gmem bench``: the performance targets of docs/performance.md, measured side by side.
 
-Each measurement is the best of several repeats (time.perf_counter); every ratio is
-between two figures of the same run, since the machines are noisy.  The quick suite runs
+Each measurement is the best of several repeats (time.perf_counter), or, for the
+IntervalMap and get_pfn targets, the median of repeats with the spread beside it, cold
+(fresh random operations each pass) and warm (one set replayed); every ratio is between
+two figures of the same run, since the machines are noisy.  ``gmem bench`` runs with
+OPENBLAS_NUM_THREADS=1 (the command restarts itself with it) so that no BLAS thread pool
+competes with the measurement.  The quick suite runs
 in under a minute here; ``--full`` uses the large sizes (1 TiB of 4 KiB folios, 10**6
 runs).  ``--plot FILE.png`` draws the ratios and the scaling curves (the ``plot`` extra),
 ``--write-results FILE.md`` writes bench/RESULTS.md.
@@ -23,6 +27,26 @@ import gmem
 import gmem.reference as ref
 
 GiB, TiB = 1 << 30, 1 << 40
+
+
+def timings(
+    fn: Callable[[], Any], repeat: int = 5, setup: Callable[[], Any] | None = None
+) -> list[float]:
+    """Seconds of each of ``repeat`` calls of fn (after setup, untimed, before each)."""
+    times = []
+    for _ in range(repeat):
+        if setup:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def spread(times: list[float], scale: float = 1.0) -> tuple[float, float, float]:
+    """(median, min, max) of ``times``, each multiplied by ``scale``."""
+    xs = sorted(t * scale for t in times)
+    return xs[len(xs) // 2], xs[0], xs[-1]
 
 
 def timeit(fn: Callable[[], Any], repeat: int = 5, setup: Callable[[], Any] | None = None) -> float:
@@ -184,26 +208,80 @@ def _interval_ops(n_pages: int, calls: int, seed: int) -> list[tuple[int, int, i
     return list(zip(starts.tolist(), ends.tolist(), values.tolist(), strict=True))
 
 
+def _populated_map(runs: int) -> Any:
+    n_pages = 10 * runs
+    starts = np.arange(0, n_pages, 10, dtype=np.uint64)
+    m = gmem.IntervalMap(n_pages)
+    m.store_many(starts, starts + np.uint64(5), np.full(len(starts), 8))
+    return m
+
+
+def _cold_and_warm(
+    m: Any, n_pages: int, calls: int, repeat: int
+) -> dict[str, tuple[float, float, float]]:
+    """us per store and per load on @m, median/min/max over @repeat passes: "cold" draws
+    fresh random operations before each pass (untimed), "warm" replays one set."""
+    ops = _interval_ops(n_pages, calls, 1)
+    probes = [a for a, _, _ in _interval_ops(n_pages, calls, 2)]
+    fresh: dict[str, Any] = {}
+    seeds = iter(range(100, 100 + 4 * repeat))
+
+    def new_ops() -> None:
+        fresh["ops"] = _interval_ops(n_pages, calls, next(seeds))
+
+    def new_probes() -> None:
+        fresh["probes"] = [a for a, _, _ in _interval_ops(n_pages, calls, next(seeds))]
+
+    def store(batch: list[tuple[int, int, int]]) -> None:
+        for a, b, c in batch:
+            m.store(a, b, c)
+
+    def load(batch: list[int]) -> None:
+        for i in batch:
+            m.load(i)
+
+    us = 1e6 / calls
+    return {
+        "store cold": spread(timings(lambda: store(fresh["ops"]), repeat, new_ops), us),
+        "load cold": spread(timings(lambda: load(fresh["probes"]), repeat, new_probes), us),
+        "store warm": spread(timings(lambda: store(ops), repeat), us),
+        "load warm": spread(timings(lambda: load(probes), repeat), us),
+    }
+
+
+def _fmt(t: tuple[float, float, float]) -> str:
+    return f"median {t[0]:.3f}, spread {t[1]:.3f}..{t[2]:.3f} us"
+
+
 def bench_interval_map(s: Suite) -> None:
+    """Stores and loads from Python at 10**5 and 10**6 live runs, cold and warm; the
+    targets are judged on the median of the cold passes."""
     from gmem import benchpeers
 
-    runs = 10**6 if s.full else 10**5
-    n_pages = 10 * runs
-    starts = np.arange(0, n_pages, 2 * n_pages // runs, dtype=np.uint64)
-    ops = _interval_ops(n_pages, 2000, 1)
-    probes = np.random.default_rng(2).integers(0, n_pages, 2000).tolist()
-
-    def per_call(m: Any) -> tuple[float, float]:
-        t_store = timeit(lambda: [m.store(a, b, c) for a, b, c in ops], 3) / len(ops)
-        t_load = timeit(lambda: [m.load(i) for i in probes], 3) / len(probes)
-        return t_store, t_load
-
-    m = gmem.IntervalMap(n_pages)
-    m.store_many(starts, starts + np.uint64(n_pages // runs // 2), np.full(len(starts), 8))
-    t_store, t_load = per_call(m)
-    s.add(f"IntervalMap.store from Python @{runs:.0e} runs", t_store * 1e6, 0.5, "us", "lower")
-    s.add(f"IntervalMap.load from Python @{runs:.0e} runs", t_load * 1e6, 0.2, "us", "lower")
+    repeat = 9 if s.full else 5
+    for runs in (10**5, 10**6):
+        m = _populated_map(runs)
+        got = _cold_and_warm(m, 10 * runs, 2000, repeat)
+        for what, t in got.items():
+            key = f"interval_map_{what.replace(' ', '_')}_{runs:.0e}_us"
+            s.figures[key] = t[0]
+            s.figures[key.replace("_us", "_min_us")] = t[1]
+            s.figures[key.replace("_us", "_max_us")] = t[2]
+        for op, limit in (("store", 0.5), ("load", 0.25)):
+            cold, warm = got[f"{op} cold"], got[f"{op} warm"]
+            s.add(
+                f"IntervalMap.{op} from Python @{runs:.0e} runs, cold",
+                cold[0],
+                limit,
+                "us",
+                "lower",
+                f"{_fmt(cold)} over {repeat}; warm {_fmt(warm)}",
+            )
+    # The peers store at 10**5 runs (intervaltree at fewer: it is slow to fill).
+    runs, n_pages = 10**5, 10**6
+    t_store = _cold_and_warm(_populated_map(runs), n_pages, 2000, repeat)["store cold"]
     peers = {"sortedcontainers": 25, "intervaltree": 100}
+    starts = np.arange(0, n_pages, 10, dtype=np.uint64)
     for name, want in peers.items():
         try:
             peer = benchpeers.PEERS[name](n_pages)
@@ -212,17 +290,16 @@ def bench_interval_map(s: Suite) -> None:
             continue
         size = runs if name == "sortedcontainers" else min(runs, 10**5 if s.full else 2 * 10**4)
         for st in starts[:size].tolist():
-            peer.store(st, st + n_pages // runs // 2, 8)
-        p_store, p_load = per_call(peer)
-        s.figures[f"{name}_store_us"] = p_store * 1e6
-        s.figures[f"{name}_load_us"] = p_load * 1e6
+            peer.store(st, st + 5, 8)
+        p_store = _cold_and_warm(peer, n_pages, 500, 3)["store cold"]
+        s.figures[f"{name}_store_us"] = p_store[0]
         s.add(
             f"IntervalMap.store vs {name}",
-            p_store / t_store,
+            p_store[0] / t_store[0],
             want,
             "x",
             "higher",
-            f"{name} at {size:.0e} runs",
+            f"{name} at {size:.0e} runs, cold, medians",
         )
     # The bulk path against a bitmap.
     bulk_s = np.random.default_rng(3).integers(0, n_pages - 64, 100_000).astype(np.uint64)
@@ -236,6 +313,46 @@ def bench_interval_map(s: Suite) -> None:
         s.add("store_many vs pyroaring (10**5 ranges)", t_bm / t_bulk, 1, "x", "higher")
     except ImportError:
         s.figures["pyroaring_missing"] = 1
+
+
+def bench_get_pfn(s: Suite) -> None:
+    """get_pfn of random pages of a 16 GiB guest of 4 KiB folios (2**22 folios, so the
+    lookup is a tree search), against the cheapest bound call there is,
+    IntervalMap(1).load(0); medians of cold passes (fresh random indexes each)."""
+    f = gmem.GuestMemfd(16 * GiB, folio_order=0)
+    f.fallocate(0, f.nr_pages)
+    repeat, calls = (9 if s.full else 5), 20_000
+    rng = np.random.default_rng(4)
+    fresh: dict[str, list[int]] = {}
+
+    def new_indexes() -> None:
+        fresh["i"] = rng.integers(0, f.nr_pages, calls).tolist()
+
+    def get_pfns() -> None:
+        for i in fresh["i"]:
+            f.get_pfn(i)
+
+    one = gmem.IntervalMap(1)
+    zeros = [0] * calls
+
+    def floor() -> None:
+        for i in zeros:
+            one.load(i)
+
+    us = 1e6 / calls
+    t = spread(timings(get_pfns, repeat, new_indexes), us)
+    t_floor = spread(timings(floor, repeat), us)
+    f.close()
+    s.figures.update(get_pfn_us=t[0], get_pfn_min_us=t[1], get_pfn_max_us=t[2])
+    s.figures["bound_call_floor_us"] = t_floor[0]
+    s.add(
+        "get_pfn, 16 GiB of 4 KiB folios, vs IntervalMap(1).load(0)",
+        t[0] / t_floor[0],
+        2,
+        "x",
+        "lower",
+        f"get_pfn {_fmt(t)}; the floor {_fmt(t_floor)}",
+    )
 
 
 def bench_hooks(s: Suite) -> None:
@@ -451,6 +568,7 @@ STEPS = [
     ("conversion", bench_convert),
     ("scaling", bench_scaling),
     ("IntervalMap and peers", bench_interval_map),
+    ("get_pfn", bench_get_pfn),
     ("Python hooks", bench_hooks),
     ("memory", bench_memory),
     ("bulk operations and per-call cost", bench_bulk),
@@ -502,7 +620,8 @@ def machine() -> str:
 
     return (
         f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"numpy {np.__version__}, {platform.system()} {platform.release()}"
+        f"numpy {np.__version__}, {platform.system()} {platform.release()}, "
+        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}"
     )
 
 

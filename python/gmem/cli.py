@@ -988,6 +988,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    if args.command == "bench" and argv is None and os.environ.get("OPENBLAS_NUM_THREADS") != "1":
+        # numpy loaded OpenBLAS with gmem, so its thread pool is sized already: start over
+        # with one BLAS thread, that no pool competes with the measurement.
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "gmem", *sys.argv[1:]])
     if threading.current_thread() is not threading.main_thread():
         return _guarded(args)  # signals go to the main thread: nothing to wait for here
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:

@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "gmem/arch.hpp"
@@ -17,6 +19,7 @@
 #include "gmem/interval_map.hpp"
 #include "gmem/pfn_check.hpp"
 #include "gmem/physmem.hpp"
+#include "gmem/u64tree.hpp"
 
 using namespace gmem;
 
@@ -87,6 +90,137 @@ static void check_pfn_walk_exhaustive(unsigned size_order)
     }
     std::printf("check_pfn_walk_exhaustive: %zu layouts of %llu pages, every range\n",
                 all.size(), (unsigned long long)size);
+}
+
+/*
+ * check_u64tree - random inserts, erases, range erases and replaces on trees of tiny nodes
+ * (many levels, many splits and merges) against std::map: every search, a walk both ways
+ * and the leaf chain agree after each step; n inserts after reserve(n) allocate nothing.
+ */
+template <unsigned L, unsigned I>
+static void check_u64tree_shape(uint64_t key_space, int steps)
+{
+    using Tree = U64Tree<L, I>;
+    Tree t;
+    std::map<uint64_t, uint64_t> ref;
+    auto dump = [&]() {
+        std::string s = "U64Tree<" + std::to_string(L) + "," + std::to_string(I) +
+                        "> size " + std::to_string(t.size()) + " vs " +
+                        std::to_string(ref.size()) + ":";
+        for (auto p = t.begin(); p != t.end(); p = t.next(p))
+            s += " " + std::to_string(t.key(p));
+        return s;
+    };
+    auto agree = [&](uint64_t k) {
+        auto lb = ref.lower_bound(k);
+        auto p = t.lower_bound(k);
+        CHECK(lb == ref.end() ? p == t.end() : p != t.end() && t.key(p) == lb->first, dump());
+        auto ub = ref.upper_bound(k);
+        p = t.upper_bound(k);
+        CHECK(ub == ref.end() ? p == t.end() : p != t.end() && t.key(p) == ub->first, dump());
+        p = t.floor(k);
+        if (ub == ref.begin()) {
+            CHECK(p == t.end(), dump());
+        } else {
+            CHECK(p != t.end() && t.key(p) == std::prev(ub)->first &&
+                      t.val(p) == std::prev(ub)->second,
+                  dump());
+            if (ub != ref.end())
+                CHECK(t.prev(t.upper_bound(k)) == p, dump());
+        }
+    };
+    for (int step = 0; step < steps; step++) {
+        uint64_t k = rnd(key_space), op = rnd(10);
+        if (op < 5) {
+            if (!ref.count(k)) {
+                size_t before = t.memory_bytes();
+                bool reserved = op == 0;
+                if (reserved)
+                    t.reserve(1);
+                size_t after_reserve = t.memory_bytes();
+                t.insert(k, k * 3);
+                ref[k] = k * 3;
+                CHECK(!reserved || t.memory_bytes() == after_reserve, dump());
+                (void)before;
+            }
+        } else if (op < 7) {
+            t.erase(k);
+            ref.erase(k);
+        } else if (op < 8) {
+            uint64_t e = k + rnd(key_space / 8 + 2);
+            t.erase_range(k, e);
+            ref.erase(ref.lower_bound(k), ref.lower_bound(e));
+        } else {
+            // A store's replace: [k, hi] gives way to up to two fresh entries.
+            uint64_t hi = k + rnd(16);
+            auto sp = t.span(k, hi);
+            uint64_t keys[2] = {k, hi}, vals[2] = {uint64_t(step), uint64_t(step) + 1};
+            unsigned n = unsigned(rnd(3));
+            if (n == 1 && rnd(2))
+                keys[0] = hi, vals[0] = step + 1;
+            if (n == 2 && k == hi)
+                n = 1;
+            t.replace(sp, k, hi, keys, vals, n);
+            ref.erase(ref.lower_bound(k), ref.upper_bound(hi));
+            for (unsigned i = 0; i < n; i++)
+                ref[keys[i]] = vals[i];
+        }
+        CHECK(t.size() == ref.size(), dump());
+        agree(rnd(key_space));
+        agree(k);
+        if (step % 97 == 0 || step == steps - 1) {
+            auto it = ref.begin();
+            size_t chained = 0;
+            for (const auto *l = t.begin().leaf; l; l = Tree::next_leaf(l)) {
+                CHECK(Tree::leaf_size(l) > 0, dump());
+                for (uint32_t s = 0; s < Tree::leaf_size(l); s++, it++, chained++)
+                    CHECK(it != ref.end() && Tree::leaf_keys(l)[s] == it->first &&
+                              Tree::leaf_vals(l)[s] == it->second,
+                          dump());
+            }
+            CHECK(chained == ref.size(), dump());
+            auto rit = ref.rbegin();
+            for (auto p = t.end(); rit != ref.rend(); rit++) {
+                p = t.prev(p);
+                CHECK(t.key(p) == rit->first, dump());
+            }
+        }
+    }
+    // reserve(n) covers n inserts however they split, from any shape.
+    for (int round = 0; round < 20; round++) {
+        size_t n = 1 + rnd(200);
+        t.reserve(n);
+        size_t reserved = t.memory_bytes();
+        for (size_t i = 0; i < n; i++) {
+            uint64_t k = rnd(key_space * 4);
+            if (!ref.count(k)) {
+                t.insert(k, 1);
+                ref[k] = 1;
+            }
+        }
+        CHECK(t.memory_bytes() == reserved && t.size() == ref.size(), dump());
+    }
+    t.erase_range(0, Tree::NONE);
+    CHECK(t.empty() && t.begin() == t.end(), dump());
+    t.insert(Tree::NONE - 1, 5); // the largest key there can be
+    CHECK(t.floor(7) == t.end() && t.key(t.floor(Tree::NONE)) == Tree::NONE - 1 &&
+              t.upper_bound(Tree::NONE - 2) == t.floor(Tree::NONE - 1),
+          dump());
+    t.erase(Tree::NONE - 1);
+    CHECK(t.empty(), dump());
+}
+
+static void check_u64tree()
+{
+    check_u64tree_shape<8, 8>(300, 20000);
+    check_u64tree_shape<8, 8>(100000, 40000);
+    check_u64tree_shape<64, 128>(1000000, 100000);
+    // Appending in key order fills every node: 16.4 bytes per entry, inner nodes included.
+    U64Tree<> t;
+    for (uint64_t k = 0; k < 1000000; k++)
+        t.insert(k, k);
+    CHECK(t.memory_bytes() < 16.4 * 1000000, std::to_string(t.memory_bytes()));
+    std::printf("check_u64tree: %zu bytes per entry appended\n", t.memory_bytes() / t.size());
 }
 
 /* check_interval_map - random stores against a flat array, with many runs. */
@@ -370,6 +504,7 @@ int main(int argc, char **argv)
         while ((2ul << size_order) <= pages)
             size_order++;
     }
+    check_u64tree();
     check_interval_map();
     check_physmem();
     check_alloc_many();
