@@ -672,7 +672,10 @@ void GuestMemfd::fill_holes(uint64_t start, uint64_t end,
                 try {
                     got.push_back({f.index, f.end()});
                 } catch (...) {
-                    pm_->free(cache_.remove(f.index).pfn, f.order);
+                    // The folio (or the pieces it was split into) goes back whole.
+                    cache_.remove_tiling(f.index, f.end());
+                    pm_->free_unchecked(f.pfn, f.order);
+                    stats_.folios_allocated--;
                     allocated--;
                     throw;
                 }
@@ -989,8 +992,6 @@ void GuestMemfd::set_attributes(uint64_t start, uint64_t end, uint64_t attrs)
         stats_.conversions_noop++;
         return;
     }
-    // Under "hugetlb", the buffer a merge reads a block's pieces into, taken now.
-    std::vector<Folio> pieces(hugetlb() && attrs == ATTR_PRIVATE ? huge_pages() : 0);
     // 3. To private: a folio pinned anywhere, or mapped by the host outside the range, is
     //    busy.  Checked before anything changes, then the range is unmapped.
     if (attrs == ATTR_PRIVATE) {
@@ -1057,7 +1058,7 @@ void GuestMemfd::set_attributes(uint64_t start, uint64_t end, uint64_t attrs)
     stats_.pages_converted += end - start;
     // 7. Under "hugetlb", blocks wholly private again are merged back.
     if (hugetlb() && attrs == ATTR_PRIVATE)
-        merge_after_unshare(start, end, pieces);
+        merge_after_unshare(start, end);
     arch_->attributes_set(*this, start, end, attrs);
     arch_->invalidate_end(*this, start, end);
 }

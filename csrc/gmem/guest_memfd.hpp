@@ -260,7 +260,7 @@ private:
     uint64_t huge_pages() const { return uint64_t(1) << folio_order_; }
     void split_huge(const Folio &f);
     std::vector<Folio> split_for_share(uint64_t start, uint64_t end);
-    void merge_after_unshare(uint64_t start, uint64_t end, std::vector<Folio> &pieces);
+    void merge_after_unshare(uint64_t start, uint64_t end);
     void split_if_shared(const Folio &f);
     void punch_huge(uint64_t start, uint64_t end);
     void touch(uint64_t start, uint64_t end);

@@ -132,7 +132,7 @@ std::vector<Folio> GuestMemfd::split_for_share(uint64_t start, uint64_t end)
  * by the next to-private conversion over the block; the poison, and so the block, stays
  * until the whole block leaves the file.
  */
-void GuestMemfd::merge_after_unshare(uint64_t start, uint64_t end, std::vector<Folio> &pieces)
+void GuestMemfd::merge_after_unshare(uint64_t start, uint64_t end)
 {
     for (uint64_t b = huge_block(start); b < end; b += huge_pages()) {
         Folio f;
@@ -143,28 +143,29 @@ void GuestMemfd::merge_after_unshare(uint64_t start, uint64_t end, std::vector<F
             stats_.merges_blocked++;
             continue;
         }
-        size_t n = cache_.folios(b, b + huge_pages(), pieces.data(), pieces.size());
-        uint64_t base = pieces[0].pfn;
-        bool whole = n == huge_pages() && base % huge_pages() == 0, any_up = false,
-             all_up = true;
-        for (size_t i = 0; i < n && whole; i++) {
-            whole = pieces[i].order == 0 && pieces[i].pfn == base + i;
-            any_up |= pieces[i].uptodate;
-            all_up &= pieces[i].uptodate;
-        }
-        if (!whole) { // the split left something else: never merge what is not one page
+        // The pieces, walked in place (no buffer: nothing here may allocate).
+        uint64_t base = f.pfn, n = 0;
+        bool whole = base % huge_pages() == 0, any_up = false, all_up = true;
+        cache_.for_each_clamped(b, b + huge_pages(), [&](const Folio &p, const PfnRange &) {
+            whole &= p.order == 0 && p.index == b + n && p.pfn == base + n;
+            any_up |= p.uptodate;
+            all_up &= p.uptodate;
+            n++;
+        });
+        if (!whole || n != huge_pages()) { // never merge what is not one huge page
             violations_.push_back(violation("split-block-contiguous", b, base,
                                             "the pieces of a split huge folio are not its "
                                             "pages, contiguous and aligned"));
             continue;
         }
         if (any_up && !all_up)
-            for (size_t i = 0; i < n; i++)
-                if (!pieces[i].uptodate) {
-                    pm_->fill(pieces[i].pfn, 1, 0);
-                    expected_.store(pieces[i].index, pieces[i].index + 1, 0);
-                    stats_.pages_zeroed++;
-                }
+            cache_.for_each_clamped(b, b + huge_pages(), [&](const Folio &p, const PfnRange &) {
+                if (p.uptodate)
+                    return;
+                pm_->fill(p.pfn, 1, 0);
+                expected_.store(p.index, p.index + 1, 0);
+                stats_.pages_zeroed++;
+            });
         cache_.merge(b, folio_order_, any_up);
         stats_.folio_merges++;
         arch_->merge_folio(*this, b, base, folio_order_);
