@@ -195,6 +195,20 @@ void bulk_op(GuestMemfd &f, Fn &&fn)
     }
 }
 
+/* guest_read_many / host_read_many: the tokens read at @indexes, as a new array. */
+py::array_t<uint64_t> read_many(GuestMemfd &f, py::handle indexes,
+                                void (GuestMemfd::*read)(const uint64_t *, size_t, uint64_t *,
+                                                         BulkCall &))
+{
+    u64_array index = to_index_array(indexes, "indexes");
+    size_t n = size_t(index.size());
+    py::array_t<uint64_t> token(static_cast<py::ssize_t>(n));
+    const uint64_t *ip = index.data();
+    uint64_t *tp = token.mutable_data();
+    bulk_op(f, [&](BulkCall &call) { (f.*read)(ip, n, tp, call); });
+    return token;
+}
+
 /* The indexes of a bulk call and, when it has them, its tokens: one length. */
 std::pair<u64_array, u64_array> indexes_and_tokens(py::handle i, py::handle t)
 {
@@ -455,27 +469,11 @@ void register_guest_memfd(py::module_ &m)
             py::arg("indexes"))
         .def(
             "guest_read_many",
-            [](GM &f, py::handle i) {
-                u64_array index = to_index_array(i, "indexes");
-                size_t n = size_t(index.size());
-                py::array_t<uint64_t> token(static_cast<py::ssize_t>(n));
-                const uint64_t *ip = index.data();
-                uint64_t *tp = token.mutable_data();
-                bulk_op(f, [&](BulkCall &call) { f.guest_read_many(ip, n, tp, call); });
-                return token;
-            },
+            [](GM &f, py::handle i) { return read_many(f, i, &GM::guest_read_many); },
             py::arg("indexes"))
         .def(
             "host_read_many",
-            [](GM &f, py::handle i) {
-                u64_array index = to_index_array(i, "indexes");
-                size_t n = size_t(index.size());
-                py::array_t<uint64_t> token(static_cast<py::ssize_t>(n));
-                const uint64_t *ip = index.data();
-                uint64_t *tp = token.mutable_data();
-                bulk_op(f, [&](BulkCall &call) { f.host_read_many(ip, n, tp, call); });
-                return token;
-            },
+            [](GM &f, py::handle i) { return read_many(f, i, &GM::host_read_many); },
             py::arg("indexes"))
         .def(
             "guest_write_many",

@@ -601,15 +601,9 @@ def table(s: Suite) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from gmem._progress import cpu_name
+
+    cpu = cpu_name()
     import os
 
     return (

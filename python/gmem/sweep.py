@@ -199,15 +199,9 @@ def _run_dask(
 
 def machine() -> str:
     """One line naming this machine, for captions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from gmem._progress import cpu_name
+
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
