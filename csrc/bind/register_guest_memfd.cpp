@@ -361,7 +361,8 @@ void register_guest_memfd(py::module_ &m)
                     throw py::type_error("huge_policy: must be 'none' or 'hugetlb'");
                 std::string pname = huge_policy.cast<std::string>();
                 if (pname != "none" && pname != "hugetlb")
-                    throw invalid("huge_policy", "must be 'none' or 'hugetlb', got '" + pname + "'");
+                    throw invalid("huge_policy",
+                                  "must be 'none' or 'hugetlb', got '" + pname + "'");
                 HugePolicy policy = pname == "hugetlb" ? HugePolicy::HugeTLB : HugePolicy::None;
                 std::shared_ptr<Arch> a = make_arch(arch);
                 ArchConfig cfg(*a, arch);

@@ -128,7 +128,10 @@ public:
     HookDesign hook_design() const { return design_; }
     HugePolicy huge_policy() const { return policy_; }
     /// Under "hugetlb": the huge block (2**folio_order pages) holding @index.
-    uint64_t huge_block(uint64_t index) const { return index & ~((uint64_t(1) << folio_order_) - 1); }
+    uint64_t huge_block(uint64_t index) const
+    {
+        return index & ~((uint64_t(1) << folio_order_) - 1);
+    }
     bool closed() const { return closed_; }
     PhysMem &physmem() { return *pm_; }
     const PhysMem &physmem() const { return *pm_; }
