@@ -166,7 +166,19 @@ public:
         if (!root_) {
             Leaf *l = take_leaf();
             l->next = nullptr;
-            root_ = head_ = l;
+            root_ = head_ = tail_ = l;
+        }
+        // Past the last key, with room in the last leaf: no descent.  The last leaf has
+        // no upper bound, so this is where the search would end.  A file filled front to
+        // back descends once per leaf instead of once per key.
+        if (tail_->key[LeafCap - 1] == NONE) {
+            uint32_t n = nr(tail_);
+            if (n && k > tail_->key[n - 1]) {
+                tail_->key[n] = k;
+                tail_->val[n] = v;
+                size_++;
+                return;
+            }
         }
         Path path;
         Leaf *l = descend(k, &path, nullptr);
@@ -182,6 +194,8 @@ public:
             Leaf *r = take_leaf();
             r->next = l->next;
             l->next = r;
+            if (tail_ == l)
+                tail_ = r;
             if (s == LeafCap) {
                 // Appending past a full leaf: start a new one, keep this one full.
                 leaf_put(r, 0, 0, k, v);
@@ -294,7 +308,7 @@ public:
         if (root_)
             free_subtree(root_, height_);
         root_ = nullptr;
-        head_ = nullptr;
+        head_ = tail_ = nullptr;
         height_ = 0;
         size_ = 0;
         nr_leaves_ = nr_inners_ = 0;
@@ -304,6 +318,7 @@ public:
     {
         std::swap(a.root_, b.root_);
         std::swap(a.head_, b.head_);
+        std::swap(a.tail_, b.tail_);
         std::swap(a.height_, b.height_);
         std::swap(a.size_, b.size_);
         std::swap(a.nr_leaves_, b.nr_leaves_);
@@ -342,6 +357,7 @@ public:
 private:
     void *root_ = nullptr; // a Leaf when height_ == 0, else an Inner
     Leaf *head_ = nullptr; // the first leaf of the chain
+    Leaf *tail_ = nullptr; // and the last
     unsigned height_ = 0;  // inner levels above the leaves
     size_t size_ = 0;
     size_t nr_leaves_ = 0, nr_inners_ = 0;
@@ -536,6 +552,8 @@ private:
                 pred->next = l->next;
             else
                 head_ = l->next;
+            if (tail_ == l)
+                tail_ = pred;
             free_leaf(l);
             inner_drop(p, j);
         } else if (j + 1 < p->n &&
@@ -558,6 +576,8 @@ private:
         std::memcpy(l->key + nl, r->key, nr_ * sizeof(uint64_t));
         std::memcpy(l->val + nl, r->val, nr_ * sizeof(uint64_t));
         l->next = r->next;
+        if (tail_ == r)
+            tail_ = l;
         free_leaf(r);
     }
 

@@ -131,6 +131,8 @@ static void check_u64tree_shape(uint64_t key_space, int steps)
     };
     for (int step = 0; step < steps; step++) {
         uint64_t k = rnd(key_space), op = rnd(10);
+        if (op == 1 && !ref.empty() && ref.rbegin()->first < key_space * 2)
+            k = ref.rbegin()->first + 1 + rnd(3); // past the last key: the tail fast path
         if (op < 5) {
             if (!ref.count(k)) {
                 size_t before = t.memory_bytes();
