@@ -9,7 +9,8 @@
 //
 //     folio_file_pfn(folio, i) = folio.pfn + (i & (2**o - 1))
 //
-// Each folio is 16 bytes: its index as the tree key, and one packed word
+// Each folio is 12 bytes in the tree's leaves: its index as the key (a 32-bit offset from
+// the leaf's base), and one packed word
 //
 //     bit 63..58  57        56..52   51..0
 //         unused  uptodate  order    pfn
@@ -148,11 +149,12 @@ public:
         auto p = first_overlapping(start);
         uint32_t s = p.slot;
         for (const Tree::Leaf *l = p.leaf; l; l = Tree::next_leaf(l), s = 0) {
-            const uint64_t *keys = Tree::leaf_keys(l), *vals = Tree::leaf_vals(l);
+            const uint64_t base = Tree::leaf_base(l), *vals = Tree::leaf_vals(l);
+            const uint32_t *offs = Tree::leaf_offs(l);
             for (uint32_t cnt = Tree::leaf_size(l); s < cnt; s++) {
-                if (keys[s] >= end)
+                if (base + offs[s] >= end)
                     return;
-                Folio f = unpack(keys[s], vals[s]);
+                Folio f = unpack(base + offs[s], vals[s]);
                 fn(f, clamp(f, start, end));
             }
         }

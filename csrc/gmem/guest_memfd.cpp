@@ -611,17 +611,27 @@ void GuestMemfd::fallocate(uint64_t start, uint64_t end)
     // even for 2**28 folios, and enough to give them all back.
     std::vector<std::pair<uint64_t, uint64_t>> got;
     uint64_t allocated = 0, splits = stats_.folio_splits;
+    // Headroom for the undo: giving pages back can allocate (a bitmap for a group that
+    // had no free page), and the undo runs when the host has just run out of memory.
+    std::unique_ptr<char[]> headroom(new char[UNDO_HEADROOM]);
     auto give_back = [&] {
+        headroom.reset();
         // The buddy allocator's free state depends only on which pages are free, so
         // freeing in any order restores it exactly.
-        // Each run is tiled by this call's folios: one walk to free, one erase.
+        // Each run is tiled by this call's folios.  They leave the page cache a chunk at a
+        // time before their pages go back, so that the tree nodes released serve what
+        // freeing the pages allocates, together with the headroom.
+        Folio chunk[1024];
         for (const auto &run : got) {
-            if (run.first >= run.second)
-                continue;
-            cache_.for_each_clamped(run.first, run.second, [&](const Folio &f, const PfnRange &) {
-                pm_->free_unchecked(f.pfn, f.order);
-            });
-            cache_.remove_tiling(run.first, run.second);
+            for (uint64_t at = run.first; at < run.second;) {
+                size_t n = cache_.folios(at, run.second, chunk, 1024);
+                if (!n)
+                    break;
+                cache_.remove_consecutive(chunk, n);
+                for (size_t i = 0; i < n; i++)
+                    pm_->free_unchecked(chunk[i].pfn, chunk[i].order);
+                at = chunk[n - 1].end();
+            }
         }
         stats_.folios_allocated -= allocated;
         stats_.folio_splits = splits; // new huge folios split for shared pages: gone again

@@ -43,7 +43,7 @@ constexpr uint64_t PAGE_SIZE = 4096;
 constexpr size_t RELEASE_CHUNK = 65536;
 /// What one folio costs the page cache in host memory, at least: a request that needs more
 /// than the host has available is refused up front instead of exhausting it.
-constexpr uint64_t FOLIO_BYTES = 16;
+constexpr uint64_t FOLIO_BYTES = 12; // 12.5 in full leaves
 /// The largest file (in pages) that gets a PhysMem of its own when none is given.
 constexpr uint64_t DEFAULT_PHYSMEM_LIMIT = uint64_t(1) << 40;
 enum : uint64_t { FLAG_MMAP = 1, FLAG_INIT_SHARED = 2 };

@@ -14,6 +14,11 @@ namespace gmem {
 /// Requests below this many bytes fit without asking (reading /proc costs microseconds).
 constexpr uint64_t SMALL_REQUEST = uint64_t(64) << 20;
 
+/// Heap an all-or-nothing operation sets aside before it starts and releases when it must
+/// undo itself after the host ran out: the undo's own allocations (bitmaps for page
+/// groups given back) then find room.
+constexpr uint64_t UNDO_HEADROOM = uint64_t(64) << 10;
+
 /// MemAvailable in bytes, capped by what RLIMIT_AS leaves this process (UINT64_MAX when
 /// neither can be read).
 uint64_t host_memory_available();

@@ -5,7 +5,9 @@
 //
 // A B+ tree with small leaves.  Leaves hold up to LeafCap (64) entries, keys in one array
 // and values in the next, and are chained in key order for walks; inner nodes hold up to
-// InnerCap (128) children and the separators between them:
+// InnerCap (128) children and the separators between them.  A leaf stores each key as a
+// 32-bit offset from its own 64-bit base, so an entry costs 12 bytes, not 16, and the keys
+// a search reads fit in four cache lines:
 //
 //                      root [ sep 4096 | sep 9000 ]
 //                         /          |          \_
@@ -14,14 +16,18 @@
 // Every key of child i is >= sep[i - 1] and < sep[i].  A separator is the first key of
 // its right child when it is made (a split), and only a bound afterwards: erasing a
 // leaf's first key leaves it in place, so a leaf's first key may sit above its fence.
-// Unused key slots of a leaf hold NONE (no key is NONE), so a leaf needs no count.
+// Unused key slots of a leaf hold NONE32 (no offset is NONE32), so a leaf needs no count.
+// The keys of a leaf lie within [base, base + 2**32 - 2]: a key that does not fit (only a
+// sparse key set has one) gets a leaf of its own at the end of the leaf it falls beside,
+// and two leaves merge only when their keys fit one base.
 //
 // A lookup reads one inner node per level, prefetching the separators (or the leaf) below
 // before it searches them, so that their cache lines arrive in parallel rather than one
 // per step of the binary search; 10**6 entries make two inner levels.  Inserting into a
 // full node splits it in O(log n); a key past the end of a full node starts a new node
-// instead, so a file populated front to back fills every node: 16.4 bytes per entry,
-// inner nodes included.  Erasing merges a small node into a neighbour when both fit in
+// instead, so a file populated front to back fills every node: 12.5 bytes per entry,
+// inner nodes included.  A key past the last one goes straight into the last leaf while it
+// has room, without a descent.  Erasing merges a small node into a neighbour when both fit in
 // half a node, and drops empty nodes.
 //
 // reserve(n) keeps spare nodes so that the next n inserts cannot fail on allocation
@@ -43,10 +49,15 @@ class U64Tree {
     static_assert(LeafCap >= 8 && InnerCap >= 8, "nodes must hold a handful of entries");
 
 public:
-    /// Keys past a leaf's last entry are NONE, so a leaf needs no count (1032 bytes).
+    /// No key is NONE.
     static constexpr uint64_t NONE = ~uint64_t(0);
+    /// Offsets past a leaf's last entry are NONE32, so a leaf needs no count (784 bytes).
+    static constexpr uint32_t NONE32 = ~uint32_t(0);
+    /// Keys of one leaf lie within [base, base + SPAN).
+    static constexpr uint64_t SPAN = NONE32;
     struct Leaf {
-        uint64_t key[LeafCap];
+        uint64_t base;
+        uint32_t off[LeafCap]; // key - base
         uint64_t val[LeafCap];
         Leaf *next;
     };
@@ -98,13 +109,13 @@ public:
     Pos end() const { return Pos{nullptr, 0}; }
     Pos begin() const { return size_ ? Pos{head_, 0} : end(); }
 
-    uint64_t key(Pos p) const { return p.leaf->key[p.slot]; }
+    uint64_t key(Pos p) const { return p.leaf->base + p.leaf->off[p.slot]; }
     uint64_t val(Pos p) const { return p.leaf->val[p.slot]; }
     void set_val(Pos p, uint64_t v) { p.leaf->val[p.slot] = v; }
 
     Pos next(Pos p) const
     {
-        if (++p.slot < LeafCap && p.leaf->key[p.slot] != NONE)
+        if (++p.slot < LeafCap && p.leaf->off[p.slot] != NONE32)
             return p;
         return Pos{p.leaf->next, 0}; // leaves in the chain are never empty
     }
@@ -114,13 +125,14 @@ public:
     {
         if (p.leaf && p.slot > 0)
             return Pos{p.leaf, p.slot - 1};
-        return floor(p.leaf ? p.leaf->key[0] - 1 : ~uint64_t(0));
+        return floor(p.leaf ? first_key(p.leaf) - 1 : ~uint64_t(0));
     }
 
     /// Raw leaf access for tight loops: the leaf after @l (nullptr at the end), and the
-    /// @leaf_size(l) keys and values of @l.
+    /// @leaf_size(l) entries of @l: key i is leaf_base(l) + leaf_offs(l)[i].
     static const Leaf *next_leaf(const Leaf *l) { return l->next; }
-    static const uint64_t *leaf_keys(const Leaf *l) { return l->key; }
+    static uint64_t leaf_base(const Leaf *l) { return l->base; }
+    static const uint32_t *leaf_offs(const Leaf *l) { return l->off; }
     static const uint64_t *leaf_vals(const Leaf *l) { return l->val; }
     static uint32_t leaf_size(const Leaf *l) { return nr(l); }
 
@@ -130,8 +142,8 @@ public:
         if (!size_)
             return end();
         Leaf *l = find_leaf(k);
-        uint32_t s = rank_lt(l->key, LeafCap, k);
-        return s < LeafCap && l->key[s] != NONE ? Pos{l, s} : Pos{l->next, 0};
+        uint32_t s = rank_lt(l, 0, LeafCap, k);
+        return s < LeafCap && l->off[s] != NONE32 ? Pos{l, s} : Pos{l->next, 0};
     }
 
     /// First entry whose key is > @k.
@@ -148,7 +160,7 @@ public:
         if (k == NONE)
             k--; // no key is NONE
         Leaf *l = find_leaf(k);
-        uint32_t s = rank_le(l->key, LeafCap, k);
+        uint32_t s = rank_le(l, 0, LeafCap, k);
         if (s)
             return Pos{l, s - 1};
         // Every key of the leaf is above @k (its fence is stale): the entry is the last
@@ -171,10 +183,10 @@ public:
         // Past the last key, with room in the last leaf: no descent.  The last leaf has
         // no upper bound, so this is where the search would end.  A file filled front to
         // back descends once per leaf instead of once per key.
-        if (tail_->key[LeafCap - 1] == NONE) {
+        if (tail_->off[LeafCap - 1] == NONE32) {
             uint32_t n = nr(tail_);
-            if (n && k > tail_->key[n - 1]) {
-                tail_->key[n] = k;
+            if (n && k > tail_->base + tail_->off[n - 1] && k - tail_->base < SPAN) {
+                tail_->off[n] = uint32_t(k - tail_->base);
                 tail_->val[n] = v;
                 size_++;
                 return;
@@ -182,20 +194,29 @@ public:
         }
         Path path;
         Leaf *l = descend(k, &path, nullptr);
-        uint32_t n = nr(l), s = rank_lt(l->key, n, k);
+        uint32_t n = nr(l), s = rank_lt(l, 0, n, k);
+        if (!fit(l, n, k, k)) {
+            // Too far from the leaf's keys for one base: @k gets a leaf of its own.  It
+            // lies past every key of the leaf (s == n) or before every one (s == 0).
+            Leaf *r = take_leaf_after(path, l);
+            if (s == n) {
+                leaf_put(r, 0, 0, k, v);
+                size_++;
+                add_child(path, height_, k, r);
+                return;
+            }
+            // Before every key: the entries move to the new leaf, @k stays here alone.
+            r->base = l->base;
+            std::memcpy(r->off, l->off, n * sizeof(uint32_t));
+            std::memcpy(r->val, l->val, n * sizeof(uint64_t));
+            std::fill(l->off, l->off + LeafCap, NONE32);
+            leaf_put(l, 0, 0, k, v);
+            size_++;
+            add_child(path, height_, first_key(r), r);
+            return;
+        }
         if (n == LeafCap) {
-            // Every node the split will take, taken before anything changes: an insert
-            // that throws std::bad_alloc leaves the tree as it was.
-            unsigned full = 0;
-            while (full < height_ && path.node[height_ - 1 - full]->n == InnerCap)
-                full++;
-            top_up(spare_leaves_, 1);
-            top_up(spare_inners_, full + (full == height_));
-            Leaf *r = take_leaf();
-            r->next = l->next;
-            l->next = r;
-            if (tail_ == l)
-                tail_ = r;
+            Leaf *r = take_leaf_after(path, l);
             if (s == LeafCap) {
                 // Appending past a full leaf: start a new one, keep this one full.
                 leaf_put(r, 0, 0, k, v);
@@ -204,10 +225,12 @@ public:
                 return;
             }
             uint32_t keep = LeafCap / 2;
-            std::memcpy(r->key, l->key + keep, (LeafCap - keep) * sizeof(uint64_t));
+            uint64_t sep = l->base + l->off[keep];
+            r->base = sep;
+            for (uint32_t i = keep; i < LeafCap; i++)
+                r->off[i - keep] = uint32_t(l->base + l->off[i] - sep);
             std::memcpy(r->val, l->val + keep, (LeafCap - keep) * sizeof(uint64_t));
-            std::fill(l->key + keep, l->key + LeafCap, NONE);
-            uint64_t sep = r->key[0];
+            std::fill(l->off + keep, l->off + LeafCap, NONE32);
             if (s > keep)
                 leaf_put(r, LeafCap - keep, s - keep, k, v);
             else
@@ -233,12 +256,10 @@ public:
         uint64_t upper = 0;
         bool bounded = false;
         Leaf *l = descend(lo, nullptr, &upper, &bounded);
-        uint32_t s = rank_lt(l->key, LeafCap, lo);
-        if (!bounded || hi < upper) { // every key <= hi that is >= lo lives in this leaf
-            uint64_t last = hi == NONE ? NONE - 1 : hi;
-            return Span{Pos{l, s}, Pos{l, s + rank_le(l->key + s, LeafCap - s, last)}, true};
-        }
-        Pos a = s < LeafCap && l->key[s] != NONE ? Pos{l, s} : Pos{l->next, 0};
+        uint32_t s = rank_lt(l, 0, LeafCap, lo);
+        if (!bounded || hi < upper) // every key <= hi that is >= lo lives in this leaf
+            return Span{Pos{l, s}, Pos{l, s + rank_le(l, s, LeafCap - s, hi)}, true};
+        Pos a = s < LeafCap && l->off[s] != NONE32 ? Pos{l, s} : Pos{l->next, 0};
         return Span{a, upper_bound(hi), false};
     }
 
@@ -254,15 +275,16 @@ public:
             Leaf &l = *sp.a.leaf;
             uint32_t from = sp.a.slot, to = sp.b.slot, was = nr(&l);
             uint32_t n = was - (to - from) + k;
-            if (n <= LeafCap && n > 0) {
+            // fit() may move the base, which keeps every slot where it is.
+            if (n <= LeafCap && n > 0 && (!k || fit(&l, was, keys[0], keys[k - 1]))) {
                 uint32_t tail = was - to;
-                std::memmove(l.key + from + k, l.key + to, tail * sizeof(uint64_t));
+                std::memmove(l.off + from + k, l.off + to, tail * sizeof(uint32_t));
                 std::memmove(l.val + from + k, l.val + to, tail * sizeof(uint64_t));
                 for (unsigned i = 0; i < k; i++) {
-                    l.key[from + i] = keys[i];
+                    l.off[from + i] = uint32_t(keys[i] - l.base);
                     l.val[from + i] = vals[i];
                 }
-                std::fill(l.key + n, l.key + std::max(n, was), NONE);
+                std::fill(l.off + n, l.off + std::max(n, was), NONE32);
                 size_ = size_ - (to - from) + k;
                 return;
             }
@@ -279,15 +301,15 @@ public:
         while (lo < hi && size_) {
             Path path;
             Leaf *l = descend(lo, &path, nullptr);
-            uint32_t n = nr(l), s = rank_lt(l->key, n, lo);
+            uint32_t n = nr(l), s = rank_lt(l, 0, n, lo);
             if (s == n) {
-                if (!l->next || l->next->key[0] >= hi)
+                if (!l->next || first_key(l->next) >= hi)
                     return;
-                l = descend(l->next->key[0], &path, nullptr);
+                l = descend(first_key(l->next), &path, nullptr);
                 n = nr(l);
                 s = 0;
             }
-            uint32_t t = s + rank_lt(l->key + s, n - s, hi);
+            uint32_t t = s + rank_lt(l, s, n - s, hi);
             if (t == s)
                 return;
             cut(l, n, s, t);
@@ -364,12 +386,13 @@ private:
     std::vector<Leaf *> spare_leaves_; // reserved nodes
     std::vector<Inner *> spare_inners_;
 
-    /* Number of the @n sorted keys at @a that are <= @k: a branch-free binary search. */
-    static uint32_t rank_le(const uint64_t *a, uint32_t n, uint64_t k)
+    /* Number of the @n sorted values at @a that are <= @k: a branch-free binary search. */
+    template <class T>
+    static uint32_t rank_le(const T *a, uint32_t n, T k)
     {
         if (!n)
             return 0;
-        const uint64_t *base = a;
+        const T *base = a;
         while (n > 1) {
             uint32_t half = n / 2;
             base = base[half - 1] <= k ? base + half : base;
@@ -377,9 +400,46 @@ private:
         }
         return uint32_t(base - a) + (*base <= k);
     }
-    static uint32_t rank_lt(const uint64_t *a, uint32_t n, uint64_t k)
+
+    /* Number of the @n keys of leaf @l from slot @from on that are <= @k (or < @k). */
+    static uint32_t rank_le(const Leaf *l, uint32_t from, uint32_t n, uint64_t k)
     {
-        return k ? rank_le(a, n, k - 1) : 0;
+        if (k < l->base)
+            return 0;
+        // Offsets of entries are below NONE32: a key past the leaf's span counts them all.
+        uint64_t d = k - l->base;
+        return rank_le(l->off + from, n, uint32_t(d < SPAN ? d : SPAN - 1));
+    }
+    static uint32_t rank_lt(const Leaf *l, uint32_t from, uint32_t n, uint64_t k)
+    {
+        return k ? rank_le(l, from, n, k - 1) : 0;
+    }
+
+    static uint64_t first_key(const Leaf *l) { return l->base + l->off[0]; }
+
+    /*
+     * fit - make the keys @a..@b (a <= b) expressible in leaf @l, which holds @n entries,
+     * moving the base when that is enough: down to @a, or up to the first key.  False
+     * when the leaf's keys and @a..@b span 2**32 - 1 or more; then @l is unchanged.
+     */
+    static bool fit(Leaf *l, uint32_t n, uint64_t a, uint64_t b)
+    {
+        if (a >= l->base && b - l->base < SPAN)
+            return true;
+        uint64_t lo = n ? std::min(a, first_key(l)) : a;
+        uint64_t hi = n ? std::max(b, l->base + l->off[n - 1]) : b;
+        if (hi - lo >= SPAN)
+            return false;
+        rebase(l, n, lo);
+        return true;
+    }
+
+    // Express the @n keys of @l from base @b (<= every key, and within SPAN of all).
+    static void rebase(Leaf *l, uint32_t n, uint64_t b)
+    {
+        for (uint32_t i = 0; i < n; i++)
+            l->off[i] = uint32_t(l->base + l->off[i] - b);
+        l->base = b;
     }
 
     // Ask for the cache lines of the first @bytes at @p before they are searched.
@@ -396,7 +456,7 @@ private:
         for (unsigned d = height_; d > 0; d--) {
             const Inner *in = static_cast<const Inner *>(node);
             node = in->child[rank_le(in->sep, uint32_t(in->n - 1), k)];
-            prefetch(node, d > 1 ? offsetof(Inner, child) : sizeof(Leaf::key) + sizeof(Leaf::val));
+            prefetch(node, d > 1 ? offsetof(Inner, child) : offsetof(Leaf, next));
         }
         return static_cast<Leaf *>(node);
     }
@@ -424,7 +484,7 @@ private:
             if (d + 1 < height_) // the count and the separators, not the child pointers
                 prefetch(node, offsetof(Inner, child));
             else
-                prefetch(node, sizeof(Leaf::key) + sizeof(Leaf::val));
+                prefetch(node, offsetof(Leaf, next));
         }
         return static_cast<Leaf *>(node);
     }
@@ -445,16 +505,39 @@ private:
         return nullptr;
     }
 
-    // Number of entries of leaf @l: the keys before the first NONE.
-    static uint32_t nr(const Leaf *l) { return rank_le(l->key, LeafCap, NONE - 1); }
+    // Number of entries of leaf @l: the offsets before the first NONE32.
+    static uint32_t nr(const Leaf *l) { return rank_le(l->off, LeafCap, NONE32 - 1); }
 
-    // Put (@k, @v) at slot @s of leaf @l, which holds @n < LeafCap entries.
+    // Put (@k, @v) at slot @s of leaf @l, which holds @n < LeafCap entries and can
+    // express @k (fit(); a leaf with none takes @k as its base).
     static void leaf_put(Leaf *l, uint32_t n, uint32_t s, uint64_t k, uint64_t v)
     {
-        std::memmove(l->key + s + 1, l->key + s, (n - s) * sizeof(uint64_t));
+        if (!n)
+            l->base = k;
+        std::memmove(l->off + s + 1, l->off + s, (n - s) * sizeof(uint32_t));
         std::memmove(l->val + s + 1, l->val + s, (n - s) * sizeof(uint64_t));
-        l->key[s] = k;
+        l->off[s] = uint32_t(k - l->base);
         l->val[s] = v;
+    }
+
+    /*
+     * take_leaf_after - a fresh leaf chained right after @l (reached by @path), taking
+     * first every node that adding it to the parents can need: an insert that throws
+     * std::bad_alloc leaves the tree as it was.
+     */
+    Leaf *take_leaf_after(const Path &path, Leaf *l)
+    {
+        unsigned full = 0;
+        while (full < height_ && path.node[height_ - 1 - full]->n == InnerCap)
+            full++;
+        top_up(spare_leaves_, 1);
+        top_up(spare_inners_, full + (full == height_));
+        Leaf *r = take_leaf();
+        r->next = l->next;
+        l->next = r;
+        if (tail_ == l)
+            tail_ = r;
+        return r;
     }
 
     static void inner_put(Inner *in, uint32_t j, uint64_t sep, void *child)
@@ -516,9 +599,9 @@ private:
     // Drop slots [@from, @to) of leaf @l, which holds @n entries.
     void cut(Leaf *l, uint32_t n, uint32_t from, uint32_t to)
     {
-        std::memmove(l->key + from, l->key + to, (n - to) * sizeof(uint64_t));
+        std::memmove(l->off + from, l->off + to, (n - to) * sizeof(uint32_t));
         std::memmove(l->val + from, l->val + to, (n - to) * sizeof(uint64_t));
-        std::fill(l->key + n - (to - from), l->key + n, NONE);
+        std::fill(l->off + n - (to - from), l->off + n, NONE32);
         size_ -= to - from;
     }
 
@@ -540,13 +623,13 @@ private:
     void settle_leaf(const Path &path, Leaf *l)
     {
         if (height_ == 0) {
-            if (l->key[0] == NONE)
+            if (l->off[0] == NONE32)
                 clear();
             return;
         }
         Inner *p = path.node[height_ - 1];
         uint32_t j = path.slot[height_ - 1];
-        if (l->key[0] == NONE) {
+        if (l->off[0] == NONE32) {
             Leaf *pred = pred_leaf(path);
             if (pred)
                 pred->next = l->next;
@@ -556,11 +639,10 @@ private:
                 tail_ = pred;
             free_leaf(l);
             inner_drop(p, j);
-        } else if (j + 1 < p->n &&
-                   nr(l) + nr(static_cast<Leaf *>(p->child[j + 1])) <= LeafCap / 2) {
+        } else if (j + 1 < p->n && mergeable(l, static_cast<Leaf *>(p->child[j + 1]))) {
             merge_leaves(l, static_cast<Leaf *>(p->child[j + 1]));
             inner_drop(p, j + 1);
-        } else if (j > 0 && nr(static_cast<Leaf *>(p->child[j - 1])) + nr(l) <= LeafCap / 2) {
+        } else if (j > 0 && mergeable(static_cast<Leaf *>(p->child[j - 1]), l)) {
             merge_leaves(static_cast<Leaf *>(p->child[j - 1]), l);
             inner_drop(p, j);
         } else {
@@ -569,11 +651,20 @@ private:
         settle_inner(path, height_ - 1);
     }
 
-    // Move the entries of @r into @l, the leaf before it, and free @r.
+    // Whether leaf @l and @r, the leaf after it, fit in half a leaf with one base.
+    static bool mergeable(const Leaf *l, const Leaf *r)
+    {
+        uint32_t nl = nr(l), nr_ = nr(r);
+        return nl + nr_ <= LeafCap / 2 && r->base + r->off[nr_ - 1] - first_key(l) < SPAN;
+    }
+
+    // Move the entries of @r into @l, the leaf before it (mergeable()), and free @r.
     void merge_leaves(Leaf *l, Leaf *r)
     {
         uint32_t nl = nr(l), nr_ = nr(r);
-        std::memcpy(l->key + nl, r->key, nr_ * sizeof(uint64_t));
+        rebase(l, nl, first_key(l));
+        for (uint32_t i = 0; i < nr_; i++)
+            l->off[nl + i] = uint32_t(r->base + r->off[i] - l->base);
         std::memcpy(l->val + nl, r->val, nr_ * sizeof(uint64_t));
         l->next = r->next;
         if (tail_ == r)
@@ -647,7 +738,8 @@ private:
             l = spare_leaves_.back(); // reserved: cannot fail
             spare_leaves_.pop_back();
         }
-        std::fill(l->key, l->key + LeafCap, NONE);
+        l->base = 0;
+        std::fill(l->off, l->off + LeafCap, NONE32);
         nr_leaves_++;
         return l;
     }
