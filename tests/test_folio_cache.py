@@ -300,3 +300,26 @@ def test_clamp_folio_ranges_near_the_top_of_u64(impl) -> None:
         impl.clamp_folio_ranges([2**64 - 1], [0], [0], 0, 1)
     with pytest.raises(ValueError, match="folio 1 .*overlaps"):
         impl.clamp_folio_ranges([top, top + 4], [3, 0], [0, 0], 0, 1)
+
+
+@IMPLS
+@pytest.mark.parametrize("bad_at", [1, 511, 512, 513, 1500, 1999])
+@pytest.mark.parametrize("fault", ["overlap", "order", "pfn"])
+def test_clamp_folio_ranges_finds_a_bad_folio_anywhere(impl, bad_at: int, fault: str) -> None:
+    """The engine checks the layout a block of folios at a time: a fault in any block, and
+    an overlap across a block boundary, is named by its folio."""
+    n = 2000
+    index = np.arange(n, dtype=np.uint64) * np.uint64(4)
+    order = np.full(n, 2, dtype=np.uint64)
+    pfn = np.arange(n, dtype=np.uint64)[::-1] * np.uint64(4)
+    full = impl.clamp_folio_ranges(index, order, pfn, 0, 4 * n)
+    assert full.tolist() == [[int(p), int(p) + 4] for p in pfn]
+    if fault == "overlap":
+        index[bad_at] -= np.uint64(2)
+        order[bad_at] = 1
+    elif fault == "order":
+        order[bad_at] = 19
+    else:
+        pfn[bad_at] += np.uint64(1)
+    with pytest.raises(ValueError, match=f"folio {bad_at} "):
+        impl.clamp_folio_ranges(index, order, pfn, 4 * (n - 3), 4 * n)

@@ -383,32 +383,42 @@ void clamp_folio_ranges(const uint64_t *index, const uint64_t *order, const uint
                         size_t n, size_t first, size_t count, uint64_t start, uint64_t end,
                         PfnRange *out)
 {
-    // One pass validates every folio and clamps those in [first, first + count).  The
-    // common case is one cheap test per folio; anything unusual (a bad folio, or values
-    // near 2**64 that need the overflow checks) goes to the exact check, which throws
-    // naming the folio when it really is wrong.
+    // One pass over the layout, a block at a time: every check of a folio is folded into
+    // one flag with no branch per folio, then the block's folios in [first, first + count)
+    // are clamped while they are still in cache.  A flagged block (a bad folio, or values
+    // near 2**64 that need the overflow checks) is checked exactly, which throws naming
+    // the folio when it really is wrong.
+    constexpr size_t BLOCK = 512;
     uint64_t prev_end = 0;
-    auto check = [&](size_t i) -> uint64_t { // returns the folio's page count
-        uint64_t o = order[i], idx = index[i], p = pfn[i];
-        if (o > MAX_ORDER)
-            check_layout_folio(index, order, pfn, i); // throws
-        uint64_t nr = uint64_t(1) << o;
-        if ((((idx | p) & (nr - 1)) | ((idx | p) >> 62)) || (i && idx < prev_end))
-            check_layout_folio(index, order, pfn, i);
-        prev_end = idx + nr;
-        return nr;
-    };
-    for (size_t i = 0; i < first; i++)
-        check(i);
-    for (size_t i = first; i < first + count; i++) {
-        uint64_t nr = check(i);
-        uint64_t si = index[i] > start ? index[i] : start;
-        uint64_t ei = prev_end < end ? prev_end : end;
-        uint64_t sp = pfn[i] + (si & (nr - 1));
+    for (size_t b = 0; b < n; b += BLOCK) {
+        size_t e = std::min(n, b + BLOCK);
+        uint64_t bad = 0;
+        for (size_t i = b; i < e; i++) {
+            uint64_t o = order[i], idx = index[i], p = pfn[i];
+            uint64_t nr = uint64_t(1) << (o & 31);
+            bad |= uint64_t(o > MAX_ORDER) | ((idx | p) & (nr - 1)) | ((idx | p) >> 62) |
+                   uint64_t(idx < prev_end);
+            prev_end = idx + nr;
+        }
+        if (bad)
+            for (size_t i = b; i < e; i++)
+                if (!layout_folio_ok(index, order, pfn, i))
+                    check_layout_folio(index, order, pfn, i);
+        // Only the first and the last folio of the range can cross its edges.
+        size_t lo = std::max(b, first), hi = std::min(e, first + count);
+        for (size_t i = lo; i < hi; i++) {
+            uint64_t p = pfn[i];
+            out[i - first] = PfnRange{p, p + (uint64_t(1) << order[i])};
+        }
+    }
+    for (size_t i : {first, first + count - 1}) {
+        if (!count)
+            break;
+        uint64_t idx = index[i], nr = uint64_t(1) << order[i];
+        uint64_t si = idx > start ? idx : start, ei = idx + nr < end ? idx + nr : end;
+        uint64_t sp = pfn[i] + (si - idx);
         out[i - first] = PfnRange{sp, sp + (ei - si)};
     }
-    for (size_t i = first + count; i < n; i++)
-        check(i);
 }
 
 } // namespace gmem
