@@ -36,3 +36,20 @@ def test_memory_per_folio(benchmark, label, size, order) -> None:
     )
     assert per_folio < 16.5
     f.close()
+
+
+def test_host_load_latency_probe() -> None:
+    """The figure gmem bench quotes beside its cold rows: a positive time per load, and a
+    clear error for sizes it will not allocate."""
+    from gmem import _core, bench
+
+    ns = _core._host_load_latency_ns(1 << 16, 1 << 12)
+    assert 0 < ns < 1e6
+    with pytest.raises(ValueError, match="bytes"):
+        _core._host_load_latency_ns(1 << 31, 10)
+    with pytest.raises(ValueError, match="steps"):
+        _core._host_load_latency_ns(1 << 16, 1 << 27)
+    s = bench.Suite()
+    bench.bench_host(s)
+    assert s.figures["host_load_latency_64mib_ns"] > 0
+    assert "a dependent load costs" in bench.table(s)

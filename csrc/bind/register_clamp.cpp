@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
-// register_clamp.cpp - binds clamp_folio_ranges and the exhaustive PFN-walk check.
+// register_clamp.cpp - binds clamp_folio_ranges, the exhaustive PFN-walk check and the host
+// load-latency probe that gmem bench quotes beside its cold figures.
 #include "common.hpp"
+#include "gmem/host.hpp"
 #include "gmem/pfn_check.hpp"
 
 namespace gmem_bind __attribute__((visibility("hidden"))) {
@@ -10,6 +12,19 @@ namespace {
 
 void register_clamp(py::module_ &m)
 {
+    m.def(
+        "_host_load_latency_ns",
+        [](py::handle b, py::handle s) {
+            uint64_t bytes = to_u64(b, "bytes"), steps = to_u64(s, "steps");
+            if (bytes > (uint64_t(1) << 30))
+                throw invalid("bytes", "must be at most 2**30, got " + std::to_string(bytes));
+            if (steps > (uint64_t(1) << 26))
+                throw invalid("steps", "must be at most 2**26, got " + std::to_string(steps));
+            py::gil_scoped_release nogil;
+            return host_load_latency_ns(bytes, steps);
+        },
+        py::arg("bytes"), py::arg("steps"),
+        "Nanoseconds per dependent load through @bytes of memory (gmem bench's context).");
     m.def(
         "check_pfn_exhaustive",
         [](py::handle o) {

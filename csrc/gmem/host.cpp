@@ -3,7 +3,11 @@
 #include "host.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <numeric>
+#include <random>
+#include <vector>
 
 #include <sys/resource.h>
 #include <unistd.h>
@@ -35,6 +39,33 @@ uint64_t host_memory_available()
         avail = std::min(avail, left);
     }
     return avail;
+}
+
+double host_load_latency_ns(uint64_t bytes, uint64_t steps)
+{
+    struct alignas(64) Line {
+        uint64_t next;
+    };
+    size_t n = std::max<uint64_t>(bytes / sizeof(Line), 2);
+    std::vector<Line> lines(n);
+    std::vector<uint64_t> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    // One random cycle through every line (Sattolo), so that no load can be predicted.
+    std::mt19937_64 rng(1);
+    for (size_t i = n - 1; i > 0; i--)
+        std::swap(order[i], order[rng() % i]);
+    for (size_t i = 0; i < n; i++)
+        lines[order[i]].next = order[(i + 1) % n];
+    uint64_t at = 0;
+    for (size_t i = 0; i < n; i++) // once round, untimed: the pages are faulted in
+        at = lines[at].next;
+    auto t0 = std::chrono::steady_clock::now();
+    for (uint64_t i = 0; i < steps; i++)
+        at = lines[at].next;
+    auto t1 = std::chrono::steady_clock::now();
+    volatile uint64_t sink = at; // the chain must be walked
+    (void)sink;
+    return std::chrono::duration<double, std::nano>(t1 - t0).count() / double(steps ? steps : 1);
 }
 
 } // namespace gmem

@@ -19,6 +19,11 @@ constexpr uint64_t SMALL_REQUEST = uint64_t(64) << 20;
 /// groups given back) then find room.
 constexpr uint64_t UNDO_HEADROOM = uint64_t(64) << 10;
 
+/// Nanoseconds per load of a chain of dependent loads through @bytes of memory, one cache
+/// line per step in a random cycle: what a lookup pays for each cache miss on this host
+/// (benchmarks quote it beside their cold figures).
+double host_load_latency_ns(uint64_t bytes, uint64_t steps);
+
 /// MemAvailable in bytes, capped by what RLIMIT_AS leaves this process (UINT64_MAX when
 /// neither can be read).
 uint64_t host_memory_available();

@@ -557,7 +557,19 @@ def bench_alloc(s: Suite) -> None:
         )
 
 
+def bench_host(s: Suite) -> None:
+    """What one cache miss costs on this host: a chain of dependent loads through 1 MiB
+    (about what stays in a core's cache) and 64 MiB (the leaves of a large tree), median
+    of 3.  No target; the cold lookup targets cannot beat one miss, so the table says it."""
+    from gmem import _core
+
+    for label, size in (("1mib", 1 << 20), ("64mib", 64 << 20)):
+        xs = sorted(_core._host_load_latency_ns(size, 1 << 20) for _ in range(3))
+        s.figures[f"host_load_latency_{label}_ns"] = xs[1]
+
+
 STEPS = [
+    ("host memory latency", bench_host),
     ("PFN walk", bench_walk),
     ("conversion", bench_convert),
     ("scaling", bench_scaling),
@@ -597,6 +609,12 @@ def table(s: Suite) -> str:
             if r["series"] == series
         )
         lines.append(f"scaling, SNP round trip, {series}: {points}")
+    lat = [s.figures.get(f"host_load_latency_{k}_ns") for k in ("1mib", "64mib")]
+    if None not in lat:
+        lines.append(
+            f"host: a dependent load costs {lat[0]:.0f} ns within 1 MiB and {lat[1]:.0f} ns "
+            "across 64 MiB (a cold lookup pays at least one of the latter)"
+        )
     return "\n".join(lines)
 
 
