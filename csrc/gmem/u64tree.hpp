@@ -37,6 +37,9 @@
 
 #include <algorithm>
 #include <cstddef>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <new>
@@ -194,7 +197,7 @@ public:
         }
         Path path;
         Leaf *l = descend(k, &path, nullptr);
-        uint32_t n = nr(l), s = rank_lt(l, 0, n, k);
+        uint32_t n = nr(l), s = rank_lt(l, 0, LeafCap, k); // slots past n are NONE32
         if (!fit(l, n, k, k)) {
             // Too far from the leaf's keys for one base: @k gets a leaf of its own.  It
             // lies past every key of the leaf (s == n) or before every one (s == 0).
@@ -301,7 +304,7 @@ public:
         while (lo < hi && size_) {
             Path path;
             Leaf *l = descend(lo, &path, nullptr);
-            uint32_t n = nr(l), s = rank_lt(l, 0, n, lo);
+            uint32_t n = nr(l), s = rank_lt(l, 0, LeafCap, lo); // slots past n are NONE32
             if (s == n) {
                 if (!l->next || first_key(l->next) >= hi)
                     return;
@@ -401,6 +404,31 @@ private:
         return uint32_t(base - a) + (*base <= k);
     }
 
+    /*
+     * Number of the LeafCap offsets at @a that are <= @q.  They are sorted (NONE32 past the
+     * last entry), so that is also the rank of @q: counted with SSE2 compares of four
+     * offsets each, none waiting for another, where the binary search takes six
+     * dependent steps.
+     */
+    static uint32_t count_le(const uint32_t *a, uint32_t q)
+    {
+#if defined(__SSE2__)
+        if constexpr (LeafCap % 4 == 0) {
+            const __m128i bias = _mm_set1_epi32(INT32_MIN); // unsigned order, signed compare
+            const __m128i qv = _mm_xor_si128(_mm_set1_epi32(int32_t(q)), bias);
+            __m128i above = _mm_setzero_si128();
+            for (unsigned i = 0; i < LeafCap; i += 4) {
+                __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i *>(a + i));
+                above = _mm_sub_epi32(above, _mm_cmpgt_epi32(_mm_xor_si128(v, bias), qv));
+            }
+            above = _mm_add_epi32(above, _mm_shuffle_epi32(above, 0x4e));
+            above = _mm_add_epi32(above, _mm_shuffle_epi32(above, 0xb1));
+            return LeafCap - uint32_t(_mm_cvtsi128_si32(above));
+        }
+#endif
+        return rank_le(a, LeafCap, q);
+    }
+
     /* Number of the @n keys of leaf @l from slot @from on that are <= @k (or < @k). */
     static uint32_t rank_le(const Leaf *l, uint32_t from, uint32_t n, uint64_t k)
     {
@@ -408,7 +436,8 @@ private:
             return 0;
         // Offsets of entries are below NONE32: a key past the leaf's span counts them all.
         uint64_t d = k - l->base;
-        return rank_le(l->off + from, n, uint32_t(d < SPAN ? d : SPAN - 1));
+        uint32_t q = uint32_t(d < SPAN ? d : SPAN - 1);
+        return from == 0 && n == LeafCap ? count_le(l->off, q) : rank_le(l->off + from, n, q);
     }
     static uint32_t rank_lt(const Leaf *l, uint32_t from, uint32_t n, uint64_t k)
     {
@@ -506,7 +535,7 @@ private:
     }
 
     // Number of entries of leaf @l: the offsets before the first NONE32.
-    static uint32_t nr(const Leaf *l) { return rank_le(l->off, LeafCap, NONE32 - 1); }
+    static uint32_t nr(const Leaf *l) { return count_le(l->off, NONE32 - 1); }
 
     // Put (@k, @v) at slot @s of leaf @l, which holds @n < LeafCap entries and can
     // express @k (fit(); a leaf with none takes @k as its base).
