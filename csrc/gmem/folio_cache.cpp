@@ -384,32 +384,34 @@ void clamp_folio_ranges(const uint64_t *index, const uint64_t *order, const uint
                         PfnRange *out)
 {
     // One pass over the layout, a block at a time: every check of a folio is folded into
-    // one flag with no branch per folio, then the block's folios in [first, first + count)
-    // are clamped while they are still in cache.  A flagged block (a bad folio, or values
-    // near 2**64 that need the overflow checks) is checked exactly, which throws naming
-    // the folio when it really is wrong.
+    // one flag with no branch per folio, and the folios of [first, first + count) are
+    // written unclamped in the same loop.  A flagged block (a bad folio, or values near
+    // 2**64 that need the overflow checks) is checked exactly, which throws naming the
+    // folio when it really is wrong; then the two edge folios are clamped.
     constexpr size_t BLOCK = 512;
     uint64_t prev_end = 0;
     for (size_t b = 0; b < n; b += BLOCK) {
         size_t e = std::min(n, b + BLOCK);
+        size_t lo = std::min(std::max(b, first), e), hi = std::max(std::min(e, first + count), lo);
         uint64_t bad = 0;
-        for (size_t i = b; i < e; i++) {
-            uint64_t o = order[i], idx = index[i], p = pfn[i];
+        auto check = [&](size_t i) {
+            uint64_t o = order[i], idx = index[i], p = pfn[i], t = idx | p;
             uint64_t nr = uint64_t(1) << (o & 31);
-            bad |= uint64_t(o > MAX_ORDER) | ((idx | p) & (nr - 1)) | ((idx | p) >> 62) |
+            bad |= uint64_t(o > MAX_ORDER) | (t & (nr - 1)) | (t >> 62) |
                    uint64_t(idx < prev_end);
             prev_end = idx + nr;
-        }
+            return PfnRange{p, p + nr};
+        };
+        for (size_t i = b; i < lo; i++)
+            check(i);
+        for (size_t i = lo; i < hi; i++)
+            out[i - first] = check(i);
+        for (size_t i = hi; i < e; i++)
+            check(i);
         if (bad)
             for (size_t i = b; i < e; i++)
                 if (!layout_folio_ok(index, order, pfn, i))
                     check_layout_folio(index, order, pfn, i);
-        // Only the first and the last folio of the range can cross its edges.
-        size_t lo = std::max(b, first), hi = std::min(e, first + count);
-        for (size_t i = lo; i < hi; i++) {
-            uint64_t p = pfn[i];
-            out[i - first] = PfnRange{p, p + (uint64_t(1) << order[i])};
-        }
     }
     for (size_t i : {first, first + count - 1}) {
         if (!count)
