@@ -11,6 +11,8 @@
 #include "host.hpp"
 #include "interrupt.hpp"
 
+#define GMEM_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
 namespace gmem {
 
 static inline uint64_t pages(unsigned order) { return uint64_t(1) << order; }
@@ -100,7 +102,7 @@ GuestMemfd::GuestMemfd(uint64_t size, uint64_t flags, unsigned folio_order,
       policy_(huge_policy),
       pm_(physmem ? std::move(physmem) : default_physmem(nr_pages_, folio_order)),
       arch_(std::move(arch)), attrs_(nr_pages_, (flags & FLAG_INIT_SHARED) ? 0 : ATTR_PRIVATE),
-      expected_(nr_pages_, 0)
+      expected_(nr_pages_, 0), mapped_(nr_pages_)
 {
     arch_->file = this;
 }
@@ -172,9 +174,7 @@ uint64_t GuestMemfd::pins_in(uint64_t pfn, uint64_t nr) const
 
 uint64_t GuestMemfd::mapped_in(uint64_t start, uint64_t end) const
 {
-    if (start >= end)
-        return 0;
-    return uint64_t(std::distance(mapped_.lower_bound(start), mapped_.lower_bound(end)));
+    return mapped_.count(start, end);
 }
 
 /*
@@ -248,7 +248,7 @@ inline Folio &GuestMemfd::fault_in(uint64_t index, FaultMemo &m)
     return refill(index, m);
 }
 
-Folio &GuestMemfd::refill(uint64_t index, FaultMemo &m)
+[[gnu::noinline]] Folio &GuestMemfd::refill(uint64_t index, FaultMemo &m)
 {
     // Just past the window: the call walks forward, fetch ahead.  Else one lookup.
     bool forward = m.n && index >= m.window[m.n - 1].end() &&
@@ -283,7 +283,7 @@ inline const Run &GuestMemfd::attr_run(uint64_t index, FaultMemo &m) const
 }
 
 /* First touch: zero the folio and mark it uptodate. */
-void GuestMemfd::zero_folio(Folio &f)
+[[gnu::noinline]] void GuestMemfd::zero_folio(Folio &f)
 {
     if (f.uptodate)
         return;
@@ -322,25 +322,27 @@ void GuestMemfd::check_poison(uint64_t index) const
                        index);
 }
 
-std::pair<uint64_t, unsigned> GuestMemfd::get_pfn(uint64_t index)
+/*
+ * fault_guest - one guest fault, through @m.  Inline in the bulk loops: the common case (a
+ * present, uptodate folio of the window, no poison, the attribute run remembered) is a
+ * few compares and the arch's guest_mapped call; the rest is out of line.
+ */
+inline std::pair<uint64_t, unsigned> GuestMemfd::fault_guest(uint64_t index, FaultMemo &m)
 {
-    FaultMemo m;
-    return fault_guest(index, m);
-}
-
-std::pair<uint64_t, unsigned> GuestMemfd::fault_guest(uint64_t index, FaultMemo &m)
-{
-    check_open();
-    check_index(index);
-    if (!poisoned_.empty())
+    if (GMEM_UNLIKELY(closed_ || index >= nr_pages_)) {
+        check_open();
+        check_index(index);
+    }
+    if (GMEM_UNLIKELY(!poisoned_.empty()))
         check_poison(index);
     Folio &f = fault_in(index, m);
-    if (!f.uptodate)
+    if (GMEM_UNLIKELY(!f.uptodate))
         zero_folio(f);
-    touch(index, index + 1);
+    if (GMEM_UNLIKELY(!punched_.empty()))
+        touch(index, index + 1);
     const Run &run = attr_run(index, m);
-    uint64_t block;
-    unsigned order = max_order(f, index, run, &block);
+    uint64_t block = index;
+    unsigned order = f.order ? max_order(f, index, run, &block) : 0;
     bool priv = run.value & ATTR_PRIVATE;
     uint64_t block_pfn = f.file_pfn(block);
     arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
@@ -351,37 +353,58 @@ std::pair<uint64_t, unsigned> GuestMemfd::fault_guest(uint64_t index, FaultMemo 
     return {f.file_pfn(index), order};
 }
 
+std::pair<uint64_t, unsigned> GuestMemfd::get_pfn(uint64_t index)
+{
+    FaultMemo m;
+    return fault_guest(index, m);
+}
+
+/* The SIGBUS of a host fault the mapping refuses (fault_host's cold end). */
+[[gnu::noinline, gnu::cold]] static void host_fault_refused(uint64_t index, uint64_t nr_pages,
+                                                            bool mmap)
+{
+    if (index >= nr_pages)
+        throw SigBus("host fault at index " + std::to_string(index) +
+                         ": at or past the end of the file (" + std::to_string(nr_pages) +
+                         " pages)",
+                     index);
+    if (!mmap)
+        throw SigBus("host fault at index " + std::to_string(index) +
+                         ": the file was created without FLAG_MMAP",
+                     index);
+    throw SigBus("host fault at index " + std::to_string(index) + ": the page is private",
+                 index);
+}
+
+/*
+ * map_host - record that the host maps @index.  A loop over pages mapped already (the
+ * common case of a loop of host accesses) asks the set once per run of them.
+ */
+inline void GuestMemfd::map_host(uint64_t index, FaultMemo &m) { mapped_.insert(index, m.mapped); }
+
+inline uint64_t GuestMemfd::fault_host(uint64_t index, FaultMemo &m)
+{
+    if (GMEM_UNLIKELY(closed_))
+        check_open();
+    if (GMEM_UNLIKELY(index >= nr_pages_ || !(flags_ & FLAG_MMAP)))
+        host_fault_refused(index, nr_pages_, flags_ & FLAG_MMAP);
+    if (GMEM_UNLIKELY(attr_run(index, m).value & ATTR_PRIVATE))
+        host_fault_refused(index, nr_pages_, true);
+    if (GMEM_UNLIKELY(!poisoned_.empty()))
+        check_poison(index);
+    Folio &f = fault_in(index, m);
+    if (GMEM_UNLIKELY(!f.uptodate))
+        zero_folio(f);
+    if (GMEM_UNLIKELY(!punched_.empty()))
+        touch(index, index + 1);
+    map_host(index, m);
+    return f.file_pfn(index);
+}
+
 uint64_t GuestMemfd::host_fault(uint64_t index)
 {
     FaultMemo m;
     return fault_host(index, m);
-}
-
-uint64_t GuestMemfd::fault_host(uint64_t index, FaultMemo &m)
-{
-    check_open();
-    if (index >= nr_pages_)
-        throw SigBus("host fault at index " + std::to_string(index) +
-                         ": at or past the end of the file (" + std::to_string(nr_pages_) +
-                         " pages)",
-                     index);
-    if (!(flags_ & FLAG_MMAP))
-        throw SigBus("host fault at index " + std::to_string(index) +
-                         ": the file was created without FLAG_MMAP",
-                     index);
-    if (attr_run(index, m).value & ATTR_PRIVATE)
-        throw SigBus("host fault at index " + std::to_string(index) + ": the page is private",
-                     index);
-    if (!poisoned_.empty())
-        check_poison(index);
-    Folio &f = fault_in(index, m);
-    if (!f.uptodate)
-        zero_folio(f);
-    touch(index, index + 1);
-    // Hinted at the slot after the last index mapped: a forward run inserts in O(1).
-    m.mapped = mapped_.insert(m.has_mapped ? std::next(m.mapped) : mapped_.end(), index);
-    m.has_mapped = true;
-    return f.file_pfn(index);
 }
 
 uint64_t GuestMemfd::guest_read(uint64_t index) { return pm_->read(get_pfn(index).first); }
@@ -1110,16 +1133,16 @@ std::vector<FolioInfo> GuestMemfd::folios(uint64_t start, uint64_t end) const
 std::vector<Violation> GuestMemfd::check() const
 {
     std::vector<Violation> out = violations_;
-    for (uint64_t index : mapped_) {
+    mapped_.for_each([&](uint64_t index) {
         Folio f;
         if (!cache_.lookup(index, &f))
-            continue;
+            return;
         uint64_t pfn = f.file_pfn(index);
         if (attrs_.load(index) & ATTR_PRIVATE)
             out.push_back(violation("host-reaches-only-shared-pages", index, pfn,
                                     "the host maps a private page"));
         arch_->check_host_reach(*this, index, pfn, out);
-    }
+    });
     check_contents(0, nr_pages_, out);
     if (hugetlb())
         check_huge(out);
@@ -1241,16 +1264,18 @@ void GuestMemfd::guest_read_many(const uint64_t *index, size_t n, uint64_t *toke
                                  BulkCall &call)
 {
     FaultMemo m;
-    bulk(n, call, [&](size_t k) { token[k] = pm_->read(fault_guest(index[k], m).first); });
+    ContentMap::Cursor pc;
+    bulk(n, call, [&](size_t k) { token[k] = pm_->read(fault_guest(index[k], m).first, pc); });
 }
 
 void GuestMemfd::guest_write_many(const uint64_t *index, const uint64_t *token, size_t n,
                                   BulkCall &call)
 {
     FaultMemo m;
+    ContentMap::Cursor pc, ec;
     bulk(n, call, [&](size_t k) {
-        pm_->write(fault_guest(index[k], m).first, token[k]);
-        expected_.store(index[k], index[k] + 1, token[k]);
+        pm_->write(fault_guest(index[k], m).first, token[k], pc);
+        expected_.store_one(index[k], token[k], ec);
     });
 }
 
@@ -1258,16 +1283,18 @@ void GuestMemfd::host_read_many(const uint64_t *index, size_t n, uint64_t *token
                                 BulkCall &call)
 {
     FaultMemo m;
-    bulk(n, call, [&](size_t k) { token[k] = pm_->read(fault_host(index[k], m)); });
+    ContentMap::Cursor pc;
+    bulk(n, call, [&](size_t k) { token[k] = pm_->read(fault_host(index[k], m), pc); });
 }
 
 void GuestMemfd::host_write_many(const uint64_t *index, const uint64_t *token, size_t n,
                                  BulkCall &call)
 {
     FaultMemo m;
+    ContentMap::Cursor pc, ec;
     bulk(n, call, [&](size_t k) {
-        pm_->write(fault_host(index[k], m), token[k]);
-        expected_.store(index[k], index[k] + 1, token[k]);
+        pm_->write(fault_host(index[k], m), token[k], pc);
+        expected_.store_one(index[k], token[k], ec);
     });
 }
 

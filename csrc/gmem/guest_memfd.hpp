@@ -34,6 +34,7 @@
 #include "arch.hpp"
 #include "folio_cache.hpp"
 #include "interval_map.hpp"
+#include "page_set.hpp"
 #include "physmem.hpp"
 
 namespace gmem {
@@ -208,10 +209,11 @@ private:
     HugePolicy policy_;
     std::shared_ptr<PhysMem> pm_;
     std::shared_ptr<Arch> arch_;
-    IntervalMap attrs_, expected_;
+    IntervalMap attrs_;
+    ContentMap expected_; // the token each populated index should hold
     FolioCache cache_;
     std::map<uint64_t, uint32_t> pins_;  // pfn -> pin count
-    std::set<uint64_t> mapped_;          // host-mapped indexes
+    PageSet mapped_;                     // host-mapped indexes
     std::map<uint64_t, unsigned> orphans_; // pfn -> order: punched out while pinned
     std::map<uint64_t, uint64_t> poisoned_; // start -> end: file pages of poisoned folios
     std::map<uint64_t, uint64_t> punched_;  // start -> end: "hugetlb" pages punched, kept
@@ -231,8 +233,7 @@ private:
         Folio window[AHEAD];
         size_t n = 0, pos = 0;
         Run run{0, 0, 0};
-        std::set<uint64_t>::iterator mapped{}; // the last index host_fault mapped
-        bool has_mapped = false;
+        PageSet::Hint mapped; // the run of mapped_ host_fault saw last
     };
 
     Folio alloc_folio(uint64_t index, bool *oom);
@@ -244,6 +245,7 @@ private:
     const Run &attr_run(uint64_t index, FaultMemo &m) const;
     std::pair<uint64_t, unsigned> fault_guest(uint64_t index, FaultMemo &m);
     uint64_t fault_host(uint64_t index, FaultMemo &m);
+    void map_host(uint64_t index, FaultMemo &m);
     template <class Fn>
     void bulk(size_t n, BulkCall &call, Fn &&element);
     void zero_folio(Folio &f);
