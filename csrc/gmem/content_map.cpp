@@ -37,7 +37,7 @@ inline ContentMap::Group *ContentMap::find(uint64_t gid, Cursor &c) const
     return c.group;
 }
 
-uint64_t ContentMap::load(uint64_t index, Cursor &c) const
+uint64_t ContentMap::load_slow(uint64_t index, Cursor &c) const
 {
     Group *g = find(index >> DENSE_SHIFT, c);
     if (g && g->pages) {
@@ -51,7 +51,7 @@ uint64_t ContentMap::load(uint64_t index, Cursor &c) const
     return c.run.value;
 }
 
-void ContentMap::store_one(uint64_t index, uint64_t value, Cursor &c)
+void ContentMap::store_slow(uint64_t index, uint64_t value, Cursor &c)
 {
     sparse_.check_index(index);
     uint64_t gid = index >> DENSE_SHIFT;
@@ -137,7 +137,7 @@ void ContentMap::store(uint64_t start, uint64_t end, uint64_t value)
 {
     if (end == start + 1 && start < nr_pages()) {
         Cursor c;
-        store_one(start, value, c);
+        store_slow(start, value, c);
         return;
     }
     sparse_.store(start, end, value); // validates

@@ -64,11 +64,25 @@ public:
     size_t dense_groups() const { return nr_dense_; }
 
     uint64_t load(uint64_t index) const;
-    uint64_t load(uint64_t index, Cursor &c) const;
+    /// load(@index), remembering the group in @c: inline while the loop stays in it.
+    uint64_t load(uint64_t index, Cursor &c) const
+    {
+        uint64_t gid = index >> DENSE_SHIFT;
+        if (gid == c.gid && c.gen == gen_ && c.group && c.group->pages && index < nr_pages())
+            return c.group->pages[index & (DENSE_PAGES - 1)];
+        return load_slow(index, c);
+    }
     /// Set [start, end) to @value.  0 <= start < end <= nr_pages.
     void store(uint64_t start, uint64_t end, uint64_t value);
     /// store(index, index + 1, value), remembering the group in @c.
-    void store_one(uint64_t index, uint64_t value, Cursor &c);
+    void store_one(uint64_t index, uint64_t value, Cursor &c)
+    {
+        uint64_t gid = index >> DENSE_SHIFT;
+        if (gid == c.gid && c.gen == gen_ && c.group && c.group->pages && index < nr_pages())
+            c.group->pages[index & (DENSE_PAGES - 1)] = value;
+        else
+            store_slow(index, value, c);
+    }
     /// Make the next @n stores allocation-free (turning a group dense is skipped when
     /// memory runs out: it is only ever an optimization).
     void reserve_stores(size_t n) { sparse_.reserve_stores(n); }
@@ -87,6 +101,8 @@ private:
     uint64_t sgen_ = 1; // bumped by every store to sparse_
 
     Group *find(uint64_t gid, Cursor &c) const;
+    uint64_t load_slow(uint64_t index, Cursor &c) const;
+    void store_slow(uint64_t index, uint64_t value, Cursor &c);
     void count_store(uint64_t gid, Group *g, Cursor &c);
     void make_dense(uint64_t gid, Group &g);
     void make_sparse_if_uniform(uint64_t gid, Group &g);

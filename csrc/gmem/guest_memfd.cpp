@@ -102,7 +102,7 @@ GuestMemfd::GuestMemfd(uint64_t size, uint64_t flags, unsigned folio_order,
       policy_(huge_policy),
       pm_(physmem ? std::move(physmem) : default_physmem(nr_pages_, folio_order)),
       arch_(std::move(arch)), attrs_(nr_pages_, (flags & FLAG_INIT_SHARED) ? 0 : ATTR_PRIVATE),
-      expected_(nr_pages_, 0), mapped_(nr_pages_)
+      expected_(nr_pages_, 0), mapped_(nr_pages_), hears_mapped_(arch_->hears_guest_mapped())
 {
     arch_->file = this;
 }
@@ -255,7 +255,11 @@ inline Folio &GuestMemfd::fault_in(uint64_t index, FaultMemo &m)
                    index - m.window[m.n - 1].end() < FaultMemo::AHEAD;
     m.pos = 0;
     if (forward) {
-        m.n = cache_.folios(index, nr_pages_, m.window, FaultMemo::AHEAD);
+        // The folios of the next AHEAD pages, straight off the leaves: at most AHEAD.
+        size_t n = 0;
+        cache_.for_each_clamped(index, std::min(nr_pages_, index + FaultMemo::AHEAD),
+                                [&](const Folio &f, const PfnRange &) { m.window[n++] = f; });
+        m.n = n;
         if (m.n && m.window[0].index <= index)
             return m.window[0];
     } else if (cache_.lookup(index, &m.window[0])) {
@@ -345,7 +349,8 @@ inline std::pair<uint64_t, unsigned> GuestMemfd::fault_guest(uint64_t index, Fau
     unsigned order = f.order ? max_order(f, index, run, &block) : 0;
     bool priv = run.value & ATTR_PRIVATE;
     uint64_t block_pfn = f.file_pfn(block);
-    arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
+    if (hears_mapped_)
+        arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
     if (priv && (config_ & CONFIG_PREPARE)) {
         stats_.prepare_calls++;
         arch_->prepare(*this, block, block_pfn, pages(order));

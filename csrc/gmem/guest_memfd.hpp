@@ -220,6 +220,7 @@ private:
     std::vector<Violation> violations_;
     GmemStats stats_;
     bool closed_ = false, in_operation_ = false;
+    bool hears_mapped_; // arch_->hears_guest_mapped(), asked once
 
     /*
      * FaultMemo - what the faults of one call may reuse from one another: a window of
