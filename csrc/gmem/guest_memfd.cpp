@@ -241,6 +241,15 @@ Folio GuestMemfd::fault_in(uint64_t index)
  */
 inline Folio &GuestMemfd::fault_in(uint64_t index, FaultMemo &m)
 {
+    if (m.pre) { // found ahead: good while uptodate (nothing clears that, or removes it)
+        uint64_t v = *m.pre;
+        m.pre = nullptr;
+        if (v & 1) {
+            unsigned order = unsigned(v >> 1) & 31;
+            m.found = Folio{index & ~(pages(order) - 1), v >> 8, order, true};
+            return m.found;
+        }
+    }
     while (m.pos < m.n && m.window[m.pos].end() <= index)
         m.pos++;
     if (m.pos < m.n && m.window[m.pos].index <= index)
@@ -1254,11 +1263,126 @@ void GuestMemfd::bulk(size_t n, BulkCall &call, Fn &&element)
     }
 }
 
+/*
+ * sort_by_index - LSD radix sort of @key (page indexes <= @max) with @pos alongside, 11
+ * bits a pass: two passes for a file of up to 2**22 pages.
+ */
+static void sort_by_index(std::vector<uint64_t> &key, std::vector<uint32_t> &pos, uint64_t max)
+{
+    constexpr unsigned D = 11;
+    size_t n = key.size();
+    std::vector<uint64_t> k2(n);
+    std::vector<uint32_t> p2(n);
+    unsigned bits = max ? 64 - unsigned(__builtin_clzll(max)) : 1;
+    for (unsigned shift = 0; shift < bits; shift += D) {
+        std::vector<uint32_t> at(size_t(1) << D);
+        for (size_t i = 0; i < n; i++)
+            at[(key[i] >> shift) & ((1u << D) - 1)]++;
+        uint32_t sum = 0;
+        for (uint32_t &c : at) {
+            uint32_t here = c;
+            c = sum;
+            sum += here;
+        }
+        for (size_t i = 0; i < n; i++) {
+            uint32_t &d = at[(key[i] >> shift) & ((1u << D) - 1)];
+            k2[d] = key[i];
+            p2[d++] = pos[i];
+        }
+        key.swap(k2);
+        pos.swap(p2);
+    }
+}
+
+/*
+ * find_folios - phase 1 of a bulk call over scattered indexes: out[k] is the folio that
+ * holds index[k], packed (pfn << 8 | order << 1 | uptodate), or 0 for a hole or an index
+ * past the end: 8 bytes, so that the scattered stores of a large batch stay in cache.  Found in index order - one pass over the leaves when the indexes
+ * are dense enough, else one lookup each, neighbours sharing the cache lines of their
+ * leaf - so the misses of a random batch overlap instead of following one another.
+ */
+void GuestMemfd::find_folios(const uint64_t *index, size_t n, uint64_t *out) const
+{
+    std::vector<uint64_t> key;
+    std::vector<uint32_t> pos;
+    key.reserve(n);
+    pos.reserve(n);
+    uint64_t lo = UINT64_MAX, hi = 0;
+    auto pack = [](const Folio &f) {
+        return f.pfn << 8 | uint64_t(f.order) << 1 | uint64_t(f.uptodate);
+    };
+    for (size_t k = 0; k < n; k++) {
+        out[k] = 0;
+        if (index[k] < nr_pages_) {
+            key.push_back(index[k]);
+            pos.push_back(uint32_t(k));
+            lo = std::min(lo, index[k]);
+            hi = std::max(hi, index[k]);
+        }
+    }
+    if (key.empty())
+        return;
+    sort_by_index(key, pos, hi);
+    size_t j = 0, m = key.size();
+    if ((hi - lo) / m <= 64) { // one pass over the folios of [lo, hi]
+        cache_.for_each_clamped(lo, hi + 1, [&](const Folio &f, const PfnRange &) {
+            while (j < m && key[j] < f.index)
+                j++; // a hole
+            for (uint64_t v = pack(f); j < m && key[j] < f.end(); j++)
+                out[pos[j]] = v;
+        });
+        return;
+    }
+    Folio f{NO_PFN, 0, 0, false};
+    for (; j < m; j++) {
+        if (f.index == NO_PFN || key[j] < f.index || key[j] >= f.end())
+            if (!cache_.lookup(key[j], &f)) {
+                f.index = NO_PFN;
+                continue;
+            }
+        out[pos[j]] = pack(f);
+    }
+}
+
+/*
+ * bulk_faults - bulk() for calls that fault each index in: over a chunk whose indexes are
+ * scattered (more than one in eight steps back), the folios are found first, in index
+ * order (find_folios), then the elements run in their own order as always, each fault
+ * starting from its folio found ahead.  That changes no effect: a fault only adds folios
+ * in holes and marks folios uptodate, so a folio found present and uptodate stays so,
+ * and any other element faults the usual way.
+ */
+template <class Fn>
+void GuestMemfd::bulk_faults(const uint64_t *index, size_t n, BulkCall &call, FaultMemo &m,
+                             Fn &&element)
+{
+    std::vector<uint64_t> ahead;
+    size_t chunk = 0, chunk_end = 0;
+    bulk(n, call, [&](size_t k) {
+        if (k == chunk_end) {
+            chunk = k;
+            chunk_end = std::min(n, k + SCATTER_CHUNK);
+            size_t back = 0;
+            for (size_t i = k + 1; i < chunk_end; i++)
+                back += index[i] < index[i - 1];
+            ahead.clear();
+            if (chunk_end - k >= 256 && back * 8 > chunk_end - k) {
+                ahead.resize(chunk_end - k);
+                find_folios(index + k, chunk_end - k, ahead.data());
+            }
+        }
+        if (!ahead.empty())
+            m.pre = &ahead[k - chunk];
+        element(k);
+        m.pre = nullptr;
+    });
+}
+
 void GuestMemfd::get_pfns(const uint64_t *index, size_t n, uint64_t *pfn, uint8_t *order,
                           BulkCall &call)
 {
     FaultMemo m;
-    bulk(n, call, [&](size_t k) {
+    bulk_faults(index, n, call, m, [&](size_t k) {
         auto r = fault_guest(index[k], m);
         pfn[k] = r.first;
         order[k] = uint8_t(r.second);
@@ -1270,7 +1394,8 @@ void GuestMemfd::guest_read_many(const uint64_t *index, size_t n, uint64_t *toke
 {
     FaultMemo m;
     ContentMap::Cursor pc;
-    bulk(n, call, [&](size_t k) { token[k] = pm_->read(fault_guest(index[k], m).first, pc); });
+    bulk_faults(index, n, call, m,
+                [&](size_t k) { token[k] = pm_->read(fault_guest(index[k], m).first, pc); });
 }
 
 void GuestMemfd::guest_write_many(const uint64_t *index, const uint64_t *token, size_t n,
@@ -1278,7 +1403,7 @@ void GuestMemfd::guest_write_many(const uint64_t *index, const uint64_t *token, 
 {
     FaultMemo m;
     ContentMap::Cursor pc, ec;
-    bulk(n, call, [&](size_t k) {
+    bulk_faults(index, n, call, m, [&](size_t k) {
         pm_->write(fault_guest(index[k], m).first, token[k], pc);
         expected_.store_one(index[k], token[k], ec);
     });
@@ -1289,7 +1414,8 @@ void GuestMemfd::host_read_many(const uint64_t *index, size_t n, uint64_t *token
 {
     FaultMemo m;
     ContentMap::Cursor pc;
-    bulk(n, call, [&](size_t k) { token[k] = pm_->read(fault_host(index[k], m), pc); });
+    bulk_faults(index, n, call, m,
+                [&](size_t k) { token[k] = pm_->read(fault_host(index[k], m), pc); });
 }
 
 void GuestMemfd::host_write_many(const uint64_t *index, const uint64_t *token, size_t n,
@@ -1297,7 +1423,7 @@ void GuestMemfd::host_write_many(const uint64_t *index, const uint64_t *token, s
 {
     FaultMemo m;
     ContentMap::Cursor pc, ec;
-    bulk(n, call, [&](size_t k) {
+    bulk_faults(index, n, call, m, [&](size_t k) {
         pm_->write(fault_host(index[k], m), token[k], pc);
         expected_.store_one(index[k], token[k], ec);
     });

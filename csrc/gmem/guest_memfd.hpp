@@ -235,7 +235,11 @@ private:
         size_t n = 0, pos = 0;
         Run run{0, 0, 0};
         PageSet::Hint mapped; // the run of mapped_ host_fault saw last
+        const uint64_t *pre = nullptr; // the next fault's folio, found ahead (bulk_faults)
+        Folio found;                   // ... unpacked
     };
+    /// Bulk calls over scattered indexes find their folios a chunk at a time, in order.
+    static constexpr size_t SCATTER_CHUNK = size_t(1) << 20;
 
     Folio alloc_folio(uint64_t index, bool *oom);
     void fill_holes(uint64_t start, uint64_t end,
@@ -249,6 +253,10 @@ private:
     void map_host(uint64_t index, FaultMemo &m);
     template <class Fn>
     void bulk(size_t n, BulkCall &call, Fn &&element);
+    template <class Fn>
+    void bulk_faults(const uint64_t *index, size_t n, BulkCall &call, FaultMemo &m,
+                     Fn &&element);
+    void find_folios(const uint64_t *index, size_t n, uint64_t *out) const;
     void zero_folio(Folio &f);
     unsigned max_order(const Folio &f, uint64_t index, const Run &run, uint64_t *block) const;
     void reclaim(const Folio *folios, size_t n);
