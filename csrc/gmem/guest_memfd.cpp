@@ -1264,33 +1264,27 @@ void GuestMemfd::bulk(size_t n, BulkCall &call, Fn &&element)
 }
 
 /*
- * sort_by_index - LSD radix sort of @key (page indexes <= @max) with @pos alongside, 11
- * bits a pass: two passes for a file of up to 2**22 pages.
+ * sort_packed - LSD radix sort of @v by bits [lo, lo + bits), 11 bits a pass: a chunk's
+ * (index << 20 | position) words sort in two passes for a file of up to 2**22 pages.
  */
-static void sort_by_index(std::vector<uint64_t> &key, std::vector<uint32_t> &pos, uint64_t max)
+static void sort_packed(std::vector<uint64_t> &v, unsigned lo, unsigned bits)
 {
     constexpr unsigned D = 11;
-    size_t n = key.size();
-    std::vector<uint64_t> k2(n);
-    std::vector<uint32_t> p2(n);
-    unsigned bits = max ? 64 - unsigned(__builtin_clzll(max)) : 1;
-    for (unsigned shift = 0; shift < bits; shift += D) {
-        std::vector<uint32_t> at(size_t(1) << D);
-        for (size_t i = 0; i < n; i++)
-            at[(key[i] >> shift) & ((1u << D) - 1)]++;
+    std::vector<uint64_t> tmp(v.size());
+    std::vector<uint32_t> at(size_t(1) << D);
+    for (unsigned shift = lo; shift < lo + bits; shift += D) {
+        std::fill(at.begin(), at.end(), 0);
+        for (uint64_t x : v)
+            at[(x >> shift) & ((1u << D) - 1)]++;
         uint32_t sum = 0;
         for (uint32_t &c : at) {
             uint32_t here = c;
             c = sum;
             sum += here;
         }
-        for (size_t i = 0; i < n; i++) {
-            uint32_t &d = at[(key[i] >> shift) & ((1u << D) - 1)];
-            k2[d] = key[i];
-            p2[d++] = pos[i];
-        }
-        key.swap(k2);
-        pos.swap(p2);
+        for (uint64_t x : v)
+            tmp[at[(x >> shift) & ((1u << D) - 1)]++] = x;
+        v.swap(tmp);
     }
 }
 
@@ -1303,44 +1297,45 @@ static void sort_by_index(std::vector<uint64_t> &key, std::vector<uint32_t> &pos
  */
 void GuestMemfd::find_folios(const uint64_t *index, size_t n, uint64_t *out) const
 {
-    std::vector<uint64_t> key;
-    std::vector<uint32_t> pos;
-    key.reserve(n);
-    pos.reserve(n);
-    uint64_t lo = UINT64_MAX, hi = 0;
+    static_assert(SCATTER_CHUNK <= (size_t(1) << 20), "a position takes 20 bits");
     auto pack = [](const Folio &f) {
         return f.pfn << 8 | uint64_t(f.order) << 1 | uint64_t(f.uptodate);
     };
+    std::vector<uint64_t> key; // index << 20 | position, for the indexes inside the file
+    key.reserve(n);
+    uint64_t lo = UINT64_MAX, hi = 0;
     for (size_t k = 0; k < n; k++) {
         out[k] = 0;
         if (index[k] < nr_pages_) {
-            key.push_back(index[k]);
-            pos.push_back(uint32_t(k));
+            key.push_back(index[k] << 20 | k);
             lo = std::min(lo, index[k]);
             hi = std::max(hi, index[k]);
         }
     }
-    if (key.empty())
-        return;
-    sort_by_index(key, pos, hi);
+    if (key.empty() || hi >= (uint64_t(1) << 44))
+        return; // (files past 2**44 pages fault the usual way)
+    sort_packed(key, 20, 64 - unsigned(__builtin_clzll(hi | 1)));
+    constexpr uint64_t POS = (uint64_t(1) << 20) - 1;
     size_t j = 0, m = key.size();
     if ((hi - lo) / m <= 64) { // one pass over the folios of [lo, hi]
         cache_.for_each_clamped(lo, hi + 1, [&](const Folio &f, const PfnRange &) {
-            while (j < m && key[j] < f.index)
+            uint64_t first = f.index << 20, end = f.end() << 20;
+            while (j < m && key[j] < first)
                 j++; // a hole
-            for (uint64_t v = pack(f); j < m && key[j] < f.end(); j++)
-                out[pos[j]] = v;
+            for (uint64_t v = pack(f); j < m && key[j] < end; j++)
+                out[key[j] & POS] = v;
         });
         return;
     }
     Folio f{NO_PFN, 0, 0, false};
     for (; j < m; j++) {
-        if (f.index == NO_PFN || key[j] < f.index || key[j] >= f.end())
-            if (!cache_.lookup(key[j], &f)) {
+        uint64_t i = key[j] >> 20;
+        if (f.index == NO_PFN || i < f.index || i >= f.end())
+            if (!cache_.lookup(i, &f)) {
                 f.index = NO_PFN;
                 continue;
             }
-        out[pos[j]] = pack(f);
+        out[key[j] & POS] = pack(f);
     }
 }
 
