@@ -1267,7 +1267,7 @@ void GuestMemfd::bulk(size_t n, BulkCall &call, Fn &&element)
  * sort_packed - LSD radix sort of @v by bits [lo, lo + bits), 11 bits a pass: a chunk's
  * (index << 20 | position) words sort in two passes for a file of up to 2**22 pages.
  */
-static void sort_packed(std::vector<uint64_t> &v, unsigned lo, unsigned bits)
+[[gnu::noinline]] static void sort_packed(std::vector<uint64_t> &v, unsigned lo, unsigned bits)
 {
     constexpr unsigned D = 11;
     std::vector<uint64_t> tmp(v.size());
@@ -1295,7 +1295,8 @@ static void sort_packed(std::vector<uint64_t> &v, unsigned lo, unsigned bits)
  * are dense enough, else one lookup each, neighbours sharing the cache lines of their
  * leaf - so the misses of a random batch overlap instead of following one another.
  */
-void GuestMemfd::find_folios(const uint64_t *index, size_t n, uint64_t *out) const
+[[gnu::noinline]] void GuestMemfd::find_folios(const uint64_t *index, size_t n,
+                                               uint64_t *out) const
 {
     static_assert(SCATTER_CHUNK <= (size_t(1) << 20), "a position takes 20 bits");
     auto pack = [](const Folio &f) {
