@@ -104,6 +104,8 @@ public:
     virtual void flush(GuestMemfd &) {}
     /// Model notifications, not KVM hooks: the guest mapped a block; attributes changed.
     virtual void guest_mapped(GuestMemfd &, uint64_t, uint64_t, uint64_t, bool /*priv*/) {}
+    /// Does guest_mapped() do anything?  A loop of faults skips the call when it does not.
+    virtual bool hears_guest_mapped() const { return true; }
     virtual void attributes_set(GuestMemfd &, uint64_t, uint64_t, uint64_t /*attrs*/) {}
 
     /// Contract checks: pages about to go back to the free pool; a page the host reaches.
@@ -133,6 +135,7 @@ public:
 class SwProtected : public Arch {
 public:
     std::string name() const override { return "sw_protected"; }
+    bool hears_guest_mapped() const override { return false; }
 };
 
 /*

@@ -11,6 +11,8 @@
 #include "host.hpp"
 #include "interrupt.hpp"
 
+#define GMEM_UNLIKELY(x) __builtin_expect(!!(x), 0)
+
 namespace gmem {
 
 static inline uint64_t pages(unsigned order) { return uint64_t(1) << order; }
@@ -100,7 +102,7 @@ GuestMemfd::GuestMemfd(uint64_t size, uint64_t flags, unsigned folio_order,
       policy_(huge_policy),
       pm_(physmem ? std::move(physmem) : default_physmem(nr_pages_, folio_order)),
       arch_(std::move(arch)), attrs_(nr_pages_, (flags & FLAG_INIT_SHARED) ? 0 : ATTR_PRIVATE),
-      expected_(nr_pages_, 0)
+      expected_(nr_pages_, 0), mapped_(nr_pages_), hears_mapped_(arch_->hears_guest_mapped())
 {
     arch_->file = this;
 }
@@ -172,9 +174,7 @@ uint64_t GuestMemfd::pins_in(uint64_t pfn, uint64_t nr) const
 
 uint64_t GuestMemfd::mapped_in(uint64_t start, uint64_t end) const
 {
-    if (start >= end)
-        return 0;
-    return uint64_t(std::distance(mapped_.lower_bound(start), mapped_.lower_bound(end)));
+    return mapped_.count(start, end);
 }
 
 /*
@@ -241,6 +241,15 @@ Folio GuestMemfd::fault_in(uint64_t index)
  */
 inline Folio &GuestMemfd::fault_in(uint64_t index, FaultMemo &m)
 {
+    if (m.pre) { // found ahead: good while uptodate (nothing clears that, or removes it)
+        uint64_t v = *m.pre;
+        m.pre = nullptr;
+        if (v & 1) {
+            unsigned order = unsigned(v >> 1) & 31;
+            m.found = Folio{index & ~(pages(order) - 1), v >> 8, order, true};
+            return m.found;
+        }
+    }
     while (m.pos < m.n && m.window[m.pos].end() <= index)
         m.pos++;
     if (m.pos < m.n && m.window[m.pos].index <= index)
@@ -248,14 +257,18 @@ inline Folio &GuestMemfd::fault_in(uint64_t index, FaultMemo &m)
     return refill(index, m);
 }
 
-Folio &GuestMemfd::refill(uint64_t index, FaultMemo &m)
+[[gnu::noinline]] Folio &GuestMemfd::refill(uint64_t index, FaultMemo &m)
 {
     // Just past the window: the call walks forward, fetch ahead.  Else one lookup.
     bool forward = m.n && index >= m.window[m.n - 1].end() &&
                    index - m.window[m.n - 1].end() < FaultMemo::AHEAD;
     m.pos = 0;
     if (forward) {
-        m.n = cache_.folios(index, nr_pages_, m.window, FaultMemo::AHEAD);
+        // The folios of the next AHEAD pages, straight off the leaves: at most AHEAD.
+        size_t n = 0;
+        cache_.for_each_clamped(index, std::min(nr_pages_, index + FaultMemo::AHEAD),
+                                [&](const Folio &f, const PfnRange &) { m.window[n++] = f; });
+        m.n = n;
         if (m.n && m.window[0].index <= index)
             return m.window[0];
     } else if (cache_.lookup(index, &m.window[0])) {
@@ -283,7 +296,7 @@ inline const Run &GuestMemfd::attr_run(uint64_t index, FaultMemo &m) const
 }
 
 /* First touch: zero the folio and mark it uptodate. */
-void GuestMemfd::zero_folio(Folio &f)
+[[gnu::noinline]] void GuestMemfd::zero_folio(Folio &f)
 {
     if (f.uptodate)
         return;
@@ -322,28 +335,31 @@ void GuestMemfd::check_poison(uint64_t index) const
                        index);
 }
 
-std::pair<uint64_t, unsigned> GuestMemfd::get_pfn(uint64_t index)
+/*
+ * fault_guest - one guest fault, through @m.  Inline in the bulk loops: the common case (a
+ * present, uptodate folio of the window, no poison, the attribute run remembered) is a
+ * few compares and the arch's guest_mapped call; the rest is out of line.
+ */
+inline std::pair<uint64_t, unsigned> GuestMemfd::fault_guest(uint64_t index, FaultMemo &m)
 {
-    FaultMemo m;
-    return fault_guest(index, m);
-}
-
-std::pair<uint64_t, unsigned> GuestMemfd::fault_guest(uint64_t index, FaultMemo &m)
-{
-    check_open();
-    check_index(index);
-    if (!poisoned_.empty())
+    if (GMEM_UNLIKELY(closed_ || index >= nr_pages_)) {
+        check_open();
+        check_index(index);
+    }
+    if (GMEM_UNLIKELY(!poisoned_.empty()))
         check_poison(index);
     Folio &f = fault_in(index, m);
-    if (!f.uptodate)
+    if (GMEM_UNLIKELY(!f.uptodate))
         zero_folio(f);
-    touch(index, index + 1);
+    if (GMEM_UNLIKELY(!punched_.empty()))
+        touch(index, index + 1);
     const Run &run = attr_run(index, m);
-    uint64_t block;
-    unsigned order = max_order(f, index, run, &block);
+    uint64_t block = index;
+    unsigned order = f.order ? max_order(f, index, run, &block) : 0;
     bool priv = run.value & ATTR_PRIVATE;
     uint64_t block_pfn = f.file_pfn(block);
-    arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
+    if (hears_mapped_)
+        arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
     if (priv && (config_ & CONFIG_PREPARE)) {
         stats_.prepare_calls++;
         arch_->prepare(*this, block, block_pfn, pages(order));
@@ -351,37 +367,58 @@ std::pair<uint64_t, unsigned> GuestMemfd::fault_guest(uint64_t index, FaultMemo 
     return {f.file_pfn(index), order};
 }
 
+std::pair<uint64_t, unsigned> GuestMemfd::get_pfn(uint64_t index)
+{
+    FaultMemo m;
+    return fault_guest(index, m);
+}
+
+/* The SIGBUS of a host fault the mapping refuses (fault_host's cold end). */
+[[gnu::noinline, gnu::cold]] static void host_fault_refused(uint64_t index, uint64_t nr_pages,
+                                                            bool mmap)
+{
+    if (index >= nr_pages)
+        throw SigBus("host fault at index " + std::to_string(index) +
+                         ": at or past the end of the file (" + std::to_string(nr_pages) +
+                         " pages)",
+                     index);
+    if (!mmap)
+        throw SigBus("host fault at index " + std::to_string(index) +
+                         ": the file was created without FLAG_MMAP",
+                     index);
+    throw SigBus("host fault at index " + std::to_string(index) + ": the page is private",
+                 index);
+}
+
+/*
+ * map_host - record that the host maps @index.  A loop over pages mapped already (the
+ * common case of a loop of host accesses) asks the set once per run of them.
+ */
+inline void GuestMemfd::map_host(uint64_t index, FaultMemo &m) { mapped_.insert(index, m.mapped); }
+
+inline uint64_t GuestMemfd::fault_host(uint64_t index, FaultMemo &m)
+{
+    if (GMEM_UNLIKELY(closed_))
+        check_open();
+    if (GMEM_UNLIKELY(index >= nr_pages_ || !(flags_ & FLAG_MMAP)))
+        host_fault_refused(index, nr_pages_, flags_ & FLAG_MMAP);
+    if (GMEM_UNLIKELY(attr_run(index, m).value & ATTR_PRIVATE))
+        host_fault_refused(index, nr_pages_, true);
+    if (GMEM_UNLIKELY(!poisoned_.empty()))
+        check_poison(index);
+    Folio &f = fault_in(index, m);
+    if (GMEM_UNLIKELY(!f.uptodate))
+        zero_folio(f);
+    if (GMEM_UNLIKELY(!punched_.empty()))
+        touch(index, index + 1);
+    map_host(index, m);
+    return f.file_pfn(index);
+}
+
 uint64_t GuestMemfd::host_fault(uint64_t index)
 {
     FaultMemo m;
     return fault_host(index, m);
-}
-
-uint64_t GuestMemfd::fault_host(uint64_t index, FaultMemo &m)
-{
-    check_open();
-    if (index >= nr_pages_)
-        throw SigBus("host fault at index " + std::to_string(index) +
-                         ": at or past the end of the file (" + std::to_string(nr_pages_) +
-                         " pages)",
-                     index);
-    if (!(flags_ & FLAG_MMAP))
-        throw SigBus("host fault at index " + std::to_string(index) +
-                         ": the file was created without FLAG_MMAP",
-                     index);
-    if (attr_run(index, m).value & ATTR_PRIVATE)
-        throw SigBus("host fault at index " + std::to_string(index) + ": the page is private",
-                     index);
-    if (!poisoned_.empty())
-        check_poison(index);
-    Folio &f = fault_in(index, m);
-    if (!f.uptodate)
-        zero_folio(f);
-    touch(index, index + 1);
-    // Hinted at the slot after the last index mapped: a forward run inserts in O(1).
-    m.mapped = mapped_.insert(m.has_mapped ? std::next(m.mapped) : mapped_.end(), index);
-    m.has_mapped = true;
-    return f.file_pfn(index);
 }
 
 uint64_t GuestMemfd::guest_read(uint64_t index) { return pm_->read(get_pfn(index).first); }
@@ -1120,16 +1157,16 @@ std::vector<FolioInfo> GuestMemfd::folios(uint64_t start, uint64_t end) const
 std::vector<Violation> GuestMemfd::check() const
 {
     std::vector<Violation> out = violations_;
-    for (uint64_t index : mapped_) {
+    mapped_.for_each([&](uint64_t index) {
         Folio f;
         if (!cache_.lookup(index, &f))
-            continue;
+            return;
         uint64_t pfn = f.file_pfn(index);
         if (attrs_.load(index) & ATTR_PRIVATE)
             out.push_back(violation("host-reaches-only-shared-pages", index, pfn,
                                     "the host maps a private page"));
         arch_->check_host_reach(*this, index, pfn, out);
-    }
+    });
     check_contents(0, nr_pages_, out);
     if (hugetlb())
         check_huge(out);
@@ -1236,11 +1273,122 @@ void GuestMemfd::bulk(size_t n, BulkCall &call, Fn &&element)
     }
 }
 
+/*
+ * sort_packed - LSD radix sort of @v by bits [lo, lo + bits), 11 bits a pass: a chunk's
+ * (index << 20 | position) words sort in two passes for a file of up to 2**22 pages.
+ */
+[[gnu::noinline]] static void sort_packed(std::vector<uint64_t> &v, unsigned lo, unsigned bits)
+{
+    constexpr unsigned D = 11;
+    std::vector<uint64_t> tmp(v.size());
+    std::vector<uint32_t> at(size_t(1) << D);
+    for (unsigned shift = lo; shift < lo + bits; shift += D) {
+        std::fill(at.begin(), at.end(), 0);
+        for (uint64_t x : v)
+            at[(x >> shift) & ((1u << D) - 1)]++;
+        uint32_t sum = 0;
+        for (uint32_t &c : at) {
+            uint32_t here = c;
+            c = sum;
+            sum += here;
+        }
+        for (uint64_t x : v)
+            tmp[at[(x >> shift) & ((1u << D) - 1)]++] = x;
+        v.swap(tmp);
+    }
+}
+
+/*
+ * find_folios - phase 1 of a bulk call over scattered indexes: out[k] is the folio that
+ * holds index[k], packed (pfn << 8 | order << 1 | uptodate), or 0 for a hole or an index
+ * past the end: 8 bytes, so that the scattered stores of a large batch stay in cache.  Found in index order - one pass over the leaves when the indexes
+ * are dense enough, else one lookup each, neighbours sharing the cache lines of their
+ * leaf - so the misses of a random batch overlap instead of following one another.
+ */
+[[gnu::noinline]] void GuestMemfd::find_folios(const uint64_t *index, size_t n,
+                                               uint64_t *out) const
+{
+    static_assert(SCATTER_CHUNK <= (size_t(1) << 20), "a position takes 20 bits");
+    auto pack = [](const Folio &f) {
+        return f.pfn << 8 | uint64_t(f.order) << 1 | uint64_t(f.uptodate);
+    };
+    std::vector<uint64_t> key; // index << 20 | position, for the indexes inside the file
+    key.reserve(n);
+    uint64_t lo = UINT64_MAX, hi = 0;
+    for (size_t k = 0; k < n; k++) {
+        out[k] = 0;
+        if (index[k] < nr_pages_) {
+            key.push_back(index[k] << 20 | k);
+            lo = std::min(lo, index[k]);
+            hi = std::max(hi, index[k]);
+        }
+    }
+    if (key.empty() || hi >= (uint64_t(1) << 44))
+        return; // (files past 2**44 pages fault the usual way)
+    sort_packed(key, 20, 64 - unsigned(__builtin_clzll(hi | 1)));
+    constexpr uint64_t POS = (uint64_t(1) << 20) - 1;
+    size_t j = 0, m = key.size();
+    if ((hi - lo) / m <= 64) { // one pass over the folios of [lo, hi]
+        cache_.for_each_clamped(lo, hi + 1, [&](const Folio &f, const PfnRange &) {
+            uint64_t first = f.index << 20, end = f.end() << 20;
+            while (j < m && key[j] < first)
+                j++; // a hole
+            for (uint64_t v = pack(f); j < m && key[j] < end; j++)
+                out[key[j] & POS] = v;
+        });
+        return;
+    }
+    Folio f{NO_PFN, 0, 0, false};
+    for (; j < m; j++) {
+        uint64_t i = key[j] >> 20;
+        if (f.index == NO_PFN || i < f.index || i >= f.end())
+            if (!cache_.lookup(i, &f)) {
+                f.index = NO_PFN;
+                continue;
+            }
+        out[key[j] & POS] = pack(f);
+    }
+}
+
+/*
+ * bulk_faults - bulk() for calls that fault each index in: over a chunk whose indexes are
+ * scattered (more than one in eight steps back), the folios are found first, in index
+ * order (find_folios), then the elements run in their own order as always, each fault
+ * starting from its folio found ahead.  That changes no effect: a fault only adds folios
+ * in holes and marks folios uptodate, so a folio found present and uptodate stays so,
+ * and any other element faults the usual way.
+ */
+template <class Fn>
+void GuestMemfd::bulk_faults(const uint64_t *index, size_t n, BulkCall &call, FaultMemo &m,
+                             Fn &&element)
+{
+    std::vector<uint64_t> ahead;
+    size_t chunk = 0, chunk_end = 0;
+    bulk(n, call, [&](size_t k) {
+        if (k == chunk_end) {
+            chunk = k;
+            chunk_end = std::min(n, k + SCATTER_CHUNK);
+            size_t back = 0;
+            for (size_t i = k + 1; i < chunk_end; i++)
+                back += index[i] < index[i - 1];
+            ahead.clear();
+            if (chunk_end - k >= 256 && back * 8 > chunk_end - k) {
+                ahead.resize(chunk_end - k);
+                find_folios(index + k, chunk_end - k, ahead.data());
+            }
+        }
+        if (!ahead.empty())
+            m.pre = &ahead[k - chunk];
+        element(k);
+        m.pre = nullptr;
+    });
+}
+
 void GuestMemfd::get_pfns(const uint64_t *index, size_t n, uint64_t *pfn, uint8_t *order,
                           BulkCall &call)
 {
     FaultMemo m;
-    bulk(n, call, [&](size_t k) {
+    bulk_faults(index, n, call, m, [&](size_t k) {
         auto r = fault_guest(index[k], m);
         pfn[k] = r.first;
         order[k] = uint8_t(r.second);
@@ -1251,16 +1399,19 @@ void GuestMemfd::guest_read_many(const uint64_t *index, size_t n, uint64_t *toke
                                  BulkCall &call)
 {
     FaultMemo m;
-    bulk(n, call, [&](size_t k) { token[k] = pm_->read(fault_guest(index[k], m).first); });
+    ContentMap::Cursor pc;
+    bulk_faults(index, n, call, m,
+                [&](size_t k) { token[k] = pm_->read(fault_guest(index[k], m).first, pc); });
 }
 
 void GuestMemfd::guest_write_many(const uint64_t *index, const uint64_t *token, size_t n,
                                   BulkCall &call)
 {
     FaultMemo m;
-    bulk(n, call, [&](size_t k) {
-        pm_->write(fault_guest(index[k], m).first, token[k]);
-        expected_.store(index[k], index[k] + 1, token[k]);
+    ContentMap::Cursor pc, ec;
+    bulk_faults(index, n, call, m, [&](size_t k) {
+        pm_->write(fault_guest(index[k], m).first, token[k], pc);
+        expected_.store_one(index[k], token[k], ec);
     });
 }
 
@@ -1268,16 +1419,19 @@ void GuestMemfd::host_read_many(const uint64_t *index, size_t n, uint64_t *token
                                 BulkCall &call)
 {
     FaultMemo m;
-    bulk(n, call, [&](size_t k) { token[k] = pm_->read(fault_host(index[k], m)); });
+    ContentMap::Cursor pc;
+    bulk_faults(index, n, call, m,
+                [&](size_t k) { token[k] = pm_->read(fault_host(index[k], m), pc); });
 }
 
 void GuestMemfd::host_write_many(const uint64_t *index, const uint64_t *token, size_t n,
                                  BulkCall &call)
 {
     FaultMemo m;
-    bulk(n, call, [&](size_t k) {
-        pm_->write(fault_host(index[k], m), token[k]);
-        expected_.store(index[k], index[k] + 1, token[k]);
+    ContentMap::Cursor pc, ec;
+    bulk_faults(index, n, call, m, [&](size_t k) {
+        pm_->write(fault_host(index[k], m), token[k], pc);
+        expected_.store_one(index[k], token[k], ec);
     });
 }
 

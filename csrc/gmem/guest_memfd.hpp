@@ -34,6 +34,7 @@
 #include "arch.hpp"
 #include "folio_cache.hpp"
 #include "interval_map.hpp"
+#include "page_set.hpp"
 #include "physmem.hpp"
 
 namespace gmem {
@@ -208,16 +209,18 @@ private:
     HugePolicy policy_;
     std::shared_ptr<PhysMem> pm_;
     std::shared_ptr<Arch> arch_;
-    IntervalMap attrs_, expected_;
+    IntervalMap attrs_;
+    ContentMap expected_; // the token each populated index should hold
     FolioCache cache_;
     std::map<uint64_t, uint32_t> pins_;  // pfn -> pin count
-    std::set<uint64_t> mapped_;          // host-mapped indexes
+    PageSet mapped_;                     // host-mapped indexes
     std::map<uint64_t, unsigned> orphans_; // pfn -> order: punched out while pinned
     std::map<uint64_t, uint64_t> poisoned_; // start -> end: file pages of poisoned folios
     std::map<uint64_t, uint64_t> punched_;  // start -> end: "hugetlb" pages punched, kept
     std::vector<Violation> violations_;
     GmemStats stats_;
     bool closed_ = false, in_operation_ = false;
+    bool hears_mapped_; // arch_->hears_guest_mapped(), asked once
 
     /*
      * FaultMemo - what the faults of one call may reuse from one another: a window of
@@ -231,9 +234,12 @@ private:
         Folio window[AHEAD];
         size_t n = 0, pos = 0;
         Run run{0, 0, 0};
-        std::set<uint64_t>::iterator mapped{}; // the last index host_fault mapped
-        bool has_mapped = false;
+        PageSet::Hint mapped; // the run of mapped_ host_fault saw last
+        const uint64_t *pre = nullptr; // the next fault's folio, found ahead (bulk_faults)
+        Folio found;                   // ... unpacked
     };
+    /// Bulk calls over scattered indexes find their folios a chunk at a time, in order.
+    static constexpr size_t SCATTER_CHUNK = size_t(1) << 20;
 
     Folio alloc_folio(uint64_t index, bool *oom);
     void fill_holes(uint64_t start, uint64_t end,
@@ -244,8 +250,13 @@ private:
     const Run &attr_run(uint64_t index, FaultMemo &m) const;
     std::pair<uint64_t, unsigned> fault_guest(uint64_t index, FaultMemo &m);
     uint64_t fault_host(uint64_t index, FaultMemo &m);
+    void map_host(uint64_t index, FaultMemo &m);
     template <class Fn>
     void bulk(size_t n, BulkCall &call, Fn &&element);
+    template <class Fn>
+    void bulk_faults(const uint64_t *index, size_t n, BulkCall &call, FaultMemo &m,
+                     Fn &&element);
+    void find_folios(const uint64_t *index, size_t n, uint64_t *out) const;
     void zero_folio(Folio &f);
     unsigned max_order(const Folio &f, uint64_t index, const Run &run, uint64_t *block) const;
     void reclaim(const Folio *folios, size_t n);

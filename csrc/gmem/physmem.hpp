@@ -25,7 +25,8 @@
 // Each PFN also holds a 64-bit content token (0 = zeroed) and the per-PFN state of the
 // architecture models (SNP's RMP, pKVM's page ownership), each kept as a run map over the
 // PFNs: memory that was never touched, or that is uniformly in one state, is one run, so
-// zeroing, garbling or reassigning a 1 GiB folio is one store.  A freed page keeps its
+// zeroing, garbling or reassigning a 1 GiB folio is one store.  The tokens are a
+// ContentMap: where page-by-page writes leave many runs, a group of pages is an array.  A freed page keeps its
 // token until it is overwritten or scrubbed, which is what makes a missing scrub visible.
 #pragma once
 
@@ -36,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "content_map.hpp"
 #include "interval_map.hpp"
 #include "lockable.hpp"
 
@@ -249,6 +251,19 @@ public:
 
     uint64_t read(uint64_t pfn) const;
     void write(uint64_t pfn, uint64_t token);
+    /// The same, for a loop of them: @c remembers where the last one went.
+    uint64_t read(uint64_t pfn, ContentMap::Cursor &c) const
+    {
+        if (pfn - base_ >= nr_pages_)
+            check_pfn(pfn);
+        return tokens_.load(pfn - base_, c);
+    }
+    void write(uint64_t pfn, uint64_t token, ContentMap::Cursor &c)
+    {
+        if (pfn - base_ >= nr_pages_)
+            check_pfn(pfn);
+        tokens_.store_one(pfn - base_, token, c);
+    }
     /// Set every page of [pfn, pfn + nr) to @token; O(runs), not O(nr).
     void fill(uint64_t pfn, uint64_t nr, uint64_t token);
     /// Content runs over [pfn, pfn + nr): (start_pfn, end_pfn, token).
@@ -305,7 +320,8 @@ private:
     unsigned by_max_used_ = 0;                           // bit m: by_max_[m] is not empty
     PageGroup *last_ = nullptr;                // the group free_unchecked() used last
     uint64_t last_gid_ = UINT64_MAX;
-    IntervalMap tokens_, rmp_, owner_; // indexed by pfn - base_
+    ContentMap tokens_;               // indexed by pfn - base_
+    IntervalMap rmp_, owner_;         // indexed by pfn - base_
     IntervalMap user_;                 // 1: held through the public API
     std::vector<uint64_t> kept_;       // pages kept by fragment(), sorted
 

@@ -13,10 +13,12 @@
 #include <vector>
 
 #include "gmem/arch.hpp"
+#include "gmem/content_map.hpp"
 #include "gmem/errors.hpp"
 #include "gmem/guest_memfd.hpp"
 #include "gmem/folio_cache.hpp"
 #include "gmem/interval_map.hpp"
+#include "gmem/page_set.hpp"
 #include "gmem/pfn_check.hpp"
 #include "gmem/physmem.hpp"
 #include "gmem/u64tree.hpp"
@@ -273,6 +275,120 @@ static void check_interval_map()
     std::printf("check_interval_map: 20000 stores, %zu runs\n", m.nr_runs());
 }
 
+/*
+ * check_content_map - a ContentMap against a flat array, through every change of shape: a
+ * group turning dense under single stores, range stores covering dense groups in part or
+ * whole, a group left uniform going sparse; runs stay maximal and equal to the array's.
+ */
+static void check_content_map()
+{
+    const uint64_t n = 5 * ContentMap::DENSE_PAGES + 77; // the last group is partial
+    ContentMap m(n, 3);
+    std::vector<uint64_t> flat(n, 3);
+    ContentMap::Cursor c;
+    size_t most_dense = 0;
+    auto compare = [&](const char *when) {
+        uint64_t expect = 0;
+        size_t runs = 0;
+        for (const Run &r : m.runs(0, n)) {
+            CHECK(r.start == expect && r.start < r.end, std::string(when));
+            for (uint64_t i = r.start; i < r.end; i++)
+                CHECK(flat[i] == r.value, std::string(when) + " at " + std::to_string(i));
+            CHECK(r.end == n || flat[r.end] != r.value, std::string(when) + ": runs not maximal");
+            expect = r.end;
+            runs++;
+        }
+        CHECK(expect == n && runs == m.nr_runs(), std::string(when));
+        for (int k = 0; k < 200; k++) {
+            uint64_t i = rnd(n);
+            CHECK(m.load(i) == flat[i] && m.load(i, c) == flat[i], std::string(when));
+        }
+        uint64_t a = rnd(n), b = a + rnd(n - a) + 1; // a clipped window merges as well
+        auto w = m.runs(a, b);
+        CHECK(!w.empty() && w.front().start == a && w.back().end == b, std::string(when));
+    };
+    for (int round = 0; round < 40; round++) {
+        // Page-by-page writes over a stretch (in order, then scattered): groups turn dense.
+        uint64_t s = rnd(n), len = rnd(3 * ContentMap::DENSE_PAGES) + 1;
+        for (uint64_t i = s; i < std::min(n, s + len); i++) {
+            uint64_t v = round % 3 == 0 ? rnd(4) : i * 7 + uint64_t(round);
+            m.store_one(i, v, c);
+            flat[i] = v;
+        }
+        for (int k = 0; k < 300; k++) {
+            uint64_t i = rnd(n), v = rnd(1000);
+            if (k % 2)
+                m.store(i, i + 1, v);
+            else
+                m.store_one(i, v, c);
+            flat[i] = v;
+        }
+        most_dense = std::max(most_dense, m.dense_groups());
+        compare("after single stores");
+        // Range stores: in part, whole groups, the whole map now and then.
+        for (int k = 0; k < 6; k++) {
+            uint64_t a = rnd(n), b = k == 5 && round % 10 == 9 ? n : a + rnd(700) + 2;
+            b = std::min(b, n);
+            if (a + 1 >= b)
+                continue;
+            uint64_t v = rnd(3);
+            m.store(a, b, v);
+            std::fill(flat.begin() + long(a), flat.begin() + long(b), v);
+            compare("after a range store");
+        }
+    }
+    // A dense group written uniform in part goes sparse when a range store completes it.
+    for (uint64_t i = 0; i < ContentMap::DENSE_PAGES; i++) {
+        m.store_one(i, i, c);
+        flat[i] = i;
+    }
+    for (uint64_t i = 0; i < ContentMap::DENSE_PAGES; i++) {
+        m.store_one(i, 5 + i % 2, c);
+        flat[i] = 5 + i % 2;
+    }
+    size_t before = m.dense_groups();
+    m.store(0, ContentMap::DENSE_PAGES, 9); // a store over the whole group drops its array
+    std::fill(flat.begin(), flat.begin() + long(ContentMap::DENSE_PAGES), 9);
+    compare("after a whole-group store");
+    CHECK(most_dense > 0 && m.dense_groups() < before, std::to_string(before));
+    m.store(0, n, 1);
+    std::fill(flat.begin(), flat.end(), 1);
+    compare("after clearing");
+    CHECK(m.dense_groups() == 0 && m.nr_runs() == 1, std::to_string(m.dense_groups()));
+
+    // PageSet: inserts, erases and counts against a flat array.
+    PageSet ps(n);
+    std::vector<bool> in(n);
+    PageSet::Hint h;
+    for (int step = 0; step < 20000; step++) {
+        uint64_t i = step % 5 ? (uint64_t(step) * 3) % n : rnd(n);
+        if (step % 97 == 0) {
+            uint64_t a = rnd(n), b = std::min(n, a + rnd(300));
+            ps.erase(ps.lower_bound(a), ps.lower_bound(b));
+            for (uint64_t k = a; k < b; k++)
+                in[k] = false;
+        } else {
+            ps.insert(i, h);
+            in[i] = true;
+        }
+    }
+    uint64_t total = 0, a = rnd(n), b = a + rnd(n - a);
+    uint64_t in_range = 0;
+    for (uint64_t k = 0; k < n; k++) {
+        CHECK(ps.contains(k) == in[k], std::to_string(k));
+        total += in[k];
+        in_range += in[k] && k >= a && k < b;
+    }
+    CHECK(ps.size() == total && ps.count(a, b) == in_range, std::to_string(total));
+    uint64_t seen = 0;
+    ps.for_each([&](uint64_t k) { CHECK(in[k], std::to_string(k)); seen++; });
+    CHECK(seen == total, std::to_string(seen));
+    ps.clear();
+    CHECK(ps.empty() && ps.count(0, n) == 0, std::string("clear"));
+    std::printf("check_content_map: up to %zu dense groups; page set of %llu\n", most_dense,
+                (unsigned long long)total);
+}
+
 /* check_physmem - random alloc/free keeps the free lists aligned, disjoint and coalesced. */
 static void check_physmem()
 {
@@ -446,12 +562,13 @@ static void check_bulk()
                                              std::make_shared<PhysMem>(96, 0, round),
                                              std::make_shared<SNP>(), HookDesign::Mainline);
         for (int step = 0; step < 40; step++) {
-            size_t n = rnd(24);
+            // Now and then a batch long and scattered enough to find its folios ahead.
+            size_t n = step % 5 == 4 ? 256 + rnd(300) : rnd(24);
             std::vector<uint64_t> index(n), token(n), out(n, 0), want(n, 0);
             std::vector<uint8_t> order(n, 0);
             uint64_t at = rnd(140);
             for (size_t k = 0; k < n; k++) {
-                index[k] = step % 2 ? at + k : rnd(140);
+                index[k] = step % 2 ? at + k : rnd(step % 5 == 4 ? 129 : 140);
                 token[k] = rnd(1000) + 1;
             }
             int op = int(rnd(4));
@@ -517,6 +634,7 @@ int main(int argc, char **argv)
     }
     check_u64tree();
     check_interval_map();
+    check_content_map();
     check_physmem();
     check_alloc_many();
     check_guest_memfd();
