@@ -111,8 +111,8 @@ public:
     /// RMP, a log): no page contents, nothing of the file, not even its violations.  A
     /// conversion then changes the contents of its folios in the same walk that hands
     /// out their ranges (no hook can tell), instead of all of them before the first hook.
-    /// The built-in models say true for themselves only: a subclass, which may override
-    /// a hook (a Python or C arch always may), says false unless it says otherwise.
+    /// The SNP model says true for itself only: a subclass, which may override a hook (a
+    /// Python or C arch always may), says false unless it says otherwise.
     virtual bool range_hooks_blind() const { return false; }
 
     /// Contract checks: pages about to go back to the free pool; a page the host reaches.

@@ -1078,11 +1078,11 @@ void GuestMemfd::convert_fused(uint64_t start, uint64_t end, uint64_t attrs, uin
         if (!(r.start_pfn < r.end_pfn && r.start_pfn >= f.pfn &&
               r.end_pfn <= f.pfn + f.nr_pages() && (inside || stop <= end)))
             bad = true;
-        if (inside && h.skip) {
-            // a run already of the new kind: nothing changes
-        } else if (inside && first == h.index_end && r.start_pfn == h.pfn_end) {
+        if (inside && first == h.index_end && r.start_pfn == h.pfn_end) {
             h.index_end = stop;
             h.pfn_end = r.end_pfn;
+        } else if (inside && h.skip) {
+            // a run already of the new kind: nothing changes
         } else {
             h = cc.piece(h, first, r.start_pfn, stop - first);
         }
