@@ -84,13 +84,16 @@ void SNP::rmp_make_shared(GuestMemfd &f, uint64_t start_pfn, uint64_t end_pfn)
  */
 void SNP::make_shared(GuestMemfd &f, const PfnRange *r, size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
-        if (pending_.end_pfn > pending_.start_pfn && pending_.end_pfn == r[i].start_pfn) {
-            pending_.end_pfn = r[i].end_pfn;
-            continue;
+    for (size_t i = 0; i < n;) {
+        // The ranges that continue the pending one extend it, in a tight loop.
+        uint64_t from = pending_.start_pfn, to = pending_.end_pfn;
+        while (i < n && to > from && to == r[i].start_pfn)
+            to = r[i++].end_pfn;
+        pending_.end_pfn = to;
+        if (i < n) {
+            flush(f);
+            pending_ = r[i++];
         }
-        flush(f);
-        pending_ = r[i];
     }
 }
 

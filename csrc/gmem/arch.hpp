@@ -31,6 +31,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <typeinfo>
 #include <vector>
 
 #include "folio_cache.hpp"
@@ -108,6 +109,14 @@ public:
     virtual bool hears_guest_mapped() const { return true; }
     virtual void attributes_set(GuestMemfd &, uint64_t, uint64_t, uint64_t /*attrs*/) {}
 
+    /// True when make_shared and free_folio touch nothing but the arch's own state (the
+    /// RMP, a log): no page contents, nothing of the file, not even its violations.  A
+    /// conversion then changes the contents of its folios in the same walk that hands
+    /// out their ranges (no hook can tell), instead of all of them before the first hook.
+    /// The SNP model says true for itself only: a subclass, which may override a hook (a
+    /// Python or C arch always may), says false unless it says otherwise.
+    virtual bool range_hooks_blind() const { return false; }
+
     /// Contract checks: pages about to go back to the free pool; a page the host reaches.
     virtual void check_freed(const GuestMemfd &, uint64_t /*pfn*/, uint64_t /*nr*/,
                              std::vector<Violation> &) const
@@ -153,6 +162,7 @@ public:
         return CONFIG_CONVERT | CONFIG_RECLAIM | CONFIG_POPULATE;
     }
     Contents conversion_contents() const override { return Contents::Garble; }
+    bool range_hooks_blind() const override { return typeid(*this) == typeid(SNP); }
     /// LAUNCH_UPDATE: the page is assigned in the RMP (4 KiB) and measured into the guest.
     void post_populate(GuestMemfd &f, uint64_t index, uint64_t pfn, bool has_token,
                        uint64_t token) override;

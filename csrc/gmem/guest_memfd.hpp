@@ -264,7 +264,14 @@ private:
     std::vector<uint64_t> pinned_state(uint64_t pfn, uint64_t nr) const;
     void release_range(uint64_t start, uint64_t end, bool with_orphans,
                        std::vector<Folio> *buffer = nullptr);
-    void hook_walk(uint64_t start, uint64_t end, bool free_hook);
+    struct ContentsChange;
+    void convert_contents(uint64_t start, uint64_t end, uint64_t attrs, uint64_t token);
+    void hook_walk(uint64_t start, uint64_t end);
+    void convert_fused(uint64_t start, uint64_t end, uint64_t attrs, uint64_t token);
+    void bad_hook_range(uint64_t index, uint64_t pfn);
+    void check_hook_ranges(uint64_t start, uint64_t end);
+    void deliver_ranges(const PfnRange *ranges, unsigned n, bool free_hook);
+    void convert_walk(uint64_t start, uint64_t end, uint64_t attrs, bool hooked);
     void invalidate_begin(uint64_t start, uint64_t end, unsigned kinds);
     void check_poison(uint64_t index) const;
     void unpoison(uint64_t start, uint64_t end);
@@ -279,7 +286,6 @@ private:
     void punch_huge(uint64_t start, uint64_t end);
     void touch(uint64_t start, uint64_t end);
     void check_huge(std::vector<Violation> &out) const;
-    void convert_contents(uint64_t start, uint64_t end, uint64_t attrs);
     void check_contents(uint64_t start, uint64_t end, std::vector<Violation> &out) const;
     Violation violation(const std::string &rule, uint64_t index, uint64_t pfn,
                         const std::string &detail) const;

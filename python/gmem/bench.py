@@ -171,7 +171,7 @@ def bench_convert(s: Suite) -> None:
     s.add(
         "one SNP conversion of 1 TiB vs pfn_ranges of it",
         t_conv / 2 / t_walk,
-        3,
+        1.6,
         "x",
         "lower",
         "a round trip is two conversions",

@@ -623,6 +623,95 @@ static void check_bulk()
     std::printf("check_bulk: %lu bulk calls against their single calls\n", calls);
 }
 
+/*
+ * check_fused_conversion - the SNP model converts its folios' contents in the walk that
+ * hands out their ranges; a subclass that only forwards its hooks is not blind, so its
+ * file converts all contents first and the hooks walk second.  Same operations on both
+ * (twin PhysMems): the same contents, RMP, stats and violations.  What the subclass reads
+ * of the pages it is handed is already what they hold once the conversion is over.
+ */
+struct ForwardingSNP : SNP {
+    std::vector<std::pair<uint64_t, uint64_t>> seen; // (pfn, contents) during a call
+    void make_shared(GuestMemfd &f, const PfnRange *r, size_t n) override
+    {
+        for (size_t i = 0; i < n; i++)
+            for (uint64_t pfn = r[i].start_pfn; pfn < r[i].end_pfn; pfn++)
+                seen.push_back({pfn, f.physmem().read(pfn)});
+        SNP::make_shared(f, r, n);
+    }
+};
+
+static std::string conversion_state(const GuestMemfd &f)
+{
+    std::string s;
+    const PhysMem &pm = f.physmem();
+    for (const Run &r : pm.contents(pm.base_pfn(), pm.nr_pages()))
+        s += "c" + std::to_string(r.start) + "-" + std::to_string(r.end) + "=" + hex(r.value);
+    for (const Run &r : pm.rmp().runs(0, pm.nr_pages()))
+        s += " r" + std::to_string(r.start) + "-" + std::to_string(r.end) + "=" +
+             std::to_string(r.value);
+    for (const auto &kv : f.stats().items())
+        s += std::string(" ") + kv.first + "=" + std::to_string(kv.second);
+    for (const auto &kv : f.arch_ptr()->stats())
+        s += " " + kv.first + "=" + std::to_string(kv.second);
+    for (const Violation &v : f.check())
+        s += "\n" + v.str();
+    return s;
+}
+
+static void check_fused_conversion()
+{
+    unsigned long conversions = 0, pages_seen = 0;
+    CHECK(SNP().range_hooks_blind() && !ForwardingSNP().range_hooks_blind(), std::string());
+    for (int round = 0; round < 40; round++) {
+        auto twin_arch = std::make_shared<ForwardingSNP>();
+        std::unique_ptr<GuestMemfd> f[2];
+        for (int k = 0; k < 2; k++) {
+            auto pm = std::make_shared<PhysMem>(2048, 0, round);
+            if (round % 2)
+                pm->fragment(0.03);
+            std::shared_ptr<Arch> arch = twin_arch;
+            if (k == 0)
+                arch = std::make_shared<SNP>();
+            f[k] = std::make_unique<GuestMemfd>(1024 * PAGE_SIZE, FLAG_MMAP, unsigned(round % 4),
+                                                pm, arch, HookDesign(round % 3));
+        }
+        uint64_t seed = rng_state;
+        for (int k = 0; k < 2; k++) {
+            rng_state = seed; // the same operations on both files
+            GuestMemfd &g = *f[k];
+            for (int step = 0; step < 60; step++) {
+                uint64_t i = rnd(1024), j = rnd(1024);
+                twin_arch->seen.clear();
+                try {
+                    switch (rnd(6)) {
+                    case 0: g.fallocate(std::min(i, j), std::max(i, j) + 1); break;
+                    case 1: g.guest_write(i, rnd(1000) + 1); break;
+                    case 2: g.host_write(i, rnd(1000) + 1); break;
+                    case 3: g.add_folio(i & ~uint64_t(1), 1, rnd(2048) & ~uint64_t(1)); break;
+                    default:
+                        g.set_attributes(std::min(i, j), std::max(i, j) + 1,
+                                         rnd(2) ? 0 : ATTR_PRIVATE);
+                        conversions += k == 0;
+                    }
+                } catch (const InvalidArgument &) {
+                } catch (const SigBus &) {
+                } catch (const ConversionBusy &) {
+                } catch (const OutOfMemory &) {
+                }
+                for (const auto &pc : twin_arch->seen)
+                    CHECK(g.physmem().read(pc.first) == pc.second, g.dump());
+                pages_seen += twin_arch->seen.size();
+            }
+        }
+        CHECK(conversion_state(*f[0]) == conversion_state(*f[1]),
+              conversion_state(*f[0]) + "\n--- twin:\n" + conversion_state(*f[1]));
+    }
+    CHECK(pages_seen > 0, std::string());
+    std::printf("check_fused_conversion: %lu conversions, fused and not; %lu pages seen\n",
+                conversions, pages_seen);
+}
+
 int main(int argc, char **argv)
 {
     unsigned size_order = 4;
@@ -639,6 +728,7 @@ int main(int argc, char **argv)
     check_alloc_many();
     check_guest_memfd();
     check_bulk();
+    check_fused_conversion();
     check_pfn_walk_exhaustive(size_order);
     PfnCheckReport rep = check_pfn_exhaustive(size_order);
     CHECK(rep.ok && rep.layouts > 0, rep.what);
