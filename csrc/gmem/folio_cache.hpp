@@ -140,23 +140,49 @@ public:
     }
 
     /// fn(folio, clamped range) for each folio overlapping [start, end), straight over
-    /// the leaf arrays: the one loop every walk (pfn_ranges, batches, extents) is made of.
+    /// the leaf arrays: the one loop every walk (batches, extents, conversions) is made
+    /// of.  Only the first folio can start before @start, and only a leaf whose last folio
+    /// reaches past @end holds folios that cross it or lie beyond, so the end is tested
+    /// once per leaf and the folios of every leaf in between go to @fn unclamped.
     template <class Fn>
     void for_each_clamped(uint64_t start, uint64_t end, Fn &&fn) const
     {
         if (start >= end)
             return;
         auto p = first_overlapping(start);
+        if (p == tree_.end())
+            return;
         uint32_t s = p.slot;
+        bool first = true;
         for (const Tree::Leaf *l = p.leaf; l; l = Tree::next_leaf(l), s = 0) {
             const uint64_t base = Tree::leaf_base(l), *vals = Tree::leaf_vals(l);
             const uint32_t *offs = Tree::leaf_offs(l);
-            for (uint32_t cnt = Tree::leaf_size(l); s < cnt; s++) {
+            const uint32_t cnt = Tree::leaf_size(l);
+            if (first) {
+                first = false;
+                Folio f = unpack(base + offs[s], vals[s]);
+                if (f.index >= end)
+                    return;
+                fn(f, clamp(f, start, end));
+                s++;
+            }
+            if (s >= cnt)
+                continue;
+            if (base + offs[cnt - 1] + (uint64_t(1) << ((vals[cnt - 1] >> ORDER_SHIFT) & 31)) <=
+                end) {
+                for (; s < cnt; s++) {
+                    Folio f = unpack(base + offs[s], vals[s]);
+                    fn(f, PfnRange{f.pfn, f.pfn + f.nr_pages()});
+                }
+                continue;
+            }
+            for (; s < cnt; s++) { // the leaf that reaches past @end: the last one
                 if (base + offs[s] >= end)
                     return;
                 Folio f = unpack(base + offs[s], vals[s]);
                 fn(f, clamp(f, start, end));
             }
+            return;
         }
     }
 
