@@ -304,7 +304,9 @@ def test_clamp_folio_ranges_near_the_top_of_u64(impl) -> None:
 
 @IMPLS
 @pytest.mark.parametrize("bad_at", [1, 511, 512, 513, 1500, 1999])
-@pytest.mark.parametrize("fault", ["overlap", "order", "pfn"])
+@pytest.mark.parametrize(
+    "fault", ["overlap", "unsorted", "order", "order 40", "order 2**63", "pfn"]
+)
 def test_clamp_folio_ranges_finds_a_bad_folio_anywhere(impl, bad_at: int, fault: str) -> None:
     """The engine checks the layout a block of folios at a time: a fault in any block, and
     an overlap across a block boundary, is named by its folio."""
@@ -317,8 +319,14 @@ def test_clamp_folio_ranges_finds_a_bad_folio_anywhere(impl, bad_at: int, fault:
     if fault == "overlap":
         index[bad_at] -= np.uint64(2)
         order[bad_at] = 1
+    elif fault == "unsorted":
+        index[bad_at] = index[bad_at - 1] - np.uint64(4) if bad_at > 1 else 0
     elif fault == "order":
         order[bad_at] = 19
+    elif fault == "order 40":
+        order[bad_at] = 40
+    elif fault == "order 2**63":
+        order[bad_at] = np.uint64(2**63)
     else:
         pfn[bad_at] += np.uint64(1)
     with pytest.raises(ValueError, match=f"folio {bad_at} "):

@@ -4,6 +4,10 @@
 
 #include <algorithm>
 #include <sstream>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define GMEM_HAVE_AVX2_PATH 1
+#endif
 
 #include "errors.hpp"
 
@@ -379,6 +383,52 @@ size_t count_clamped(const uint64_t *index, const uint64_t *order, size_t n, uin
     return start < end ? last - lo : 0;
 }
 
+#ifdef GMEM_HAVE_AVX2_PATH
+/*
+ * check_write_avx2 - clamp_folio_ranges' loop four folios at a time, for folios
+ * [from, to) (from >= 1, to - from a multiple of 4): each folio's checks against itself
+ * and the folio before it, and its unclamped range written to out[i - first].  Returns
+ * whether any folio needs the exact check.  Compares are signed, which is exact for the
+ * values that pass: anything at or above 2**62 is flagged by its own lane.
+ */
+__attribute__((target("avx2"))) static inline __m256i load4(const uint64_t *p)
+{
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p));
+}
+
+__attribute__((target("avx2"))) static bool check_write_avx2(const uint64_t *index,
+                                                             const uint64_t *order,
+                                                             const uint64_t *pfn, size_t from,
+                                                             size_t to, PfnRange *out,
+                                                             size_t first)
+{
+    const __m256i one = _mm256_set1_epi64x(1), low5 = _mm256_set1_epi64x(31);
+    const __m256i max_order = _mm256_set1_epi64x(MAX_ORDER);
+    __m256i bad = _mm256_setzero_si256();
+    for (size_t i = from; i < to; i += 4) {
+        __m256i o = load4(order + i), idx = load4(index + i), p = load4(pfn + i);
+        __m256i nr = _mm256_sllv_epi64(one, _mm256_and_si256(o, low5));
+        __m256i t = _mm256_or_si256(idx, p);
+        __m256i prev_nr = _mm256_sllv_epi64(one, _mm256_and_si256(load4(order + i - 1), low5));
+        __m256i prev_end = _mm256_add_epi64(load4(index + i - 1), prev_nr);
+        bad = _mm256_or_si256(bad, _mm256_and_si256(t, _mm256_sub_epi64(nr, one)));
+        bad = _mm256_or_si256(bad, _mm256_srli_epi64(t, 62));
+        bad = _mm256_or_si256(bad, _mm256_srli_epi64(o, 5)); // order >= 32
+        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi64(o, max_order));
+        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi64(prev_end, idx)); // overlap, unsorted
+        __m256i e = _mm256_add_epi64(p, nr);
+        __m256i lo = _mm256_unpacklo_epi64(p, e), hi = _mm256_unpackhi_epi64(p, e);
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + (i - first)),
+                            _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + (i - first) + 2),
+                            _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+    return !_mm256_testz_si256(bad, bad);
+}
+
+static const bool have_avx2 = __builtin_cpu_supports("avx2");
+#endif
+
 void clamp_folio_ranges(const uint64_t *index, const uint64_t *order, const uint64_t *pfn,
                         size_t n, size_t first, size_t count, uint64_t start, uint64_t end,
                         PfnRange *out)
@@ -404,7 +454,18 @@ void clamp_folio_ranges(const uint64_t *index, const uint64_t *order, const uint
         };
         for (size_t i = b; i < lo; i++)
             check(i);
-        for (size_t i = lo; i < hi; i++)
+        size_t i = lo;
+#ifdef GMEM_HAVE_AVX2_PATH
+        if (i == 0 && i < hi) // the vector loop reads the folio before
+            out[i - first] = check(i), i++;
+        if (have_avx2 && i >= 1 && hi - i >= 4) {
+            size_t k = i + (hi - i) / 4 * 4;
+            bad |= check_write_avx2(index, order, pfn, i, k, out, first);
+            i = k;
+            prev_end = index[i - 1] + (uint64_t(1) << (order[i - 1] & 31));
+        }
+#endif
+        for (; i < hi; i++)
             out[i - first] = check(i);
         for (size_t i = hi; i < e; i++)
             check(i);
