@@ -84,6 +84,17 @@ void SNP::rmp_make_shared(GuestMemfd &f, uint64_t start_pfn, uint64_t end_pfn)
  */
 void SNP::make_shared(GuestMemfd &f, const PfnRange *r, size_t n)
 {
+    // The usual batch continues the pending range throughout: found with compares that
+    // do not wait for one another, then one extension.
+    if (n && pending_.end_pfn > pending_.start_pfn && pending_.end_pfn == r[0].start_pfn) {
+        uint64_t gaps = 0;
+        for (size_t i = 1; i < n; i++)
+            gaps |= r[i].start_pfn ^ r[i - 1].end_pfn;
+        if (!gaps) {
+            pending_.end_pfn = r[n - 1].end_pfn;
+            return;
+        }
+    }
     for (size_t i = 0; i < n;) {
         // The ranges that continue the pending one extend it, in a tight loop.
         uint64_t from = pending_.start_pfn, to = pending_.end_pfn;
