@@ -331,3 +331,11 @@ def test_clamp_folio_ranges_finds_a_bad_folio_anywhere(impl, bad_at: int, fault:
         pfn[bad_at] += np.uint64(1)
     with pytest.raises(ValueError, match=f"folio {bad_at} "):
         impl.clamp_folio_ranges(index, order, pfn, 4 * (n - 3), 4 * n)
+
+
+@IMPLS
+def test_clamp_folio_ranges_of_an_empty_range_inside_a_folio_is_empty(impl) -> None:
+    """[1, 1) lies inside the folio [0, 2) and holds no page: no range."""
+    one = np.array([0], dtype=np.uint64), np.array([1], dtype=np.uint64)
+    got = impl.clamp_folio_ranges(one[0], one[1], np.array([0], dtype=np.uint64), 1, 1)
+    assert got.tolist() == []

@@ -660,14 +660,16 @@ void GuestMemfd::fallocate(uint64_t start, uint64_t end)
     uint64_t allocated = 0, splits = stats_.folio_splits;
     // Headroom for the undo: giving pages back can allocate (a bitmap for a group that
     // had no free page), and the undo runs when the host has just run out of memory.
+    // Room, not a guarantee: reopening many groups can need more (docs/model.md).  Making
+    // PhysMem's free path allocation-free (spare group nodes) is what would guarantee it.
     std::unique_ptr<char[]> headroom(new char[UNDO_HEADROOM]);
     auto give_back = [&] {
         headroom.reset();
         // The buddy allocator's free state depends only on which pages are free, so
         // freeing in any order restores it exactly.
         // Each run is tiled by this call's folios.  They leave the page cache a chunk at a
-        // time before their pages go back, so that the tree nodes released serve what
-        // freeing the pages allocates, together with the headroom.
+        // time before their pages go back, so that the tree nodes released help serve
+        // what freeing the pages allocates, together with the headroom.
         Folio chunk[1024];
         for (const auto &run : got) {
             for (uint64_t at = run.first; at < run.second;) {
@@ -1097,21 +1099,14 @@ void GuestMemfd::convert_contents(uint64_t start, uint64_t end, uint64_t attrs, 
  */
 void GuestMemfd::hook_walk(uint64_t start, uint64_t end)
 {
-    const bool free_hook = design_ == HookDesign::Overloaded;
-    PfnRange ranges[FOLIO_BATCH_SIZE];
-    unsigned n = 0;
+    RangeBatch batch{*this, design_ == HookDesign::Overloaded, {}};
     cache_.for_each_clamped(start, end, [&](const Folio &f, const PfnRange &r) {
         uint64_t first = std::max(start, f.index), stop = first + (r.end_pfn - r.start_pfn);
         if (unlikely(!range_inside(f, r, stop, end)))
             bad_hook_range(first, r.start_pfn);
-        ranges[n++] = r;
-        if (n == FOLIO_BATCH_SIZE) {
-            deliver_ranges(ranges, n, free_hook);
-            n = 0;
-        }
+        batch.add(r);
     });
-    if (n)
-        deliver_ranges(ranges, n, free_hook);
+    batch.finish();
     arch_->flush(*this);
 }
 
@@ -1123,9 +1118,7 @@ void GuestMemfd::hook_walk(uint64_t start, uint64_t end)
  */
 void GuestMemfd::convert_fused(uint64_t start, uint64_t end, uint64_t attrs, uint64_t token)
 {
-    const bool free_hook = design_ == HookDesign::Overloaded;
-    PfnRange ranges[FOLIO_BATCH_SIZE];
-    unsigned n = 0;
+    RangeBatch batch{*this, design_ == HookDesign::Overloaded, {}};
     ContentsChange cc{*this, attrs, token, end, attrs_.run_at(start)};
     ContentsChange::Hot h = cc.hot();
     bool bad = false;
@@ -1143,14 +1136,9 @@ void GuestMemfd::convert_fused(uint64_t start, uint64_t end, uint64_t attrs, uin
         } else {
             h = cc.piece(h, first, r.start_pfn, stop - first);
         }
-        ranges[n++] = r;
-        if (n == FOLIO_BATCH_SIZE) {
-            deliver_ranges(ranges, n, free_hook);
-            n = 0;
-        }
+        batch.add(r);
     });
-    if (n)
-        deliver_ranges(ranges, n, free_hook);
+    batch.finish();
     cc.emit(h);
     arch_->flush(*this);
     if (bad)

@@ -296,6 +296,10 @@ def clamp_folio_ranges(
     check_folio_layout(idx.tolist(), o.tolist(), p.tolist())
     folios = zip(idx.tolist(), o.tolist(), p.tolist(), strict=True)
     ranges = ranges_array(
-        [Folio(i, od, pf).clamp(s, e) for i, od, pf in folios if i < e and i + (1 << od) > s]
+        [
+            Folio(i, od, pf).clamp(s, e)
+            for i, od, pf in folios
+            if s < e and i < e and i + (1 << od) > s
+        ]
     )
     return ranges if buffer is None else into(buffer, ranges)
