@@ -1099,14 +1099,21 @@ void GuestMemfd::convert_contents(uint64_t start, uint64_t end, uint64_t attrs, 
  */
 void GuestMemfd::hook_walk(uint64_t start, uint64_t end)
 {
-    RangeBatch batch{*this, design_ == HookDesign::Overloaded, {}};
+    const bool free_hook = design_ == HookDesign::Overloaded;
+    PfnRange ranges[FOLIO_BATCH_SIZE];
+    unsigned n = 0;
     cache_.for_each_clamped(start, end, [&](const Folio &f, const PfnRange &r) {
         uint64_t first = std::max(start, f.index), stop = first + (r.end_pfn - r.start_pfn);
         if (unlikely(!range_inside(f, r, stop, end)))
             bad_hook_range(first, r.start_pfn);
-        batch.add(r);
+        ranges[n++] = r;
+        if (n == FOLIO_BATCH_SIZE) {
+            deliver_ranges(ranges, n, free_hook);
+            n = 0;
+        }
     });
-    batch.finish();
+    if (n)
+        deliver_ranges(ranges, n, free_hook);
     arch_->flush(*this);
 }
 
@@ -1118,7 +1125,12 @@ void GuestMemfd::hook_walk(uint64_t start, uint64_t end)
  */
 void GuestMemfd::convert_fused(uint64_t start, uint64_t end, uint64_t attrs, uint64_t token)
 {
-    RangeBatch batch{*this, design_ == HookDesign::Overloaded, {}};
+    // The batch is gathered here as in hook_walk(), not through a shared helper object:
+    // with the counter in an object whose array escapes to the hooks, it lives in memory
+    // and the walk runs ~10% slower (measured on the 1 TiB conversion).
+    const bool free_hook = design_ == HookDesign::Overloaded;
+    PfnRange ranges[FOLIO_BATCH_SIZE];
+    unsigned n = 0;
     ContentsChange cc{*this, attrs, token, end, attrs_.run_at(start)};
     ContentsChange::Hot h = cc.hot();
     bool bad = false;
@@ -1136,9 +1148,14 @@ void GuestMemfd::convert_fused(uint64_t start, uint64_t end, uint64_t attrs, uin
         } else {
             h = cc.piece(h, first, r.start_pfn, stop - first);
         }
-        batch.add(r);
+        ranges[n++] = r;
+        if (n == FOLIO_BATCH_SIZE) {
+            deliver_ranges(ranges, n, free_hook);
+            n = 0;
+        }
     });
-    batch.finish();
+    if (n)
+        deliver_ranges(ranges, n, free_hook);
     cc.emit(h);
     arch_->flush(*this);
     if (bad)

@@ -271,28 +271,6 @@ private:
     void bad_hook_range(uint64_t index, uint64_t pfn);
     void check_hook_ranges(uint64_t start, uint64_t end);
     void deliver_ranges(const PfnRange *ranges, unsigned n, bool free_hook);
-    /// A conversion walk's ranges gathered into batches of FOLIO_BATCH_SIZE, each
-    /// delivered to make_shared (or free_folio) when full, the rest by finish().
-    struct RangeBatch {
-        GuestMemfd &file;
-        bool free_hook;
-        PfnRange ranges[FOLIO_BATCH_SIZE];
-        unsigned n = 0;
-        void add(const PfnRange &r)
-        {
-            ranges[n++] = r;
-            if (n == FOLIO_BATCH_SIZE) {
-                file.deliver_ranges(ranges, n, free_hook);
-                n = 0;
-            }
-        }
-        void finish()
-        {
-            if (n)
-                file.deliver_ranges(ranges, n, free_hook);
-            n = 0;
-        }
-    };
     void convert_walk(uint64_t start, uint64_t end, uint64_t attrs, bool hooked);
     void invalidate_begin(uint64_t start, uint64_t end, unsigned kinds);
     void check_poison(uint64_t index) const;
