@@ -234,52 +234,8 @@ std::vector<Folio> FolioCache::folios(uint64_t start, uint64_t end) const
 
 size_t FolioCache::pfn_ranges(uint64_t start, uint64_t end, PfnRange *out) const
 {
-    if (start >= end)
-        return 0;
-    auto p = first_overlapping(start);
-    if (p == tree_.end())
-        return 0;
-    // Straight over the leaf arrays: this loop is the engine's hot path.  Only the first
-    // folio can start before @start, and only folios of a leaf that reaches @end can
-    // cross it, so the end is tested once per leaf and the folios of every leaf in
-    // between are written without a key or a clamp.
     size_t n = 0;
-    uint32_t s = p.slot;
-    {
-        uint64_t idx = tree_.key(p), v = tree_.val(p);
-        if (idx >= end)
-            return 0;
-        uint64_t nr = uint64_t(1) << ((v >> ORDER_SHIFT) & 31);
-        uint64_t si = idx > start ? idx : start, ei = idx + nr < end ? idx + nr : end;
-        uint64_t sp = (v & PFN_MASK) + (si - idx);
-        out[n++] = PfnRange{sp, sp + (ei - si)};
-        s++;
-    }
-    for (const Tree::Leaf *l = p.leaf; l; l = Tree::next_leaf(l), s = 0) {
-        const uint64_t base = Tree::leaf_base(l), *vals = Tree::leaf_vals(l);
-        const uint32_t *offs = Tree::leaf_offs(l);
-        uint32_t cnt = Tree::leaf_size(l);
-        if (s >= cnt)
-            continue;
-        uint64_t last = vals[cnt - 1];
-        if (base + offs[cnt - 1] + (uint64_t(1) << ((last >> ORDER_SHIFT) & 31)) <= end) {
-            for (; s < cnt; s++, n++) {
-                uint64_t v = vals[s], pfn = v & PFN_MASK;
-                out[n].start_pfn = pfn;
-                out[n].end_pfn = pfn + (uint64_t(1) << ((v >> ORDER_SHIFT) & 31));
-            }
-            continue;
-        }
-        for (; s < cnt; s++) { // the leaf that reaches @end
-            uint64_t idx = base + offs[s];
-            if (idx >= end)
-                return n;
-            uint64_t v = vals[s], pfn = v & PFN_MASK;
-            uint64_t nr = uint64_t(1) << ((v >> ORDER_SHIFT) & 31);
-            out[n++] = PfnRange{pfn, pfn + (idx + nr < end ? nr : end - idx)};
-        }
-        return n;
-    }
+    for_each_clamped(start, end, [&](const Folio &, const PfnRange &r) { out[n++] = r; });
     return n;
 }
 

@@ -140,8 +140,8 @@ public:
     }
 
     /// fn(folio, clamped range) for each folio overlapping [start, end), straight over
-    /// the leaf arrays: the one loop every walk (batches, extents, conversions) is made
-    /// of.  Only the first folio can start before @start, and only a leaf whose last folio
+    /// the leaf arrays: the one loop every walk (pfn_ranges, batches, extents,
+    /// conversions) is made of.  Only the first folio can start before @start, and only a leaf whose last folio
     /// reaches past @end holds folios that cross it or lie beyond, so the end is tested
     /// once per leaf and the folios of every leaf in between go to @fn unclamped.
     template <class Fn>
