@@ -52,14 +52,7 @@ def spread(times: list[float], scale: float = 1.0) -> tuple[float, float, float]
 def timeit(fn: Callable[[], Any], repeat: int = 5, setup: Callable[[], Any] | None = None) -> float:
     """Best seconds of ``repeat`` calls of fn (after setup, untimed, before each): the
     least disturbed run, as timeit reports, since other load only ever adds time."""
-    times = []
-    for _ in range(repeat):
-        if setup:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(timings(fn, repeat, setup))
 
 
 @dataclass
@@ -438,17 +431,6 @@ def bench_memory(s: Suite) -> None:
     s.figures["rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
 
 
-def _median_spread(fn: Callable[[], Any], repeat: int) -> tuple[float, float, float]:
-    """(median, min, max) seconds of ``repeat`` calls of fn."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2], times[0], times[-1]
-
-
 def bench_bulk(s: Suite) -> None:
     """The bulk forms against a loop of single calls, and one get_pfn against the cost of a
     call that only converts an integer (IntervalMap(1).load(0)), side by side: each
@@ -500,7 +482,7 @@ def bench_bulk(s: Suite) -> None:
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(repeat):
         for name, fn in contenders.items():
-            times[name].append(_median_spread(fn, 1)[0] / n)
+            times[name].append(timings(fn, 1)[0] / n)
     stat = {k: sorted(v) for k, v in times.items()}
     med = {k: v[len(v) // 2] for k, v in stat.items()}
     for k, v in stat.items():
