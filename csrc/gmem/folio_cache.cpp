@@ -430,7 +430,7 @@ void clamp_folio_ranges(const uint64_t *index, const uint64_t *order, const uint
                 if (!layout_folio_ok(index, order, pfn, i))
                     check_layout_folio(index, order, pfn, i);
     }
-    for (size_t i : {first, first + count - 1}) {
+    for (size_t i : {first, first + count - 1}) { // the edges, once the layout is valid
         if (!count)
             break;
         uint64_t idx = index[i], nr = uint64_t(1) << order[i];

@@ -141,9 +141,11 @@ public:
 
     /// fn(folio, clamped range) for each folio overlapping [start, end), straight over
     /// the leaf arrays: the one loop every walk (pfn_ranges, batches, extents,
-    /// conversions) is made of.  Only the first folio can start before @start, and only a leaf whose last folio
-    /// reaches past @end holds folios that cross it or lie beyond, so the end is tested
-    /// once per leaf and the folios of every leaf in between go to @fn unclamped.
+    /// conversions) is made of.  Only the first folio can start before @start, and only
+    /// a leaf whose last folio reaches past @end holds folios that cross it or lie
+    /// beyond, so the end is tested once per leaf and the folios of every leaf in
+    /// between go to @fn unclamped.  (The first folio is taken inside the loop, behind a
+    /// flag: hoisted out of it, the walk measured 6-8% slower.)
     template <class Fn>
     void for_each_clamped(uint64_t start, uint64_t end, Fn &&fn) const
     {

@@ -1476,9 +1476,10 @@ void GuestMemfd::bulk(size_t n, BulkCall &call, Fn &&element)
 /*
  * find_folios - phase 1 of a bulk call over scattered indexes: out[k] is the folio that
  * holds index[k], packed (pfn << 8 | order << 1 | uptodate), or 0 for a hole or an index
- * past the end: 8 bytes, so that the scattered stores of a large batch stay in cache.  Found in index order - one pass over the leaves when the indexes
- * are dense enough, else one lookup each, neighbours sharing the cache lines of their
- * leaf - so the misses of a random batch overlap instead of following one another.
+ * past the end: 8 bytes, so that the scattered stores of a large batch stay in cache.
+ * Found in index order - one pass over the leaves when the indexes are dense enough, else
+ * one lookup each, neighbours sharing the cache lines of their leaf - so the misses of a
+ * random batch overlap instead of following one another.
  */
 [[gnu::noinline]] void GuestMemfd::find_folios(const uint64_t *index, size_t n,
                                                uint64_t *out) const

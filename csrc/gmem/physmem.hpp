@@ -26,8 +26,9 @@
 // architecture models (SNP's RMP, pKVM's page ownership), each kept as a run map over the
 // PFNs: memory that was never touched, or that is uniformly in one state, is one run, so
 // zeroing, garbling or reassigning a 1 GiB folio is one store.  The tokens are a
-// ContentMap: where page-by-page writes leave many runs, a group of pages is an array.  A freed page keeps its
-// token until it is overwritten or scrubbed, which is what makes a missing scrub visible.
+// ContentMap: where page-by-page writes leave many runs, a group of pages is an array.
+// A freed page keeps its token until it is overwritten or scrubbed, which is what makes a
+// missing scrub visible.
 #pragma once
 
 #include <array>
