@@ -113,6 +113,8 @@ public:
     /// RMP, a log): no page contents, nothing of the file, not even its violations.  A
     /// conversion then changes the contents of its folios in the same walk that hands
     /// out their ranges (no hook can tell), instead of all of them before the first hook.
+    /// Blind hooks must also depend only on the ranges' union, in order: ranges that
+    /// continue one another are then handed over merged, one call per PFN extent.
     /// The SNP model says true for itself only: a subclass, which may override a hook (a
     /// Python or C arch always may), says false unless it says otherwise.
     virtual bool range_hooks_blind() const { return false; }

@@ -268,6 +268,7 @@ private:
     void convert_contents(uint64_t start, uint64_t end, uint64_t attrs, uint64_t token);
     void hook_walk(uint64_t start, uint64_t end);
     void convert_fused(uint64_t start, uint64_t end, uint64_t attrs, uint64_t token);
+    void count_hook_ranges(uint64_t n, bool free_hook);
     void bad_hook_range(uint64_t index, uint64_t pfn);
     void check_hook_ranges(uint64_t start, uint64_t end);
     void deliver_ranges(const PfnRange *ranges, unsigned n, bool free_hook);
