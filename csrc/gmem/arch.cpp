@@ -84,8 +84,9 @@ void SNP::rmp_make_shared(GuestMemfd &f, uint64_t start_pfn, uint64_t end_pfn)
  */
 void SNP::make_shared(GuestMemfd &f, const PfnRange *r, size_t n)
 {
-    // The usual batch continues the pending range throughout: found with compares that
-    // do not wait for one another, then one extension.
+    // A batch of 31 (the built-in model gets merged extents; a subclass gets batches)
+    // usually continues the pending range throughout: found with compares that do not
+    // wait for one another, then one extension.
     if (n && pending_.end_pfn > pending_.start_pfn && pending_.end_pfn == r[0].start_pfn) {
         uint64_t gaps = 0;
         for (size_t i = 1; i < n; i++)

@@ -20,7 +20,8 @@
 // CONVERT is PREPARE + FREE_ON_SHARED_CONVERSION and RECLAIM is FREE: one config serves
 // every design.  The C++ methods keep the thread's names (prepare, free_folio).
 //
-// make_shared and free_folio get the clamped PFN ranges of one folio batch (up to 31).
+// make_shared and free_folio get the clamped PFN ranges of one folio batch (up to 31);
+// an arch whose range hooks are blind (range_hooks_blind()) gets merged PFN extents.
 // Per-PFN state (SNP's RMP, pKVM's ownership) lives in the file's PhysMem, as on a real
 // machine.  Each model also checks its contract at the points where it can be broken
 // (check_freed, check_host_reach) and says what a conversion does to page contents.
@@ -109,12 +110,13 @@ public:
     virtual bool hears_guest_mapped() const { return true; }
     virtual void attributes_set(GuestMemfd &, uint64_t, uint64_t, uint64_t /*attrs*/) {}
 
-    /// True when make_shared and free_folio touch nothing but the arch's own state (the
-    /// RMP, a log): no page contents, nothing of the file, not even its violations.  A
+    /// True when make_shared and free_folio touch nothing but the arch's own per-PFN state
+    /// (the RMP): no page contents, nothing of the file, not even its violations.  A
     /// conversion then changes the contents of its folios in the same walk that hands
     /// out their ranges (no hook can tell), instead of all of them before the first hook.
-    /// Blind hooks must also depend only on the ranges' union, in order: ranges that
-    /// continue one another are then handed over merged, one call per PFN extent.
+    /// Blind hooks must also give the same result for ranges that continue one another
+    /// handed over merged, as the walk then does: one call per PFN extent, in walk order.
+    /// (So an arch that logs its calls is not blind.)
     /// The SNP model says true for itself only: a subclass, which may override a hook (a
     /// Python or C arch always may), says false unless it says otherwise.
     virtual bool range_hooks_blind() const { return false; }

@@ -992,7 +992,8 @@ void GuestMemfd::invalidate_begin(uint64_t start, uint64_t end, unsigned kinds)
  * on the way to shared the arch gets each folio's clamped PFN range, in batches of up to
  * FOLIO_BATCH_SIZE (make_shared, or free_folio under the "overloaded" design).  Where
  * the arch's range hooks are blind to contents (Arch::range_hooks_blind) both are done
- * in one walk of the folios, convert_fused(); otherwise no hook may see a page not yet
+ * in one walk of the folios, convert_fused(), which hands the ranges over merged into
+ * PFN extents (the stats still count one per folio); otherwise no hook may see a page not yet
  * converted, and the contents go first (convert_contents(): each run of pages that
  * changes walked on its own), the hooks second (hook_walk()).
  *
@@ -1151,17 +1152,21 @@ void GuestMemfd::convert_fused(uint64_t start, uint64_t end, uint64_t attrs, uin
         } else {
             h = cc.piece(h, first, r.start_pfn, stop - first);
         }
-        nr_ranges++;
         if (unlikely(r.start_pfn != ext.end_pfn)) {
-            if (ext.end_pfn != ext.start_pfn)
-                deliver_ranges(&ext, 1, free_hook);
+            if (ext.end_pfn != ext.start_pfn) {
+                count_hook_ranges(nr_ranges, free_hook); // counted before the call, as
+                deliver_ranges(&ext, 1, free_hook);      // hook_walk() counts its batches
+                nr_ranges = 0;
+            }
             ext.start_pfn = r.start_pfn;
         }
+        nr_ranges++;
         ext.end_pfn = r.end_pfn;
     });
-    if (ext.end_pfn != ext.start_pfn)
+    if (ext.end_pfn != ext.start_pfn) {
+        count_hook_ranges(nr_ranges, free_hook);
         deliver_ranges(&ext, 1, free_hook);
-    count_hook_ranges(nr_ranges, free_hook);
+    }
     cc.emit(h);
     arch_->flush(*this);
     if (bad)

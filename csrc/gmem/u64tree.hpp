@@ -247,7 +247,7 @@ public:
         size_++;
     }
 
-    /// The entries with @lo <= key <= @hi: [a, b).  One search when they share a leaf;
+    /// The entries with @lo <= key <= @hi (@lo <= @hi): [a, b).  One search when they share a leaf;
     /// then a and b may be one past the leaf's last entry (valid for prev() and replace()).
     struct Span {
         Pos a, b;
@@ -269,7 +269,7 @@ public:
 
     /*
      * replace - erase the entries of @sp (found by span(lo, hi)) and insert the @k sorted
-     * entries @keys/@vals, all within [lo, hi].  The common case, everything inside one
+     * entries @keys/@vals, all within [lo, hi] (lo <= hi).  The common case, everything inside one
      * leaf with room to spare, is one memmove; anything else falls back to erase + insert.
      */
     void replace(Span sp, uint64_t lo, uint64_t hi, const uint64_t *keys, const uint64_t *vals,

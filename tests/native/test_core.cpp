@@ -224,6 +224,8 @@ static void check_u64tree()
     check_u64tree_shape<8, 8>(300, 20000);
     check_u64tree_shape<8, 8>(100000, 40000);
     check_u64tree_shape<64, 128>(1000000, 100000);
+    check_u64tree_shape<16, 8>(100000, 40000); // the smallest leaf with the halved count
+    check_u64tree_shape<32, 8>(100000, 40000);
     for (unsigned shift : {20u, 29u, 31u, 32u, 40u}) {
         check_u64tree_shape<8, 8>(300, 20000, shift);
         check_u64tree_shape<64, 128>(100000, 40000, shift);
