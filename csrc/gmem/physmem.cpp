@@ -237,11 +237,9 @@ const PageGroup *PhysMem::group(uint64_t gid) const
 PageGroup &PhysMem::new_group(uint64_t gid)
 {
     Node node = pool_.get(gid, 0);
-    PageGroup &g = groups_.emplace(gid, PageGroup{}).first->second;
-    std::memset(g.bits, 0, sizeof(g.bits));
-    std::memset(g.sum, 0, sizeof(g.sum));
-    g.max_order = -1;
-    g.nr_blocks = -1;
+    // Groups mostly appear in address order: the hint makes that O(1).  Value-initialised:
+    // all bits clear.
+    PageGroup &g = groups_.try_emplace(groups_.end(), gid)->second;
     g.node = std::move(node);
     last_gid_ = gid;
     return *(last_ = &g);
@@ -269,25 +267,29 @@ void PhysMem::group_changed(uint64_t gid, PageGroup &g)
         by_max_used_ |= 1u << m;
         return;
     }
-    dissolve(gid, g); // (max_order is 12: its node is already out of by_max_)
+    dissolve(groups_.find(gid)); // (max_order is 12: its node is out of by_max_ already)
     free_top(gid << GROUP_ORDER, GROUP_ORDER); // the group's node, from the pool
     pool_.repaid(0, (nr_pages_ - nr_free_) >> GROUP_ORDER); // a bound on the blocks out
 }
 
-/* Group @gid is all free (or given back whole): it goes, its node serves the top tier. */
-void PhysMem::dissolve(uint64_t gid, PageGroup &g)
+/* Group @it is all free (or given back whole): it goes, its node to the pool (for the top
+ * tier's block that replaces it).  Returns the next group. */
+std::map<uint64_t, PageGroup>::iterator
+PhysMem::dissolve(std::map<uint64_t, PageGroup>::iterator it)
 {
+    uint64_t gid = it->first;
+    PageGroup &g = it->second;
     if (g.max_order >= 0 && g.max_order < int32_t(GROUP_ORDER)) {
         g.node = by_max_[unsigned(g.max_order)].extract(gid);
         if (by_max_[unsigned(g.max_order)].empty())
             by_max_used_ &= ~(1u << g.max_order);
     }
     pool_.put(std::move(g.node));
-    groups_.erase(gid);
     if (gid == last_gid_) {
         last_gid_ = UINT64_MAX;
         last_ = nullptr;
     }
+    return groups_.erase(it);
 }
 
 /* Pages [start, end) become free or held, group by group (the top tier is not touched). */
@@ -428,11 +430,8 @@ void PhysMem::free_big(uint64_t pfn, unsigned order, bool owed)
     const uint64_t g0 = pfn >> GROUP_ORDER, ng = pages(order - GROUP_ORDER);
     uint64_t covered = 0;
     for (auto it = groups_.lower_bound(g0); it != groups_.end() && it->first < g0 + ng;
-         covered++) {
-        uint64_t gid = it->first;
-        PageGroup &g = (it++)->second;
-        dissolve(gid, g);
-    }
+         covered++)
+        it = dissolve(it);
     nr_free_ += pages(order);
     pool_.repaid(owed && covered < ng, (nr_pages_ - nr_free_) >> GROUP_ORDER);
     free_top(pfn, order);
@@ -507,29 +506,32 @@ size_t PhysMem::alloc_many(unsigned order, size_t n, uint64_t *out)
             group_changed(gid, g);
             continue;
         }
+        // From a top-tier block: m blocks from its start, the rest re-tiled.  Below order
+        // 12 each group they fill gets its bitmap (none free) and the one they end in a
+        // bitmap too; at or above it each block is owed a spare node.  All had first:
+        // nodes for those, a piece of the rest per order, a run split by the erase.
+        const uint64_t m = std::min<uint64_t>(n - got, pages(bo - order));
+        const uint64_t end = best + (m << order);
+        const uint64_t g0 = best >> GROUP_ORDER, g1 = (end + GROUP_PAGES - 1) >> GROUP_ORDER;
+        uint64_t made = g0;
         try {
-            if (order < GROUP_ORDER) { // a bitmap for the block's first group: drained next
-                split_top(best, bo, best, order);
-                nr_free_ -= pages(order);
-                out[got++] = best;
-                continue;
-            }
-            // m blocks owed a spare; the rest of the block re-tiled: a piece per order
-            // at most, and a node for a run the erase splits.
-            uint64_t m = std::min<uint64_t>(n - got, pages(bo - order));
-            pool_.reserve(m + (bo - order) + 1);
+            pool_.reserve((order < GROUP_ORDER ? g1 - g0 : m) + (bo - GROUP_ORDER) + 1);
+            for (; order < GROUP_ORDER && made < g1; made++)
+                new_group(made);
         } catch (const std::bad_alloc &) {
+            for (uint64_t gid = g0; gid < made; gid++)
+                dissolve(groups_.find(gid));
             if (!got)
                 throw;
             return got; // the host ran out: the caller's next try_alloc() will say so
         }
-        uint64_t m = std::min<uint64_t>(n - got, pages(bo - order));
         free_[bo].erase(best);
         nr_free_ -= pages(bo);
         for (uint64_t i = 0; i < m; i++)
             out[got++] = best + (i << order);
-        add_free_range(best + (m << order), best + pages(bo)); // the rest, re-tiled
-        pool_.owe(m);
+        add_free_range(end, best + pages(bo)); // into the bitmap of the group end is in
+        if (order >= GROUP_ORDER)
+            pool_.owe(m);
     }
     return got;
 }

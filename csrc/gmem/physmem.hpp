@@ -435,7 +435,7 @@ private:
     void group_changed(uint64_t gid, PageGroup &g);
     bool lowest_block(unsigned order, uint64_t *pfn, unsigned *bo, bool *is_group) const;
     void split_top(uint64_t block, unsigned bo, uint64_t pfn, unsigned order);
-    void dissolve(uint64_t gid, PageGroup &g);
+    std::map<uint64_t, PageGroup>::iterator dissolve(std::map<uint64_t, PageGroup>::iterator it);
     void free_top(uint64_t pfn, unsigned order);
     void free_big(uint64_t pfn, unsigned order, bool owed);
     void give_back(uint64_t pfn, unsigned order, bool owed);
