@@ -16,20 +16,21 @@
 //     order 0: [ 1 ]
 //
 // Two tiers hold the free blocks.  Blocks of order >= GROUP_ORDER (12: 16 MiB) sit in one
-// ordered set per order (runs of blocks at MAX_ORDER, so a 2**52-page PhysMem is one
+// ordered map per order (runs of blocks at MAX_ORDER, so a 2**52-page PhysMem is one
 // entry).  A 2**12-page group that was broken up (a block below order 12 handed out from
-// it) and is not all free again has a page bitmap (PageGroup, 592 bytes), and its blocks of
+// it) and is not all free again has a page bitmap (PageGroup, 600 bytes), and its blocks of
 // order < 12 are read off the bitmap.  So memory follows what is fragmented or in use in
 // small pieces, not the size of the range, and allocating or freeing a page is a few word
 // operations on one bitmap.
 //
-// Giving pages back never allocates, so that an undo after the host ran out of memory
-// (fallocate's) and a teardown always complete: a group keeps its bitmap while it has no
-// free page, each group owns the one map node that files it by its largest free order
-// (and becomes its order-12 free block when it is all free again), and the top tier's
-// free-list nodes come from a NodePool that holds one spare for every block of order >= 12
-// handed out.  Whatever can allocate (splitting a block, a new bitmap) is done by the
-// allocating side, before it changes anything.
+// Giving back a block as it was handed out (free_unchecked(): the page cache's folios)
+// never allocates, so that an undo after the host ran out of memory (fallocate's) and a
+// teardown cannot fail half-way: a group keeps its bitmap while it has no free page, each
+// group owns the one map node that files it by its largest free order (which serves as
+// its order-12 free block when it is all free again), and the top tier's free-list nodes
+// come from a NodePool holding a spare for every block of order >= 12 handed out.  What
+// can allocate (splitting a block, a new bitmap) is done by the allocating side, before it
+// changes anything.
 //
 // Each PFN also holds a 64-bit content token (0 = zeroed) and the per-PFN state of the
 // architecture models (SNP's RMP, pKVM's page ownership), each kept as a run map over the
@@ -88,7 +89,8 @@ using Node = NodeMap::node_type;
  *
  * Freeing a block of order >= 12 that was handed out whole inserts one free-list node at
  * most (coalescing erases as many as it inserts); the pool holds at least one spare per
- * such block (owed()).  get() pops a spare only above that floor and allocates otherwise,
+ * such block (owed(); not for PhysMem.alloc/take's, which come back through free(): it
+ * reserves its own).  get() pops a spare only above that floor and allocates otherwise,
  * so an operation that is allowed to fail (an allocation) can never spend a spare that a
  * free needs; an operation that takes blocks reserve()s its worst case first, while
  * failing still changes nothing.  put() keeps a node only up to a little over the floor and
