@@ -78,10 +78,13 @@ static std::string describe(const PhysMem &pm, const Snapshot &want)
 }
 
 static std::unique_ptr<GuestMemfd> file(uint64_t pages, unsigned order,
-                                        std::shared_ptr<PhysMem> pm)
+                                        std::shared_ptr<PhysMem> pm, bool hugetlb = false)
 {
-    return std::make_unique<GuestMemfd>(pages * PAGE_SIZE, FLAG_MMAP, order, std::move(pm),
-                                        std::make_shared<SwProtected>(), HookDesign::Mainline);
+    // Under "hugetlb" every page starts shared, so each huge folio is split as it comes.
+    return std::make_unique<GuestMemfd>(
+        pages * PAGE_SIZE, hugetlb ? FLAG_MMAP | FLAG_INIT_SHARED : FLAG_MMAP, order,
+        std::move(pm), std::make_shared<SwProtected>(), HookDesign::Mainline,
+        hugetlb ? HugePolicy::HugeTLB : HugePolicy::None);
 }
 
 /*
@@ -91,13 +94,13 @@ static std::unique_ptr<GuestMemfd> file(uint64_t pages, unsigned order,
  * and PhysMem, the file and the allocator's invariants are exactly as before.
  */
 static void fallocate_fails_cleanly(const char *name, std::shared_ptr<PhysMem> pm,
-                                    uint64_t pages, unsigned order)
+                                    uint64_t pages, unsigned order, bool hugetlb = false)
 {
     const Snapshot before = snapshot(*pm);
     CHECK(pm->check().empty(), describe(*pm, before));
     long total;
     {
-        auto f = file(pages, order, pm);
+        auto f = file(pages, order, pm, hugetlb);
         nr_allocs = 0;
         f->fallocate(0, pages);
         total = nr_allocs;
@@ -108,7 +111,7 @@ static void fallocate_fails_cleanly(const char *name, std::shared_ptr<PhysMem> p
     }
     long failed = 0;
     for (long n = 0; n <= total; n++) {
-        auto f = file(pages, order, pm);
+        auto f = file(pages, order, pm, hugetlb);
         bool threw = false;
         budget = n;
         try {
@@ -160,7 +163,8 @@ static void check_groups_reopened()
 
 /*
  * check_top_blocks - free 32 MiB blocks whose buddies are held (no coalescing), taken by
- * a file of 32 MiB folios: each comes back into a free list that needs a node for it.
+ * a file of 32 MiB folios: each comes back into a free list that needs a node for it;
+ * then by a "hugetlb" file whose 32 MiB folios are split into pages at once.
  */
 static void check_top_blocks()
 {
@@ -170,6 +174,9 @@ static void check_top_blocks()
     for (uint64_t at = 0; at < (uint64_t(1) << 22); at += uint64_t(1) << 14)
         holder->punch_hole(at, at + (uint64_t(1) << 13));
     fallocate_fails_cleanly("top-tier blocks", pm, uint64_t(1) << 21, 13);
+    // Huge pages split into 4 KiB pieces as they come ("hugetlb", all shared): the undo
+    // must give each back as the 32 MiB block it was handed out as.
+    fallocate_fails_cleanly("split huge pages", pm, uint64_t(1) << 15, 13, true);
     holder->close();
     CHECK(pm->nr_free() == pm->nr_pages() && pm->check().empty(), pm->dump());
 }
