@@ -455,6 +455,47 @@ def test_host_memory_exhaustion_in_fallocate_and_fragment_changes_nothing() -> N
     )
 
 
+def test_fallocate_undo_that_refills_thousands_of_groups_gives_every_page_back() -> None:
+    # The walk empties 4096 page groups (a 2 MiB hole punched in each), the host runs out
+    # at a different point for each limit, and the undo gives every page back: PhysMem
+    # never allocates to take pages back.  (tests/native/test_oom.cpp fails every
+    # allocation from a given count on, which an address-space limit cannot.)
+    if SANITIZED:
+        pytest.skip("the address-space limit does not apply under ASan")
+    isolated(
+        """
+        import resource, gmem
+        pm = gmem.PhysMem(1 << 24)
+        holder = gmem.GuestMemfd(1 << 36, physmem=pm, folio_order=9)
+        holder.fallocate(0, 1 << 24)
+        for g in range(4096):
+            at = g * 4096 + (g % 8) * 512
+            holder.punch_hole(at, at + 512)
+        before = (pm.nr_free, pm.free_blocks().tolist())
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        failed = 0
+        for mib in range(1, 40, 2):
+            f = gmem.GuestMemfd(1 << 33, physmem=pm)  # 2**21 4 KiB folios: all the holes
+            used = int(open("/proc/self/statm").read().split()[0]) * 4096
+            resource.setrlimit(resource.RLIMIT_AS, (used + (mib << 20), hard))
+            try:
+                f.fallocate(0, 1 << 21)
+            except MemoryError:
+                failed += 1
+                resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+                assert (pm.nr_free, pm.free_blocks().tolist()) == before, mib
+                assert f.stats["folios_allocated"] == 0 and len(f.folios()) == 0
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+            f.close()
+            assert (pm.nr_free, pm.free_blocks().tolist()) == before
+        assert failed >= 3, failed  # the limits did strike mid-walk
+        holder.close()
+        assert pm.nr_free == 1 << 24
+        """,
+        memory_gib=8,
+    )
+
+
 @IMPLS
 def test_physmem_at_the_pfn_limit_costs_what_it_holds(impl: Any) -> None:
     # 2**52 pages start as 2**34 free blocks of the top order: one run, not 2**34 nodes.

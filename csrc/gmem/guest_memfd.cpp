@@ -215,7 +215,7 @@ Folio GuestMemfd::alloc_folio(uint64_t index, bool *oom)
                     throw;
                 }
             } catch (...) {
-                pm_->free(pfn, unsigned(o));
+                pm_->free_unchecked(pfn, unsigned(o)); // the block as handed out: no allocation
                 throw;
             }
             stats_.folios_allocated++;
@@ -658,30 +658,39 @@ void GuestMemfd::fallocate(uint64_t start, uint64_t end)
     // even for 2**28 folios, and enough to give them all back.
     std::vector<std::pair<uint64_t, uint64_t>> got;
     uint64_t allocated = 0, splits = stats_.folio_splits;
-    // Headroom for the undo: giving pages back can allocate (a bitmap for a group that
-    // had no free page), and the undo runs when the host has just run out of memory.
-    // Room, not a guarantee: reopening many groups can need more (docs/model.md).  Making
-    // PhysMem's free path allocation-free (spare group nodes) is what would guarantee it.
-    std::unique_ptr<char[]> headroom(new char[UNDO_HEADROOM]);
+    // The undo runs when the host may just have run out of memory, and allocates nothing:
+    // the page cache only shrinks, and PhysMem never allocates to take back blocks it
+    // handed out (a group keeps its bitmap while none of it is free; spare nodes for the
+    // blocks of order >= 12).
     auto give_back = [&] {
-        headroom.reset();
         // The buddy allocator's free state depends only on which pages are free, so
-        // freeing in any order restores it exactly.
-        // Each run is tiled by this call's folios.  They leave the page cache a chunk at a
-        // time before their pages go back, so that the tree nodes released help serve
-        // what freeing the pages allocates, together with the headroom.
+        // freeing in any order restores it exactly.  Each run is tiled by this call's
+        // folios; physically contiguous ones go back together, so that the pieces of a
+        // huge folio split for shared pages ("hugetlb") go back as the block they were
+        // handed out as (a piece alone would need a bitmap).
         Folio chunk[1024];
+        uint64_t pfn = 0, nr = 0;
         for (const auto &run : got) {
             for (uint64_t at = run.first; at < run.second;) {
                 size_t n = cache_.folios(at, run.second, chunk, 1024);
                 if (!n)
                     break;
                 cache_.remove_consecutive(chunk, n);
-                for (size_t i = 0; i < n; i++)
-                    pm_->free_unchecked(chunk[i].pfn, chunk[i].order);
+                for (size_t i = 0; i < n; i++) {
+                    if (nr && chunk[i].pfn == pfn + nr) {
+                        nr += chunk[i].nr_pages();
+                        continue;
+                    }
+                    if (nr)
+                        pm_->free_range_unchecked(pfn, nr);
+                    pfn = chunk[i].pfn;
+                    nr = chunk[i].nr_pages();
+                }
                 at = chunk[n - 1].end();
             }
         }
+        if (nr)
+            pm_->free_range_unchecked(pfn, nr);
         stats_.folios_allocated -= allocated;
         stats_.folio_splits = splits; // new huge folios split for shared pages: gone again
     };
@@ -852,7 +861,7 @@ void GuestMemfd::add_folio(uint64_t index, unsigned order, uint64_t pfn)
             throw;
         }
     } catch (...) {
-        pm_->free(pfn, order); // host memory ran out: the block goes back
+        pm_->free_unchecked(pfn, order); // host memory ran out: the block goes back as taken
         throw;
     }
     stats_.folios_allocated++;

@@ -14,11 +14,6 @@ namespace gmem {
 /// Requests below this many bytes fit without asking (reading /proc costs microseconds).
 constexpr uint64_t SMALL_REQUEST = uint64_t(64) << 20;
 
-/// Heap an all-or-nothing operation sets aside before it starts and releases when it must
-/// undo itself after the host ran out: the undo's own allocations (bitmaps for page
-/// groups given back) then find room.
-constexpr uint64_t UNDO_HEADROOM = uint64_t(64) << 10;
-
 /// Nanoseconds per load of a chain of dependent loads through @bytes of memory, one cache
 /// line per step in a random cycle: what a lookup pays for each cache miss on this host
 /// (benchmarks quote it beside their cold figures).

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <new>
 #include <sstream>
 
 #include "errors.hpp"
@@ -25,7 +26,7 @@ static uint64_t checked_size(uint64_t nr_pages, uint64_t base_pfn)
     return nr_pages;
 }
 
-std::map<uint64_t, uint64_t>::const_iterator FreeList::run_of(uint64_t pfn) const
+NodeMap::const_iterator FreeList::run_of(uint64_t pfn) const
 {
     auto it = runs_.upper_bound(pfn);
     if (it == runs_.begin())
@@ -38,7 +39,7 @@ uint64_t FreeList::at_or_after(uint64_t pfn) const
 {
     if (!runs_mode_) {
         auto it = set_.lower_bound(pfn);
-        return it == set_.end() ? UINT64_MAX : *it;
+        return it == set_.end() ? UINT64_MAX : it->first;
     }
     auto it = run_of(pfn);
     if (it != runs_.end()) {
@@ -55,9 +56,10 @@ uint64_t FreeList::at_or_after(uint64_t pfn) const
 void FreeList::insert(uint64_t pfn, uint64_t n)
 {
     if (!runs_mode_) {
-        for (uint64_t i = 0; i < n; i++)
-            set_.insert(pfn + i * block_);
-        nr_blocks_ += n;
+        for (uint64_t i = 0; i < n; i++) {
+            set_.insert(set_.end(), pool_->get(pfn + i * block_, 0));
+            nr_blocks_++;
+        }
         return;
     }
     uint64_t end = pfn + n * block_;
@@ -68,18 +70,18 @@ void FreeList::insert(uint64_t pfn, uint64_t n)
         if (prev->second == pfn) {
             prev->second = join_next ? next->second : end;
             if (join_next)
-                runs_.erase(next);
+                pool_->put(runs_.extract(next));
             nr_blocks_ += n;
             return;
         }
     }
     if (join_next) {
-        // Re-key the next run to start at pfn: insert first (may throw), then erase.
-        uint64_t next_end = next->second;
-        runs_.emplace_hint(next, pfn, next_end);
-        runs_.erase(next);
+        // Re-key the next run to start at pfn: the same node, moved.
+        Node node = runs_.extract(next++);
+        node.key() = pfn;
+        runs_.insert(next, std::move(node));
     } else {
-        runs_.emplace_hint(next, pfn, end);
+        runs_.insert(next, pool_->get(pfn, end));
     }
     nr_blocks_ += n;
 }
@@ -87,18 +89,34 @@ void FreeList::insert(uint64_t pfn, uint64_t n)
 void FreeList::erase(uint64_t pfn)
 {
     if (!runs_mode_) {
-        nr_blocks_ -= set_.erase(pfn);
+        erase_if_free(pfn);
         return;
     }
     auto it = std::prev(runs_.upper_bound(pfn)); // the run holding pfn: callers check
     uint64_t end = it->second;
     if (pfn + block_ < end)
-        runs_.emplace_hint(std::next(it), pfn + block_, end); // may throw: nothing changed yet
+        runs_.insert(std::next(it), pool_->get(pfn + block_, end)); // may throw: no change yet
     if (it->first == pfn)
-        runs_.erase(it);
+        pool_->put(runs_.extract(it));
     else
         it->second = pfn;
     nr_blocks_--;
+}
+
+bool FreeList::erase_if_free(uint64_t pfn)
+{
+    if (runs_mode_) {
+        if (!contains(pfn))
+            return false;
+        erase(pfn);
+        return true;
+    }
+    Node node = set_.extract(pfn);
+    if (node.empty())
+        return false;
+    pool_->put(std::move(node));
+    nr_blocks_--;
+    return true;
 }
 
 uint64_t FreeList::erase_range(uint64_t lo, uint64_t hi)
@@ -193,7 +211,7 @@ PhysMem::PhysMem(uint64_t nr_pages, uint64_t base_pfn, uint64_t seed)
       tokens_(nr_pages), rmp_(nr_pages), owner_(nr_pages), user_(nr_pages)
 {
     for (unsigned o = 0; o <= MAX_ORDER; o++)
-        free_[o] = FreeList(pages(o), o == MAX_ORDER);
+        free_[o] = FreeList(pages(o), o == MAX_ORDER, &pool_);
     add_free_range(base_, base_ + nr_pages_);
 }
 
@@ -214,44 +232,64 @@ const PageGroup *PhysMem::group(uint64_t gid) const
     return it == groups_.end() ? nullptr : &it->second;
 }
 
-/* A group with no free page yet (not in by_max_ until group_changed() says so). */
+/* A group with no free page yet, and its node (not in by_max_ until group_changed() says
+ * so).  The only allocations of a group: may throw, with nothing changed. */
 PageGroup &PhysMem::new_group(uint64_t gid)
 {
-    PageGroup &g = groups_.emplace(gid, PageGroup{}).first->second;
-    std::memset(g.bits, 0, sizeof(g.bits));
-    std::memset(g.sum, 0, sizeof(g.sum));
-    g.max_order = -1;
-    g.nr_blocks = -1;
+    Node node = pool_.get(gid, 0);
+    // Groups mostly appear in address order: the hint makes that O(1).  Value-initialised:
+    // all bits clear.
+    PageGroup &g = groups_.try_emplace(groups_.end(), gid)->second;
+    g.node = std::move(node);
     last_gid_ = gid;
     return *(last_ = &g);
 }
 
 /*
- * The bits of group @gid changed: file it under its new largest free order.  A group with
- * no free page goes away; one that is all free becomes an order-12 block, coalesced.
+ * The bits of group @gid changed: file it under its new largest free order, moving its
+ * own node (no allocation).  A group with no free page keeps its bitmap, so that freeing
+ * into it later needs nothing new; one that is all free becomes an order-12 block.
  */
 void PhysMem::group_changed(uint64_t gid, PageGroup &g)
 {
     int32_t old = g.max_order, m = g.compute_max_order();
-    bool keep = m >= 0 && m < int32_t(GROUP_ORDER);
-    if (m != old) {
-        if (keep) {
-            by_max_[unsigned(m)].insert(gid);
-            by_max_used_ |= 1u << m;
-        }
-        if (old >= 0 && old < int32_t(GROUP_ORDER) && by_max_[unsigned(old)].erase(gid) &&
-            by_max_[unsigned(old)].empty())
+    if (m == old)
+        return;
+    if (old >= 0) { // (a group is never filed at 12: it is dissolved)
+        g.node = by_max_[unsigned(old)].extract(gid);
+        if (by_max_[unsigned(old)].empty())
             by_max_used_ &= ~(1u << old);
     }
-    if (keep)
+    if (m < 0)
         return;
-    groups_.erase(gid);
+    if (m < int32_t(GROUP_ORDER)) {
+        by_max_[unsigned(m)].insert(std::move(g.node));
+        by_max_used_ |= 1u << m;
+        return;
+    }
+    dissolve(groups_.find(gid)); // (max_order is 12: its node is out of by_max_ already)
+    free_top(gid << GROUP_ORDER, GROUP_ORDER); // the group's node, from the pool
+    pool_.repaid(0, (nr_pages_ - nr_free_) >> GROUP_ORDER); // a bound on the blocks out
+}
+
+/* Group @it is all free (or given back whole): it goes, its node to the pool (for the top
+ * tier's block that replaces it).  Returns the next group. */
+std::map<uint64_t, PageGroup>::iterator
+PhysMem::dissolve(std::map<uint64_t, PageGroup>::iterator it)
+{
+    uint64_t gid = it->first;
+    PageGroup &g = it->second;
+    if (g.max_order >= 0 && g.max_order < int32_t(GROUP_ORDER)) {
+        g.node = by_max_[unsigned(g.max_order)].extract(gid);
+        if (by_max_[unsigned(g.max_order)].empty())
+            by_max_used_ &= ~(1u << g.max_order);
+    }
+    pool_.put(std::move(g.node));
     if (gid == last_gid_) {
         last_gid_ = UINT64_MAX;
         last_ = nullptr;
     }
-    if (m == int32_t(GROUP_ORDER))
-        free_top(gid << GROUP_ORDER, GROUP_ORDER);
+    return groups_.erase(it);
 }
 
 /* Pages [start, end) become free or held, group by group (the top tier is not touched). */
@@ -322,8 +360,8 @@ bool PhysMem::lowest_block(unsigned order, uint64_t *pfn, unsigned *bo, bool *is
     for (unsigned used = order < GROUP_ORDER ? by_max_used_ >> order << order : 0; used;
          used &= used - 1) {
         unsigned m = unsigned(__builtin_ctz(used));
-        if ((*by_max_[m].begin() << GROUP_ORDER) < best) {
-            best = *by_max_[m].begin() << GROUP_ORDER;
+        if ((by_max_[m].begin()->first << GROUP_ORDER) < best) {
+            best = by_max_[m].begin()->first << GROUP_ORDER;
             *bo = m;
             *is_group = true;
         }
@@ -341,10 +379,14 @@ bool PhysMem::lowest_block(unsigned order, uint64_t *pfn, unsigned *bo, bool *is
 
 /*
  * Take [pfn, pfn + 2**order) out of the top-tier block [b, b + 2**bo): the halves that do
- * not hold it go back one order at a time; below order 12 its group gets a bitmap.
+ * not hold it go back one order at a time; below order 12 its group gets a bitmap.  What
+ * can allocate is had first (nodes: one per half, one for a run the erase splits, and the
+ * group's or the spare owed to a block of order >= 12), so failing changes nothing.
  */
 void PhysMem::split_top(uint64_t b, unsigned bo, uint64_t pfn, unsigned order)
 {
+    pool_.reserve(bo - std::max(order, GROUP_ORDER) + 2);
+    PageGroup *g = order < GROUP_ORDER ? &new_group(pfn >> GROUP_ORDER) : nullptr;
     free_[bo].erase(b);
     for (unsigned o = bo; o > std::max(order, GROUP_ORDER); o--) {
         uint64_t half = pages(o - 1);
@@ -355,28 +397,44 @@ void PhysMem::split_top(uint64_t b, unsigned bo, uint64_t pfn, unsigned order)
             free_[o - 1].insert(b + half);
         }
     }
-    if (order >= GROUP_ORDER)
+    if (!g) {
+        pool_.owe(1);
         return;
-    uint64_t gid = b >> GROUP_ORDER;
-    PageGroup &g = new_group(gid);
-    std::memset(g.bits, 0xff, sizeof(g.bits));
-    std::memset(g.sum, 0xff, sizeof(g.sum));
-    g.set_range(unsigned(pfn - b), unsigned(pfn - b + pages(order)), false);
-    group_changed(gid, g);
+    }
+    std::memset(g->bits, 0xff, sizeof(g->bits));
+    std::memset(g->sum, 0xff, sizeof(g->sum));
+    g->set_range(unsigned(pfn - b), unsigned(pfn - b + pages(order)), false);
+    group_changed(b >> GROUP_ORDER, *g);
 }
 
-/* Free a top-tier block, coalescing with its buddy while the buddy is free. */
+/* Free a top-tier block, coalescing with its buddy while the buddy is free: each buddy's
+ * node goes to the pool, the block's comes from it. */
 void PhysMem::free_top(uint64_t pfn, unsigned order)
 {
-    while (order < MAX_ORDER) {
-        uint64_t buddy = pfn ^ pages(order);
-        if (!free_[order].contains(buddy))
-            break;
-        free_[order].erase(buddy);
+    while (order < MAX_ORDER && free_[order].erase_if_free(pfn ^ pages(order))) {
         pfn &= ~pages(order);
         order++;
     }
     free_[order].insert(pfn);
+}
+
+/*
+ * free_big - give back [pfn, pfn + 2**order), order >= 12: a block handed out whole,
+ * several merged (free_range_unchecked()), or groups with no free page given back whole.
+ * The groups go, their nodes to the pool; the rest was, if @owed, owed a spare (one at
+ * least, for merged blocks: the count may stay high, never low, and is capped by the
+ * pages held).  Never allocates.
+ */
+void PhysMem::free_big(uint64_t pfn, unsigned order, bool owed)
+{
+    const uint64_t g0 = pfn >> GROUP_ORDER, ng = pages(order - GROUP_ORDER);
+    uint64_t covered = 0;
+    for (auto it = groups_.lower_bound(g0); it != groups_.end() && it->first < g0 + ng;
+         covered++)
+        it = dissolve(it);
+    nr_free_ += pages(order);
+    pool_.repaid(owed && covered < ng, (nr_pages_ - nr_free_) >> GROUP_ORDER);
+    free_top(pfn, order);
 }
 
 bool PhysMem::try_alloc(unsigned order, uint64_t *pfn)
@@ -446,14 +504,34 @@ size_t PhysMem::alloc_many(unsigned order, size_t n, uint64_t *out)
             }
             nr_free_ -= (got - before) << order;
             group_changed(gid, g);
-        } else {
-            uint64_t m = std::min<uint64_t>(n - got, pages(bo - order));
-            free_[bo].erase(best);
-            nr_free_ -= pages(bo);
-            for (uint64_t i = 0; i < m; i++)
-                out[got++] = best + (i << order);
-            add_free_range(best + (m << order), best + pages(bo)); // the rest, re-tiled
+            continue;
         }
+        // From a top-tier block: m blocks from its start, the rest re-tiled.  Below order
+        // 12 each group they fill gets its bitmap (none free) and the one they end in a
+        // bitmap too; at or above it each block is owed a spare node.  All had first:
+        // nodes for those, a piece of the rest per order, a run split by the erase.
+        const uint64_t m = std::min<uint64_t>(n - got, pages(bo - order));
+        const uint64_t end = best + (m << order);
+        const uint64_t g0 = best >> GROUP_ORDER, g1 = (end + GROUP_PAGES - 1) >> GROUP_ORDER;
+        uint64_t made = g0;
+        try {
+            pool_.reserve((order < GROUP_ORDER ? g1 - g0 : m) + (bo - GROUP_ORDER) + 1);
+            for (; order < GROUP_ORDER && made < g1; made++)
+                new_group(made);
+        } catch (const std::bad_alloc &) {
+            for (uint64_t gid = g0; gid < made; gid++)
+                dissolve(groups_.find(gid));
+            if (!got)
+                throw;
+            return got; // the host ran out: the caller's next try_alloc() will say so
+        }
+        free_[bo].erase(best);
+        nr_free_ -= pages(bo);
+        for (uint64_t i = 0; i < m; i++)
+            out[got++] = best + (i << order);
+        add_free_range(end, best + pages(bo)); // into the bitmap of the group end is in
+        if (order >= GROUP_ORDER)
+            pool_.owe(m);
     }
     return got;
 }
@@ -517,20 +595,34 @@ void PhysMem::free(uint64_t pfn, unsigned order)
 {
     check_block(pfn, order);
     check_not_free(pfn, order);
-    free_unchecked(pfn, order);
+    // Any block may come back here, a part of one handed out whole too: a node for it.
+    // The spares stay for the blocks that come back unchecked.
+    pool_.reserve(1);
+    give_back(pfn, order, false);
 }
 
+/*
+ * Never allocates for a block handed out as it is by try_alloc(), alloc_many() or take()
+ * (or, for order >= 12, several merged): its group has its bitmap, the top tier a spare
+ * node.  Only a piece below order 12 of a block handed out whole above it needs a new
+ * bitmap, which may throw, changing nothing.
+ */
 void PhysMem::free_unchecked(uint64_t pfn, unsigned order)
 {
-    nr_free_ += pages(order);
+    give_back(pfn, order, true);
+}
+
+void PhysMem::give_back(uint64_t pfn, unsigned order, bool owed)
+{
     if (order >= GROUP_ORDER) {
-        free_top(pfn, order);
+        free_big(pfn, order, owed);
         return;
     }
     uint64_t gid = pfn >> GROUP_ORDER;
     PageGroup *g = group(gid);
     if (!g)
-        g = &new_group(gid); // a group with no free page had no bitmap
+        g = &new_group(gid);
+    nr_free_ += pages(order);
     unsigned off = unsigned(pfn & (GROUP_PAGES - 1));
     if (order <= 6) {
         g->bits[off >> 6] |= word_mask(off & 63, (off & 63) + unsigned(pages(order)));
@@ -572,8 +664,9 @@ void PhysMem::check_not_free(uint64_t pfn, unsigned order) const
     if (order >= GROUP_ORDER) {
         for (unsigned o = GROUP_ORDER; o < order && !overlap; o++)
             overlap = free_[o].at_or_after(pfn) < end;
-        auto g = groups_.lower_bound(pfn >> GROUP_ORDER); // a partly free group in it?
-        overlap = overlap || (g != groups_.end() && g->first < end >> GROUP_ORDER);
+        for (auto g = groups_.lower_bound(pfn >> GROUP_ORDER); // a partly free group in it?
+             !overlap && g != groups_.end() && g->first < end >> GROUP_ORDER; ++g)
+            overlap = g->second.max_order >= 0;
     }
     if (overlap)
         throw invalid("pfn", "pages [" + std::to_string(pfn) + ", " + std::to_string(end) +
@@ -581,11 +674,13 @@ void PhysMem::check_not_free(uint64_t pfn, unsigned order) const
 }
 
 // The mark's store is reserved before the block changes hands: it cannot fail after.
+// Such a block comes back through free(), which reserves its own node: none is owed.
 uint64_t PhysMem::user_alloc(unsigned order)
 {
     user_.reserve_stores(1);
     uint64_t pfn = alloc(order);
     user_.store(pfn - base_, pfn - base_ + pages(order), 1);
+    pool_.disown(order >= GROUP_ORDER);
     return pfn;
 }
 
@@ -594,6 +689,7 @@ void PhysMem::user_take(uint64_t pfn, unsigned order)
     user_.reserve_stores(1);
     take(pfn, order);
     user_.store(pfn - base_, pfn - base_ + pages(order), 1);
+    pool_.disown(order >= GROUP_ORDER);
 }
 
 void PhysMem::user_free(uint64_t pfn, unsigned order)
@@ -636,7 +732,7 @@ uint64_t PhysMem::nr_free_blocks() const
     for (unsigned o = GROUP_ORDER; o <= MAX_ORDER; o++)
         n += free_[o].size();
     for (const auto &g : groups_)
-        n += g.second.count_blocks();
+        n += g.second.max_order < 0 ? 0 : g.second.count_blocks();
     return n;
 }
 
@@ -722,11 +818,12 @@ void PhysMem::fragment(double fraction)
             next += hit[done].second;
         }
     } catch (...) {
-        // Give back the pages of the blocks already split (free() coalesces them into
+        // Give back the pages of the blocks already split (freeing coalesces them into
         // the blocks they came from); the block being split may be half-done: its pages
-        // are re-tiled whole, since none of them was handed out.
+        // are re-tiled whole, since none of them was handed out.  Unlike fallocate's, this
+        // undo can allocate: a group kept whole has no bitmap, and re-tiling can split.
         for (size_t k = 0; k < next; k++)
-            free(taken[k], 0);
+            free_unchecked(taken[k], 0);
         if (done < hit.size()) {
             const FreeBlock &fb = hit[done].first;
             nr_free_ -= clear_free(fb.pfn, fb.pfn + pages(fb.order));
@@ -765,6 +862,58 @@ std::vector<Run> PhysMem::contents(uint64_t pfn, uint64_t nr) const
         r.end += base_;
     }
     return runs;
+}
+
+/*
+ * check - every group's summary, largest order and filing (by_max_, or its own node when
+ * it has no free page), no top-tier block over a group, free blocks sorted, disjoint,
+ * coalesced and adding up to nr_free(), and a spare node for every one owed.
+ */
+std::string PhysMem::check() const
+{
+    std::ostringstream os;
+    for (const auto &[gid, g] : groups_) {
+        PageGroup copy;
+        std::memcpy(copy.bits, g.bits, sizeof(copy.bits));
+        for (unsigned j = 0; j < 64; j++)
+            copy.update_word(j);
+        int32_t m = copy.compute_max_order();
+        bool filed = m >= 0 && m < int32_t(GROUP_ORDER) && by_max_[unsigned(m)].count(gid);
+        if (std::memcmp(copy.sum, g.sum, sizeof(g.sum)) || m != g.max_order ||
+            m == int32_t(GROUP_ORDER) || (m >= 0) != filed || (m >= 0) != g.node.empty() ||
+            (m < 0 && g.node.key() != gid))
+            os << "group " << gid << ": max_order " << g.max_order << ", bits say " << m
+               << (filed ? ", filed" : ", not filed") << (g.node ? ", holds its node" : "")
+               << "; ";
+        uint64_t b;
+        unsigned bo;
+        if (find_free_container(gid << GROUP_ORDER, GROUP_ORDER, &b, &bo))
+            os << "group " << gid << " inside free block " << b << "; ";
+    }
+    for (unsigned m = 0; m < GROUP_ORDER; m++) {
+        if (by_max_[m].empty() == bool(by_max_used_ & (1u << m)))
+            os << "by_max_used_ bit " << m << " wrong; ";
+        for (const auto &e : by_max_[m])
+            if (!group(e.first))
+                os << "by_max_[" << m << "] holds " << e.first << ", no group; ";
+    }
+    uint64_t sum = 0, end = 0;
+    for_each_free_block([&](const FreeBlock &fb) {
+        uint64_t buddy = fb.pfn ^ pages(fb.order);
+        if (fb.pfn < end || fb.pfn & (pages(fb.order) - 1) || fb.pfn < base_ ||
+            fb.pfn + pages(fb.order) > end_pfn() ||
+            (fb.order < MAX_ORDER && buddy >= base_ && buddy + pages(fb.order) <= end_pfn() &&
+             is_free(buddy, fb.order)))
+            os << "free block " << fb.pfn << " order " << fb.order << " misplaced; ";
+        sum += pages(fb.order);
+        end = fb.pfn + pages(fb.order);
+        return os.tellp() < 4096;
+    });
+    if (sum != nr_free_)
+        os << "free blocks hold " << sum << " pages, nr_free " << nr_free_ << "; ";
+    if (pool_.size() < pool_.owed())
+        os << "spare nodes " << pool_.size() << " < owed " << pool_.owed() << "; ";
+    return os.str();
 }
 
 std::string PhysMem::dump() const

@@ -16,11 +16,21 @@
 //     order 0: [ 1 ]
 //
 // Two tiers hold the free blocks.  Blocks of order >= GROUP_ORDER (12: 16 MiB) sit in one
-// ordered set per order (runs of blocks at MAX_ORDER, so a 2**52-page PhysMem is one
-// entry).  A 2**12-page group that is partly free has a page bitmap (PageGroup, 576
-// bytes), and its blocks of order < 12 are read off the bitmap; a group with no free page
-// has nothing at all.  So memory follows what is fragmented, not the size of the range,
-// and allocating or freeing a page is a few word operations on one bitmap.
+// ordered map per order (runs of blocks at MAX_ORDER, so a 2**52-page PhysMem is one
+// entry).  A 2**12-page group that was broken up (a block below order 12 handed out from
+// it) and is not all free again has a page bitmap (PageGroup, 600 bytes), and its blocks of
+// order < 12 are read off the bitmap.  So memory follows what is fragmented or in use in
+// small pieces, not the size of the range, and allocating or freeing a page is a few word
+// operations on one bitmap.
+//
+// Giving back a block as it was handed out (free_unchecked(): the page cache's folios)
+// never allocates, so that an undo after the host ran out of memory (fallocate's) and a
+// teardown cannot fail half-way: a group keeps its bitmap while it has no free page, each
+// group owns the one map node that files it by its largest free order (which serves as
+// its order-12 free block when it is all free again), and the top tier's free-list nodes
+// come from a NodePool holding a spare for every block of order >= 12 handed out.  What
+// can allocate (splitting a block, a new bitmap) is done by the allocating side, before it
+// changes anything.
 //
 // Each PFN also holds a 64-bit content token (0 = zeroed) and the per-PFN state of the
 // architecture models (SNP's RMP, pKVM's page ownership), each kept as a run map over the
@@ -31,10 +41,10 @@
 // missing scrub visible.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <map>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -69,6 +79,82 @@ struct FreeBlock {
     unsigned order;
 };
 
+/// One node type for every map of the free lists (the value is unused outside runs), so a
+/// node can move from one to another without allocating.
+using NodeMap = std::map<uint64_t, uint64_t>;
+using Node = NodeMap::node_type;
+
+/*
+ * NodePool - spare NodeMap nodes, so that freeing pages never allocates.
+ *
+ * Freeing a block of order >= 12 that was handed out whole inserts one free-list node at
+ * most (coalescing erases as many as it inserts); the pool holds at least one spare per
+ * such block (owed(); not for PhysMem.alloc/take's, which come back through free(): it
+ * reserves its own).  get() pops a spare only above that floor and allocates otherwise,
+ * so an operation that is allowed to fail (an allocation) can never spend a spare that a
+ * free needs; an operation that takes blocks reserve()s its worst case first, while
+ * failing still changes nothing.  put() keeps a node only up to a little over the floor and
+ * never grows the vector, so put() cannot fail and memory follows the blocks held.
+ */
+class NodePool {
+public:
+    static constexpr uint64_t SLACK = 16; // spares kept above the floor
+
+    NodePool() { nodes_.reserve(SLACK); }
+    uint64_t size() const { return nodes_.size(); }
+    uint64_t owed() const { return owed_; }
+    /// A node holding (@key, @value): a spare above the floor, else a new one (may throw).
+    Node get(uint64_t key, uint64_t value)
+    {
+        if (nodes_.size() <= owed_)
+            return make(key, value);
+        Node n = std::move(nodes_.back());
+        nodes_.pop_back();
+        n.key() = key;
+        n.mapped() = value;
+        return n;
+    }
+    /// Keep @n as a spare if the pool is short of its floor plus SLACK; never allocates.
+    void put(Node &&n)
+    {
+        if (nodes_.size() < owed_ + SLACK && nodes_.size() < nodes_.capacity())
+            nodes_.push_back(std::move(n));
+        // else @n is freed as it goes out of scope
+    }
+    /// Make sure the next @extra get()s cannot allocate; throws with nothing changed.
+    void reserve(uint64_t extra)
+    {
+        uint64_t want = owed_ + extra;
+        if (nodes_.size() >= want)
+            return;
+        nodes_.reserve(size_t(want + SLACK));
+        while (nodes_.size() < want)
+            nodes_.push_back(make(0, 0));
+    }
+    /// @n blocks of order >= 12 were handed out (reserve()d for first).
+    void owe(uint64_t n) { owed_ += n; }
+    /// ... but they come back through free(), which reserves for itself.
+    void disown(uint64_t n) { owed_ -= std::min(owed_, n); }
+    /// @n such blocks (or several, merged, as one) came back; at most @limit are still out.
+    void repaid(uint64_t n, uint64_t limit)
+    {
+        owed_ = std::min(owed_ - std::min(owed_, n), limit);
+        while (nodes_.size() > owed_ + 4 * SLACK) // memory follows the blocks held
+            nodes_.pop_back();
+    }
+
+private:
+    std::vector<Node> nodes_;
+    uint64_t owed_ = 0;
+
+    static Node make(uint64_t key, uint64_t value)
+    {
+        NodeMap m;
+        m.emplace(key, value);
+        return m.extract(m.begin());
+    }
+};
+
 /*
  * FreeList - the free blocks of one order, sorted by PFN.  Runs of consecutive blocks
  * (first PFN -> end PFN) rather than one node per block: a fresh PhysMem of 2**52 pages is
@@ -77,16 +163,17 @@ struct FreeBlock {
  */
 class FreeList {
 public:
-    /// @runs: keep runs (the top order); else one set node per block (buddies coalesce,
-    /// so a run below the top order is at most two blocks: a set is simpler and faster).
-    explicit FreeList(uint64_t block_pages = 1, bool runs = false)
-        : block_(block_pages), runs_mode_(runs)
+    /// @runs: keep runs (the top order); else one node per block (buddies coalesce, so a
+    /// run below the top order is at most two blocks: a set is simpler and faster).  Nodes
+    /// come from and go back to @pool.
+    explicit FreeList(uint64_t block_pages = 1, bool runs = false, NodePool *pool = nullptr)
+        : block_(block_pages), runs_mode_(runs), pool_(pool)
     {
     }
 
     bool empty() const { return nr_blocks_ == 0; }
     uint64_t size() const { return nr_blocks_; }
-    uint64_t first() const { return runs_mode_ ? runs_.begin()->first : *set_.begin(); }
+    uint64_t first() const { return runs_mode_ ? runs_.begin()->first : set_.begin()->first; }
     bool contains(uint64_t pfn) const
     {
         if (!runs_mode_)
@@ -99,6 +186,8 @@ public:
     /// Add the @n consecutive blocks from @pfn, all of them free now.
     void insert(uint64_t pfn, uint64_t n = 1);
     void erase(uint64_t pfn);
+    /// erase(@pfn) if it is a free block; returns whether it was.
+    bool erase_if_free(uint64_t pfn);
     /// Erase every block in [lo, hi); returns how many.
     uint64_t erase_range(uint64_t lo, uint64_t hi);
     /// fn(pfn) for each block in order, until fn returns false.
@@ -106,8 +195,8 @@ public:
     void for_each(Fn &&fn) const
     {
         if (!runs_mode_) {
-            for (uint64_t p : set_)
-                if (!fn(p))
+            for (const auto &p : set_)
+                if (!fn(p.first))
                     return;
             return;
         }
@@ -120,9 +209,10 @@ public:
 private:
     uint64_t block_, nr_blocks_ = 0;
     bool runs_mode_;
-    std::set<uint64_t> set_;
-    std::map<uint64_t, uint64_t> runs_;
-    std::map<uint64_t, uint64_t>::const_iterator run_of(uint64_t pfn) const;
+    NodePool *pool_;
+    NodeMap set_; // block -> unused
+    NodeMap runs_;
+    NodeMap::const_iterator run_of(uint64_t pfn) const;
 };
 
 /// Blocks below this order live in per-group page bitmaps (PageGroup), the rest in FreeLists.
@@ -140,7 +230,8 @@ struct PageGroup {
     uint64_t bits[64];
     uint64_t sum[7];
     mutable int32_t nr_blocks = -1; // canonical free blocks, -1: not counted since a change
-    int32_t max_order = -1;         // largest order with a free block; 12: all free
+    int32_t max_order = -1;         // largest order with a free block; -1: none free
+    Node node; // the group's by_max_ node (key: the group) while it is not filed there
 
     static constexpr uint64_t M[6] = {0x5555555555555555ULL, 0x1111111111111111ULL,
                                       0x0101010101010101ULL, 0x0001000100010001ULL,
@@ -228,14 +319,17 @@ public:
     /// Like alloc() but returns false instead of throwing.
     bool try_alloc(unsigned order, uint64_t *pfn);
     /// try_alloc(@order) @n times at once: the same blocks in the same order into @out;
-    /// returns how many (fewer than @n only when no block of @order is left).
+    /// returns how many: fewer than @n only when no block of @order is left, or when the
+    /// host ran out of memory after some were taken (the next try_alloc() then throws).
     size_t alloc_many(unsigned order, size_t n, uint64_t *out);
     /// Give back [pfn, pfn + 2**order); none of it may be free already.
     void free(uint64_t pfn, unsigned order);
     /// free() without the checks, for blocks whose holder's own bookkeeping says they are
     /// held (the page cache's folios): a block that is partly free corrupts the allocator.
+    /// Never allocates for a block handed out as it is, so an undo cannot fail.
     void free_unchecked(uint64_t pfn, unsigned order);
-    /// free_unchecked() of the pages [pfn, pfn + nr), as the largest aligned blocks.
+    /// free_unchecked() of the pages [pfn, pfn + nr), as the largest aligned blocks; never
+    /// allocates when the range is a union of blocks handed out whole.
     void free_range_unchecked(uint64_t pfn, uint64_t nr);
     /// Is all of [pfn, pfn + 2**order) free?  (the block must be valid: see check_block)
     bool is_free(uint64_t pfn, unsigned order) const;
@@ -292,7 +386,7 @@ public:
                 lo = at[o] < at[lo] ? o : lo;
             if (g != groups_.end() && (g->first << GROUP_ORDER) < at[lo]) {
                 uint64_t base = g->first << GROUP_ORDER;
-                if (!g->second.for_each_block([&](unsigned off, unsigned o) {
+                if (g->second.max_order >= 0 && !g->second.for_each_block([&](unsigned off, unsigned o) {
                         return fn(FreeBlock{base + off, o});
                     }))
                     return;
@@ -306,6 +400,12 @@ public:
     }
     uint64_t nr_free_blocks() const;
     std::string dump() const;
+    /// The allocator's invariants, for tests: "" or the first one broken.  O(groups +
+    /// free blocks), memory O(1).
+    std::string check() const;
+    /// Spare free-list nodes, and how many the blocks handed out may need (<= spares).
+    uint64_t nr_spare_nodes() const { return pool_.size(); }
+    uint64_t nr_owed_nodes() const { return pool_.owed(); }
 
     void check_order(unsigned order, const char *arg = "order") const;
     void check_pfn(uint64_t pfn, const char *arg = "pfn") const;
@@ -315,9 +415,10 @@ public:
 private:
     uint64_t base_, nr_pages_, seed_, nr_free_ = 0;
     SplitMix64 rng_;
+    NodePool pool_;                            // spare nodes for free_ (see NodePool)
     std::array<FreeList, MAX_ORDER + 1> free_; // orders >= GROUP_ORDER only
-    std::map<uint64_t, PageGroup> groups_;     // partly free groups, by pfn >> GROUP_ORDER
-    std::array<std::set<uint64_t>, GROUP_ORDER> by_max_; // groups_ keys by max_order
+    std::map<uint64_t, PageGroup> groups_;     // broken-up groups, by pfn >> GROUP_ORDER
+    std::array<NodeMap, GROUP_ORDER> by_max_;  // groups_ keys by max_order (0..11)
     unsigned by_max_used_ = 0;                           // bit m: by_max_[m] is not empty
     PageGroup *last_ = nullptr;                // the group free_unchecked() used last
     uint64_t last_gid_ = UINT64_MAX;
@@ -336,7 +437,10 @@ private:
     void group_changed(uint64_t gid, PageGroup &g);
     bool lowest_block(unsigned order, uint64_t *pfn, unsigned *bo, bool *is_group) const;
     void split_top(uint64_t block, unsigned bo, uint64_t pfn, unsigned order);
+    std::map<uint64_t, PageGroup>::iterator dissolve(std::map<uint64_t, PageGroup>::iterator it);
     void free_top(uint64_t pfn, unsigned order);
+    void free_big(uint64_t pfn, unsigned order, bool owed);
+    void give_back(uint64_t pfn, unsigned order, bool owed);
     void set_free(uint64_t start, uint64_t end, bool free);
     uint64_t clear_free(uint64_t lo, uint64_t hi);
 };
