@@ -189,6 +189,35 @@ public:
     }
 
     /*
+     * for_each_present - fn(folio) for the folios that hold @start, @start + 1, ... up to
+     * @end, in order, until a hole or until fn returns false: the walk of a bulk call's
+     * run of consecutive indexes (one search, then straight over the leaves).
+     */
+    template <class Fn>
+    void for_each_present(uint64_t start, uint64_t end, Fn &&fn) const
+    {
+        if (start >= end)
+            return;
+        auto p = first_overlapping(start);
+        uint64_t at = start; // the next index wanted
+        uint32_t s = p.slot;
+        for (const Tree::Leaf *l = p.leaf; l; l = Tree::next_leaf(l), s = 0) {
+            const uint64_t base = Tree::leaf_base(l), *vals = Tree::leaf_vals(l);
+            const uint32_t *offs = Tree::leaf_offs(l);
+            for (const uint32_t cnt = Tree::leaf_size(l); s < cnt; s++) {
+                if (base + offs[s] > at)
+                    return; // a hole
+                Folio f = unpack(base + offs[s], vals[s]);
+                if (!fn(f))
+                    return;
+                at = f.end();
+                if (at >= end)
+                    return;
+            }
+        }
+    }
+
+    /*
      * walk_extents - the populated pages of [start, end) as maximal extents that are
      * contiguous both in the file and in physical memory and of one uptodate state:
      * fn(index, pfn, nr_pages, uptodate).  A file populated front to back from a fresh

@@ -1527,21 +1527,35 @@ void GuestMemfd::bulk(size_t n, BulkCall &call, Fn &&element)
 }
 
 /*
- * bulk_faults - bulk() for calls that fault each index in: over a chunk whose indexes are
+ * bulk_faults - bulk() for calls that fault each index in.  Over a chunk whose indexes are
  * scattered (more than one in eight steps back), the folios are found first, in index
  * order (find_folios), then the elements run in their own order as always, each fault
  * starting from its folio found ahead.  That changes no effect: a fault only adds folios
  * in holes and marks folios uptodate, so a folio found present and uptodate stays so,
  * and any other element faults the usual way.
+ *
+ * A run of consecutive indexes (index[k + j] == index[k] + j) goes to @run as one block
+ * of up to RUN_MAX elements (guest_run, host_run): the same faults in the same order, with
+ * the folios walked straight off the leaves and the per-element bookkeeping of this loop
+ * (interrupt check, window, chunk) paid once per block.  Not with a Python arch, whose
+ * hook state is forgotten after each element, nor with poisoned or "hugetlb"-punched
+ * pages about (those elements take the single path).
  */
-template <class Fn>
+template <class Fn, class RunFn>
 void GuestMemfd::bulk_faults(const uint64_t *index, size_t n, BulkCall &call, FaultMemo &m,
-                             Fn &&element)
+                             Fn &&element, RunFn &&run)
 {
+    InterruptCheck interrupted;
+    check_open(); // a closed file refuses even an empty batch, as every call on it
     std::vector<uint64_t> ahead;
     size_t chunk = 0, chunk_end = 0;
-    bulk(n, call, [&](size_t k) {
-        if (k == chunk_end) {
+    const bool runs = !call.between;
+    for (call.done = 0; call.done < n;) {
+        size_t k = call.done;
+        if (k && interrupted())
+            throw Interrupted("interrupted after " + std::to_string(k) + " of " +
+                              std::to_string(n) + " elements; those stay applied");
+        if (k >= chunk_end) {
             chunk = k;
             chunk_end = std::min(n, k + SCATTER_CHUNK);
             size_t back = 0;
@@ -1553,22 +1567,149 @@ void GuestMemfd::bulk_faults(const uint64_t *index, size_t n, BulkCall &call, Fa
                 find_folios(index + k, chunk_end - k, ahead.data());
             }
         }
+        if (runs && k + 1 < n && index[k + 1] == index[k] + 1 && poisoned_.empty() &&
+            punched_.empty()) {
+            if (run(k, std::min(n, k + RUN_MAX), call.done))
+                continue; // call.done counts the elements it ran
+        }
         if (!ahead.empty())
             m.pre = &ahead[k - chunk];
         element(k);
         m.pre = nullptr;
-    });
+        call.done++;
+        if (call.between && call.between(call.arg))
+            return;
+    }
+}
+
+/*
+ * guest_run - elements @k, @k + 1, ... of a bulk call of guest faults, while their indexes
+ * go up by one (index[e] == index[k] + e - k) and e < @limit, as one block: what
+ * fault_guest() does for each (zero its folio on first touch, the arch's guest_mapped
+ * and prepare calls), then op(e, index, pfn, order), in order, with the attribute run
+ * looked up once and the folios walked off the leaves.  Stops at the end of the attribute
+ * run and before a hole (a fault there allocates: the single path).  @done counts the
+ * elements run, also when one raises; false when it ran none.
+ */
+template <class Op>
+bool GuestMemfd::guest_run(const uint64_t *index, size_t k, size_t limit, FaultMemo &m,
+                           size_t &done, Op &&op)
+{
+    const uint64_t i = index[k];
+    if (i >= nr_pages_)
+        return false;
+    const Run run = attr_run(i, m);
+    const bool priv = run.value & ATTR_PRIVATE;
+    const bool prep = priv && (config_ & CONFIG_PREPARE);
+    const bool hooks = hears_mapped_ || prep;
+    const uint64_t end = std::min(run.end, i + std::min<uint64_t>(limit - k, nr_pages_ - i));
+    size_t e = k; // the next element
+    try {
+        cache_.for_each_present(i, end, [&](const Folio &found) {
+            uint64_t at = i + (e - k);
+            if (index[e] != at)
+                return false;
+            Folio f = found;
+            if (GMEM_UNLIKELY(!f.uptodate)) {
+                zero_folio(f);
+                m.n = 0; // the window may hold a copy that still says not uptodate
+            }
+            if (f.order == 0 && !hooks) { // one page, nothing to call
+                op(e++, at, f.pfn, 0u);
+                return true;
+            }
+            for (const uint64_t stop = std::min(f.end(), end); at < stop; at++, e++) {
+                if (index[e] != at)
+                    return false;
+                uint64_t block = at;
+                unsigned order = f.order ? max_order(f, at, run, &block) : 0;
+                if (hooks) {
+                    uint64_t block_pfn = f.file_pfn(block);
+                    if (hears_mapped_)
+                        arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
+                    if (prep) {
+                        stats_.prepare_calls++;
+                        arch_->prepare(*this, block, block_pfn, pages(order));
+                    }
+                }
+                op(e, at, f.file_pfn(at), order);
+            }
+            return true;
+        });
+    } catch (...) {
+        done = e;
+        throw;
+    }
+    done = e;
+    return e > k;
+}
+
+/*
+ * host_run - guest_run() for host faults: each element as fault_host() does it.  Private
+ * pages, and a file without FLAG_MMAP, take the single path (which raises).
+ */
+template <class Op>
+bool GuestMemfd::host_run(const uint64_t *index, size_t k, size_t limit, FaultMemo &m,
+                          size_t &done, Op &&op)
+{
+    const uint64_t i = index[k];
+    if (i >= nr_pages_ || !(flags_ & FLAG_MMAP))
+        return false;
+    const Run run = attr_run(i, m);
+    if (run.value & ATTR_PRIVATE)
+        return false;
+    const uint64_t end = std::min(run.end, i + std::min<uint64_t>(limit - k, nr_pages_ - i));
+    const bool mapped = mapped_.holds(i, end, m.mapped); // then map_host() would do nothing
+    size_t e = k;
+    try {
+        cache_.for_each_present(i, end, [&](const Folio &found) {
+            uint64_t at = i + (e - k);
+            if (index[e] != at)
+                return false;
+            Folio f = found;
+            if (GMEM_UNLIKELY(!f.uptodate)) {
+                zero_folio(f);
+                m.n = 0;
+            }
+            if (f.order == 0 && mapped) {
+                op(e++, at, f.pfn);
+                return true;
+            }
+            for (const uint64_t stop = std::min(f.end(), end); at < stop; at++, e++) {
+                if (index[e] != at)
+                    return false;
+                if (!mapped)
+                    map_host(at, m);
+                op(e, at, f.file_pfn(at));
+            }
+            return true;
+        });
+    } catch (...) {
+        done = e;
+        throw;
+    }
+    done = e;
+    return e > k;
 }
 
 void GuestMemfd::get_pfns(const uint64_t *index, size_t n, uint64_t *pfn, uint8_t *order,
                           BulkCall &call)
 {
     FaultMemo m;
-    bulk_faults(index, n, call, m, [&](size_t k) {
-        auto r = fault_guest(index[k], m);
-        pfn[k] = r.first;
-        order[k] = uint8_t(r.second);
-    });
+    bulk_faults(
+        index, n, call, m,
+        [&](size_t k) {
+            auto r = fault_guest(index[k], m);
+            pfn[k] = r.first;
+            order[k] = uint8_t(r.second);
+        },
+        [&](size_t k, size_t limit, size_t &done) {
+            return guest_run(index, k, limit, m, done,
+                             [&](size_t e, uint64_t, uint64_t p, unsigned o) {
+                                 pfn[e] = p;
+                                 order[e] = uint8_t(o);
+                             });
+        });
 }
 
 void GuestMemfd::guest_read_many(const uint64_t *index, size_t n, uint64_t *token,
@@ -1576,8 +1717,15 @@ void GuestMemfd::guest_read_many(const uint64_t *index, size_t n, uint64_t *toke
 {
     FaultMemo m;
     ContentMap::Cursor pc;
-    bulk_faults(index, n, call, m,
-                [&](size_t k) { token[k] = pm_->read(fault_guest(index[k], m).first, pc); });
+    bulk_faults(
+        index, n, call, m,
+        [&](size_t k) { token[k] = pm_->read(fault_guest(index[k], m).first, pc); },
+        [&](size_t k, size_t limit, size_t &done) {
+            return guest_run(index, k, limit, m, done,
+                             [&](size_t e, uint64_t, uint64_t p, unsigned) {
+                                 token[e] = pm_->read(p, pc);
+                             });
+        });
 }
 
 void GuestMemfd::guest_write_many(const uint64_t *index, const uint64_t *token, size_t n,
@@ -1585,10 +1733,19 @@ void GuestMemfd::guest_write_many(const uint64_t *index, const uint64_t *token, 
 {
     FaultMemo m;
     ContentMap::Cursor pc, ec;
-    bulk_faults(index, n, call, m, [&](size_t k) {
-        pm_->write(fault_guest(index[k], m).first, token[k], pc);
-        expected_.store_one(index[k], token[k], ec);
-    });
+    bulk_faults(
+        index, n, call, m,
+        [&](size_t k) {
+            pm_->write(fault_guest(index[k], m).first, token[k], pc);
+            expected_.store_one(index[k], token[k], ec);
+        },
+        [&](size_t k, size_t limit, size_t &done) {
+            return guest_run(index, k, limit, m, done,
+                             [&](size_t e, uint64_t at, uint64_t p, unsigned) {
+                                 pm_->write(p, token[e], pc);
+                                 expected_.store_one(at, token[e], ec);
+                             });
+        });
 }
 
 void GuestMemfd::host_read_many(const uint64_t *index, size_t n, uint64_t *token,
@@ -1596,8 +1753,13 @@ void GuestMemfd::host_read_many(const uint64_t *index, size_t n, uint64_t *token
 {
     FaultMemo m;
     ContentMap::Cursor pc;
-    bulk_faults(index, n, call, m,
-                [&](size_t k) { token[k] = pm_->read(fault_host(index[k], m), pc); });
+    bulk_faults(
+        index, n, call, m,
+        [&](size_t k) { token[k] = pm_->read(fault_host(index[k], m), pc); },
+        [&](size_t k, size_t limit, size_t &done) {
+            return host_run(index, k, limit, m, done,
+                            [&](size_t e, uint64_t, uint64_t p) { token[e] = pm_->read(p, pc); });
+        });
 }
 
 void GuestMemfd::host_write_many(const uint64_t *index, const uint64_t *token, size_t n,
@@ -1605,10 +1767,18 @@ void GuestMemfd::host_write_many(const uint64_t *index, const uint64_t *token, s
 {
     FaultMemo m;
     ContentMap::Cursor pc, ec;
-    bulk_faults(index, n, call, m, [&](size_t k) {
-        pm_->write(fault_host(index[k], m), token[k], pc);
-        expected_.store_one(index[k], token[k], ec);
-    });
+    bulk_faults(
+        index, n, call, m,
+        [&](size_t k) {
+            pm_->write(fault_host(index[k], m), token[k], pc);
+            expected_.store_one(index[k], token[k], ec);
+        },
+        [&](size_t k, size_t limit, size_t &done) {
+            return host_run(index, k, limit, m, done, [&](size_t e, uint64_t at, uint64_t p) {
+                pm_->write(p, token[e], pc);
+                expected_.store_one(at, token[e], ec);
+            });
+        });
 }
 
 void GuestMemfd::set_attributes_many(const uint64_t *start, const uint64_t *end,
