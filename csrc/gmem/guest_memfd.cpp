@@ -966,6 +966,7 @@ void GuestMemfd::close()
     release_range(0, nr_pages_, true);
     poisoned_.clear();
     punched_.clear();
+    scratch_ = {};
     closed_ = true;
 }
 
@@ -1449,81 +1450,62 @@ void GuestMemfd::bulk(size_t n, BulkCall &call, Fn &&element)
 }
 
 /*
- * sort_packed - LSD radix sort of @v by bits [lo, lo + bits), 11 bits a pass: a chunk's
- * (index << 20 | position) words sort in two passes for a file of up to 2**22 pages.
+ * sort_packed - LSD radix sort of the @n words at @v by bits [lo, lo + bits), 11 bits a
+ * pass, through @tmp (as many words): a chunk's (index << 20 | position) words sort in two
+ * passes for a file of up to 2**22 pages.  Returns where the sorted words are (@v or @tmp).
  */
-[[gnu::noinline]] static void sort_packed(std::vector<uint64_t> &v, unsigned lo, unsigned bits)
+[[gnu::noinline]] static uint64_t *sort_packed(uint64_t *v, uint64_t *tmp, size_t n, unsigned lo,
+                                               unsigned bits)
 {
     constexpr unsigned D = 11;
-    std::vector<uint64_t> tmp(v.size());
-    std::vector<uint32_t> at(size_t(1) << D);
+    uint32_t at[size_t(1) << D];
     for (unsigned shift = lo; shift < lo + bits; shift += D) {
-        std::fill(at.begin(), at.end(), 0);
-        for (uint64_t x : v)
-            at[(x >> shift) & ((1u << D) - 1)]++;
+        std::fill(std::begin(at), std::end(at), 0);
+        for (size_t k = 0; k < n; k++)
+            at[(v[k] >> shift) & ((1u << D) - 1)]++;
         uint32_t sum = 0;
         for (uint32_t &c : at) {
             uint32_t here = c;
             c = sum;
             sum += here;
         }
-        for (uint64_t x : v)
-            tmp[at[(x >> shift) & ((1u << D) - 1)]++] = x;
-        v.swap(tmp);
+        for (size_t k = 0; k < n; k++)
+            tmp[at[(v[k] >> shift) & ((1u << D) - 1)]++] = v[k];
+        std::swap(v, tmp);
     }
+    return v;
 }
 
 /*
  * find_folios - phase 1 of a bulk call over scattered indexes: out[k] is the folio that
  * holds index[k], packed (pfn << 8 | order << 1 | uptodate), or 0 for a hole or an index
  * past the end: 8 bytes, so that the scattered stores of a large batch stay in cache.
- * Found in index order - one pass over the leaves when the indexes are dense enough, else
- * one lookup each, neighbours sharing the cache lines of their leaf - so the misses of a
- * random batch overlap instead of following one another.
+ * Found in index order (FolioCache::lookup_sorted: one pass over the leaves that hold
+ * them), so the misses of a random batch overlap instead of following one another.
+ * @key and @tmp are scratch of @n words each.
  */
-[[gnu::noinline]] void GuestMemfd::find_folios(const uint64_t *index, size_t n,
-                                               uint64_t *out) const
+[[gnu::noinline]] void GuestMemfd::find_folios(const uint64_t *index, size_t n, uint64_t *out,
+                                               uint64_t *key, uint64_t *tmp) const
 {
     static_assert(SCATTER_CHUNK <= (size_t(1) << 20), "a position takes 20 bits");
     auto pack = [](const Folio &f) {
         return f.pfn << 8 | uint64_t(f.order) << 1 | uint64_t(f.uptodate);
     };
-    std::vector<uint64_t> key; // index << 20 | position, for the indexes inside the file
-    key.reserve(n);
-    uint64_t lo = UINT64_MAX, hi = 0;
+    size_t m = 0; // the indexes inside the file, as index << 20 | position
+    uint64_t hi = 0;
     for (size_t k = 0; k < n; k++) {
         out[k] = 0;
         if (index[k] < nr_pages_) {
-            key.push_back(index[k] << 20 | k);
-            lo = std::min(lo, index[k]);
+            key[m++] = index[k] << 20 | k;
             hi = std::max(hi, index[k]);
         }
     }
-    if (key.empty() || hi >= (uint64_t(1) << 44))
+    if (!m || hi >= (uint64_t(1) << 44))
         return; // (files past 2**44 pages fault the usual way)
-    sort_packed(key, 20, 64 - unsigned(__builtin_clzll(hi | 1)));
+    key = sort_packed(key, tmp, m, 20, 64 - unsigned(__builtin_clzll(hi | 1)));
     constexpr uint64_t POS = (uint64_t(1) << 20) - 1;
-    size_t j = 0, m = key.size();
-    if ((hi - lo) / m <= 64) { // one pass over the folios of [lo, hi]
-        cache_.for_each_clamped(lo, hi + 1, [&](const Folio &f, const PfnRange &) {
-            uint64_t first = f.index << 20, end = f.end() << 20;
-            while (j < m && key[j] < first)
-                j++; // a hole
-            for (uint64_t v = pack(f); j < m && key[j] < end; j++)
-                out[key[j] & POS] = v;
-        });
-        return;
-    }
-    Folio f{NO_PFN, 0, 0, false};
-    for (; j < m; j++) {
-        uint64_t i = key[j] >> 20;
-        if (f.index == NO_PFN || i < f.index || i >= f.end())
-            if (!cache_.lookup(i, &f)) {
-                f.index = NO_PFN;
-                continue;
-            }
-        out[key[j] & POS] = pack(f);
-    }
+    cache_.lookup_sorted(key, m, 20,
+                         [&](size_t j, const Folio &f) { out[key[j] & POS] = pack(f); });
 }
 
 /*
@@ -1547,7 +1529,7 @@ void GuestMemfd::bulk_faults(const uint64_t *index, size_t n, BulkCall &call, Fa
 {
     InterruptCheck interrupted;
     check_open(); // a closed file refuses even an empty batch, as every call on it
-    std::vector<uint64_t> ahead;
+    const uint64_t *ahead = nullptr; // the chunk's folios found ahead, in scratch_
     size_t chunk = 0, chunk_end = 0;
     const bool runs = !call.between;
     for (call.done = 0; call.done < n;) {
@@ -1561,10 +1543,13 @@ void GuestMemfd::bulk_faults(const uint64_t *index, size_t n, BulkCall &call, Fa
             size_t back = 0;
             for (size_t i = k + 1; i < chunk_end; i++)
                 back += index[i] < index[i - 1];
-            ahead.clear();
-            if (chunk_end - k >= 256 && back * 8 > chunk_end - k) {
-                ahead.resize(chunk_end - k);
-                find_folios(index + k, chunk_end - k, ahead.data());
+            ahead = nullptr;
+            if (size_t c = chunk_end - k; c >= 256 && back * 8 > c) {
+                if (scratch_.size() < 3 * c)
+                    scratch_.resize(3 * c);
+                uint64_t *out = scratch_.data() + 2 * c;
+                find_folios(index + k, c, out, scratch_.data(), scratch_.data() + c);
+                ahead = out;
             }
         }
         if (runs && k + 1 < n && index[k + 1] == index[k] + 1 && poisoned_.empty() &&
@@ -1572,7 +1557,7 @@ void GuestMemfd::bulk_faults(const uint64_t *index, size_t n, BulkCall &call, Fa
             if (run(k, std::min(n, k + RUN_MAX), call.done))
                 continue; // call.done counts the elements it ran
         }
-        if (!ahead.empty())
+        if (ahead)
             m.pre = &ahead[k - chunk];
         element(k);
         m.pre = nullptr;
