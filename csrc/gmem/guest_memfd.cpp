@@ -1519,7 +1519,9 @@ void GuestMemfd::bulk(size_t n, BulkCall &call, Fn &&element)
  * A run of consecutive indexes (index[k + j] == index[k] + j) goes to @run as one block
  * of up to RUN_MAX elements (guest_run, host_run): the same faults in the same order, with
  * the folios walked straight off the leaves and the per-element bookkeeping of this loop
- * (interrupt check, window, chunk) paid once per block.  Not with a Python arch, whose
+ * (interrupt check, window, chunk) paid once per block.  So do the elements of a
+ * scattered chunk, with their folios found ahead (guest_run, host_run given @pre), up to
+ * the first whose folio was not found present and uptodate.  Not with a Python arch, whose
  * hook state is forgotten after each element, nor with poisoned or "hugetlb"-punched
  * pages about (those elements take the single path).
  */
@@ -1552,10 +1554,14 @@ void GuestMemfd::bulk_faults(const uint64_t *index, size_t n, BulkCall &call, Fa
                 ahead = out;
             }
         }
-        if (runs && k + 1 < n && index[k + 1] == index[k] + 1 && poisoned_.empty() &&
-            punched_.empty()) {
-            if (run(k, std::min(n, k + RUN_MAX), call.done))
-                continue; // call.done counts the elements it ran
+        if (runs && poisoned_.empty() && punched_.empty()) {
+            if (k + 1 < n && index[k + 1] == index[k] + 1) {
+                if (run(k, std::min(n, k + RUN_MAX), nullptr, call.done))
+                    continue; // call.done counts the elements it ran
+            } else if (ahead && run(k, std::min(chunk_end, k + RUN_MAX), &ahead[k - chunk],
+                                    call.done)) {
+                continue;
+            }
         }
         if (ahead)
             m.pre = &ahead[k - chunk];
@@ -1577,9 +1583,11 @@ void GuestMemfd::bulk_faults(const uint64_t *index, size_t n, BulkCall &call, Fa
  * elements run, also when one raises; false when it ran none.
  */
 template <class Op>
-bool GuestMemfd::guest_run(const uint64_t *index, size_t k, size_t limit, FaultMemo &m,
-                           size_t &done, Op &&op)
+bool GuestMemfd::guest_run(const uint64_t *index, size_t k, size_t limit, const uint64_t *pre,
+                           FaultMemo &m, size_t &done, Op &&op)
 {
+    if (pre)
+        return guest_scattered(index, k, limit, pre, m, done, op);
     const uint64_t i = index[k];
     if (i >= nr_pages_)
         return false;
@@ -1634,9 +1642,11 @@ bool GuestMemfd::guest_run(const uint64_t *index, size_t k, size_t limit, FaultM
  * pages, and a file without FLAG_MMAP, take the single path (which raises).
  */
 template <class Op>
-bool GuestMemfd::host_run(const uint64_t *index, size_t k, size_t limit, FaultMemo &m,
-                          size_t &done, Op &&op)
+bool GuestMemfd::host_run(const uint64_t *index, size_t k, size_t limit, const uint64_t *pre,
+                          FaultMemo &m, size_t &done, Op &&op)
 {
+    if (pre)
+        return host_scattered(index, k, limit, pre, m, done, op);
     const uint64_t i = index[k];
     if (i >= nr_pages_ || !(flags_ & FLAG_MMAP))
         return false;
@@ -1677,23 +1687,88 @@ bool GuestMemfd::host_run(const uint64_t *index, size_t k, size_t limit, FaultMe
     return e > k;
 }
 
+/*
+ * guest_scattered - guest_run() over elements @k, @k + 1, ... < @limit of a scattered
+ * chunk, pre[e - k] the folio of index[e] found ahead (find_folios), up to the first
+ * element whose folio was not found present and uptodate: that one takes the single path
+ * (which allocates, zeroes or raises).
+ */
+template <class Op>
+bool GuestMemfd::guest_scattered(const uint64_t *index, size_t k, size_t limit,
+                                 const uint64_t *pre, FaultMemo &m, size_t &done, Op &&op)
+{
+    size_t e = k;
+    try {
+        for (; e < limit; e++) {
+            const uint64_t i = index[e], v = pre[e - k];
+            if (!(v & 1))
+                break;
+            const Run &run = attr_run(i, m);
+            const bool priv = run.value & ATTR_PRIVATE;
+            const unsigned fo = unsigned(v >> 1) & 31;
+            const Folio f{i & ~(pages(fo) - 1), v >> 8, fo, true};
+            uint64_t block = i;
+            unsigned order = fo ? max_order(f, i, run, &block) : 0;
+            if (GMEM_UNLIKELY(hears_mapped_ || (priv && (config_ & CONFIG_PREPARE)))) {
+                uint64_t block_pfn = f.file_pfn(block);
+                if (hears_mapped_)
+                    arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
+                if (priv && (config_ & CONFIG_PREPARE)) {
+                    stats_.prepare_calls++;
+                    arch_->prepare(*this, block, block_pfn, pages(order));
+                }
+            }
+            op(e, i, f.file_pfn(i), order);
+        }
+    } catch (...) {
+        done = e;
+        throw;
+    }
+    done = e;
+    return e > k;
+}
+
+/* host_scattered - guest_scattered() for host faults; a private page takes the single path. */
+template <class Op>
+bool GuestMemfd::host_scattered(const uint64_t *index, size_t k, size_t limit,
+                                const uint64_t *pre, FaultMemo &m, size_t &done, Op &&op)
+{
+    if (!(flags_ & FLAG_MMAP))
+        return false;
+    size_t e = k;
+    try {
+        for (; e < limit; e++) {
+            const uint64_t i = index[e], v = pre[e - k];
+            if (!(v & 1) || (attr_run(i, m).value & ATTR_PRIVATE))
+                break;
+            const unsigned fo = unsigned(v >> 1) & 31;
+            map_host(i, m);
+            op(e, i, (v >> 8) + (i & (pages(fo) - 1)));
+        }
+    } catch (...) {
+        done = e;
+        throw;
+    }
+    done = e;
+    return e > k;
+}
+
 void GuestMemfd::get_pfns(const uint64_t *index, size_t n, uint64_t *pfn, uint8_t *order,
                           BulkCall &call)
 {
     FaultMemo m;
+    auto op = [&](size_t e, uint64_t, uint64_t p, unsigned o) {
+        pfn[e] = p;
+        order[e] = uint8_t(o);
+    };
     bulk_faults(
         index, n, call, m,
         [&](size_t k) {
             auto r = fault_guest(index[k], m);
-            pfn[k] = r.first;
-            order[k] = uint8_t(r.second);
+            op(k, index[k], r.first, r.second);
         },
-        [&](size_t k, size_t limit, size_t &done) {
-            return guest_run(index, k, limit, m, done,
-                             [&](size_t e, uint64_t, uint64_t p, unsigned o) {
-                                 pfn[e] = p;
-                                 order[e] = uint8_t(o);
-                             });
+        [&](size_t k, size_t limit, const uint64_t *pre, size_t &done) {
+            return guest_run(index, k, limit, pre, m, done, op);
         });
 }
 
@@ -1702,14 +1777,11 @@ void GuestMemfd::guest_read_many(const uint64_t *index, size_t n, uint64_t *toke
 {
     FaultMemo m;
     ContentMap::Cursor pc;
+    auto op = [&](size_t e, uint64_t, uint64_t p, unsigned) { token[e] = pm_->read(p, pc); };
     bulk_faults(
-        index, n, call, m,
-        [&](size_t k) { token[k] = pm_->read(fault_guest(index[k], m).first, pc); },
-        [&](size_t k, size_t limit, size_t &done) {
-            return guest_run(index, k, limit, m, done,
-                             [&](size_t e, uint64_t, uint64_t p, unsigned) {
-                                 token[e] = pm_->read(p, pc);
-                             });
+        index, n, call, m, [&](size_t k) { op(k, index[k], fault_guest(index[k], m).first, 0); },
+        [&](size_t k, size_t limit, const uint64_t *pre, size_t &done) {
+            return guest_run(index, k, limit, pre, m, done, op);
         });
 }
 
@@ -1718,18 +1790,14 @@ void GuestMemfd::guest_write_many(const uint64_t *index, const uint64_t *token, 
 {
     FaultMemo m;
     ContentMap::Cursor pc, ec;
+    auto op = [&](size_t e, uint64_t at, uint64_t p, unsigned) {
+        pm_->write(p, token[e], pc);
+        expected_.store_one(at, token[e], ec);
+    };
     bulk_faults(
-        index, n, call, m,
-        [&](size_t k) {
-            pm_->write(fault_guest(index[k], m).first, token[k], pc);
-            expected_.store_one(index[k], token[k], ec);
-        },
-        [&](size_t k, size_t limit, size_t &done) {
-            return guest_run(index, k, limit, m, done,
-                             [&](size_t e, uint64_t at, uint64_t p, unsigned) {
-                                 pm_->write(p, token[e], pc);
-                                 expected_.store_one(at, token[e], ec);
-                             });
+        index, n, call, m, [&](size_t k) { op(k, index[k], fault_guest(index[k], m).first, 0); },
+        [&](size_t k, size_t limit, const uint64_t *pre, size_t &done) {
+            return guest_run(index, k, limit, pre, m, done, op);
         });
 }
 
@@ -1738,12 +1806,11 @@ void GuestMemfd::host_read_many(const uint64_t *index, size_t n, uint64_t *token
 {
     FaultMemo m;
     ContentMap::Cursor pc;
+    auto op = [&](size_t e, uint64_t, uint64_t p) { token[e] = pm_->read(p, pc); };
     bulk_faults(
-        index, n, call, m,
-        [&](size_t k) { token[k] = pm_->read(fault_host(index[k], m), pc); },
-        [&](size_t k, size_t limit, size_t &done) {
-            return host_run(index, k, limit, m, done,
-                            [&](size_t e, uint64_t, uint64_t p) { token[e] = pm_->read(p, pc); });
+        index, n, call, m, [&](size_t k) { op(k, index[k], fault_host(index[k], m)); },
+        [&](size_t k, size_t limit, const uint64_t *pre, size_t &done) {
+            return host_run(index, k, limit, pre, m, done, op);
         });
 }
 
@@ -1752,17 +1819,14 @@ void GuestMemfd::host_write_many(const uint64_t *index, const uint64_t *token, s
 {
     FaultMemo m;
     ContentMap::Cursor pc, ec;
+    auto op = [&](size_t e, uint64_t at, uint64_t p) {
+        pm_->write(p, token[e], pc);
+        expected_.store_one(at, token[e], ec);
+    };
     bulk_faults(
-        index, n, call, m,
-        [&](size_t k) {
-            pm_->write(fault_host(index[k], m), token[k], pc);
-            expected_.store_one(index[k], token[k], ec);
-        },
-        [&](size_t k, size_t limit, size_t &done) {
-            return host_run(index, k, limit, m, done, [&](size_t e, uint64_t at, uint64_t p) {
-                pm_->write(p, token[e], pc);
-                expected_.store_one(at, token[e], ec);
-            });
+        index, n, call, m, [&](size_t k) { op(k, index[k], fault_host(index[k], m)); },
+        [&](size_t k, size_t limit, const uint64_t *pre, size_t &done) {
+            return host_run(index, k, limit, pre, m, done, op);
         });
 }
 

@@ -263,11 +263,17 @@ private:
     void bulk_faults(const uint64_t *index, size_t n, BulkCall &call, FaultMemo &m,
                      Fn &&element, RunFn &&run);
     template <class Op>
-    bool guest_run(const uint64_t *index, size_t k, size_t limit, FaultMemo &m, size_t &done,
-                   Op &&op);
+    bool guest_run(const uint64_t *index, size_t k, size_t limit, const uint64_t *pre,
+                   FaultMemo &m, size_t &done, Op &&op);
     template <class Op>
-    bool host_run(const uint64_t *index, size_t k, size_t limit, FaultMemo &m, size_t &done,
-                  Op &&op);
+    bool host_run(const uint64_t *index, size_t k, size_t limit, const uint64_t *pre,
+                  FaultMemo &m, size_t &done, Op &&op);
+    template <class Op>
+    bool guest_scattered(const uint64_t *index, size_t k, size_t limit, const uint64_t *pre,
+                         FaultMemo &m, size_t &done, Op &&op);
+    template <class Op>
+    bool host_scattered(const uint64_t *index, size_t k, size_t limit, const uint64_t *pre,
+                        FaultMemo &m, size_t &done, Op &&op);
     void find_folios(const uint64_t *index, size_t n, uint64_t *out, uint64_t *key,
                      uint64_t *tmp) const;
     void zero_folio(Folio &f);
