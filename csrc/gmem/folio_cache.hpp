@@ -23,6 +23,7 @@
 // and emits one [start_pfn, end_pfn) per folio, exactly as __kvm_gmem_set_attributes does.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -189,6 +190,55 @@ public:
     }
 
     /*
+     * for_each_present - fn(folio) for the folios that hold @start, @start + 1, ... up to
+     * @end, in order, until a hole or until fn returns false: the walk of a bulk call's
+     * run of consecutive indexes (one search, then straight over the leaves).
+     */
+    template <class Fn>
+    void for_each_present(uint64_t start, uint64_t end, Fn &&fn) const
+    {
+        if (start >= end)
+            return;
+        auto p = first_overlapping(start);
+        uint64_t at = start; // the next index wanted
+        uint32_t s = p.slot;
+        for (const Tree::Leaf *l = p.leaf; l; l = Tree::next_leaf(l), s = 0) {
+            const uint64_t base = Tree::leaf_base(l), *vals = Tree::leaf_vals(l);
+            const uint32_t *offs = Tree::leaf_offs(l);
+            for (const uint32_t cnt = Tree::leaf_size(l); s < cnt; s++) {
+                if (base + offs[s] > at)
+                    return; // a hole
+                Folio f = unpack(base + offs[s], vals[s]);
+                if (!fn(f))
+                    return;
+                at = f.end();
+                if (at >= end)
+                    return;
+            }
+        }
+    }
+
+    /*
+     * lookup_sorted - fn(j, folio) for each j < @n whose index, keys[j] >> @shift, a folio
+     * holds; the keys sorted.  The leaves are walked from the first index's, a leaf at a
+     * time while the next index is within about two leaves, else one search to its leaf:
+     * a batch of scattered indexes costs a pass over the leaves that hold them, not over
+     * their folios, nor a search per index.  Each leaf's successor is fetched ahead while
+     * the leaf is read.  (Cut into several walks taken in turns, so that more leaves come
+     * from memory at once, a batch of 2 * 10**5 random pages of 16 GiB ran 25% slower.)
+     * Inside a leaf the slot is guessed from the first folio's order (exact where the
+     * folios are of one size and follow one another, as in a file filled front to back)
+     * and checked, else searched.
+     */
+    template <class Fn>
+    void lookup_sorted(const uint64_t *keys, size_t n, unsigned shift, Fn &&fn) const
+    {
+        const Tree::Leaf *l = nullptr;
+        for (size_t j = 0; j < n;)
+            lookup_leaf(keys, shift, l, j, n, fn);
+    }
+
+    /*
      * walk_extents - the populated pages of [start, end) as maximal extents that are
      * contiguous both in the file and in physical memory and of one uptodate state:
      * fn(index, pfn, nr_pages, uptodate).  A file populated front to back from a fresh
@@ -247,12 +297,64 @@ private:
     {
         return pfn | (uint64_t(order) << ORDER_SHIFT) | (uptodate ? UPTODATE : 0);
     }
+    static constexpr uint32_t LEAF_CAP = 64; // Tree's leaves
+    static unsigned order_of(uint64_t v) { return unsigned((v >> ORDER_SHIFT) & 31); }
     static Folio unpack(uint64_t index, uint64_t v)
     {
         return Folio{index, v & PFN_MASK, unsigned((v >> ORDER_SHIFT) & 31),
                      (v & UPTODATE) != 0};
     }
     Tree::Pos first_overlapping(uint64_t start) const;
+
+    /*
+     * lookup_leaf - one step of a lookup_sorted() walk: the keys [j, end) that leaf @l
+     * (found first when null) may hold, then @l moves to the next leaf, fetched ahead, or
+     * to null when the next key is far.
+     */
+    template <class Fn>
+    void lookup_leaf(const uint64_t *keys, unsigned shift, const Tree::Leaf *&l, size_t &j,
+                     size_t end, Fn &fn) const
+    {
+        uint64_t i = keys[j] >> shift;
+        if (!l) {
+            auto p = tree_.floor(i);
+            if (p == tree_.end()) { // before the first folio
+                j++;
+                return;
+            }
+            l = p.leaf;
+        }
+        const uint64_t base = Tree::leaf_base(l), *vals = Tree::leaf_vals(l);
+        const uint32_t *offs = Tree::leaf_offs(l);
+        const uint32_t cnt = offs[LEAF_CAP - 1] != Tree::NONE32 ? LEAF_CAP : Tree::leaf_size(l);
+        const uint64_t first = base + offs[0];
+        const uint64_t stop = base + offs[cnt - 1] + (uint64_t(1) << order_of(vals[cnt - 1]));
+        const unsigned o = order_of(vals[0]);
+        for (; j < end && (i = keys[j] >> shift) < stop; j++) {
+            if (i < first)
+                continue; // a hole before the leaf's first folio
+            uint64_t d = i - base, g = (d - offs[0]) >> o;
+            if (g >= cnt)
+                g = cnt - 1;
+            if (offs[g] > d || (g + 1 < cnt && offs[g + 1] <= d)) {
+                auto above = std::upper_bound(offs, offs + cnt, d,
+                                              [](uint64_t a, uint32_t b) { return a < b; });
+                g = uint64_t(above - offs) - 1;
+            }
+            Folio f = unpack(base + offs[g], vals[g]);
+            if (f.end() > i)
+                fn(j, f);
+        }
+        const Tree::Leaf *next = Tree::next_leaf(l);
+        if (j == end || !next) {
+            j = end; // (past the last folio: holes)
+            return;
+        }
+        l = i - stop > 2 * (stop - first) ? nullptr : next; // far: search
+        if (l)
+            for (size_t b = 0; b < sizeof(Tree::Leaf); b += 64)
+                __builtin_prefetch(reinterpret_cast<const char *>(l) + b);
+    }
     void split_at(const Folio &f, uint64_t cut1, uint64_t cut2);
 };
 

@@ -975,6 +975,7 @@ void GuestMemfd::close()
     release_range(0, nr_pages_, true);
     poisoned_.clear();
     punched_.clear();
+    scratch_ = {};
     closed_ = true;
 }
 
@@ -1472,126 +1473,326 @@ void GuestMemfd::bulk(size_t n, BulkCall &call, Fn &&element)
 }
 
 /*
- * sort_packed - LSD radix sort of @v by bits [lo, lo + bits), 11 bits a pass: a chunk's
- * (index << 20 | position) words sort in two passes for a file of up to 2**22 pages.
+ * sort_packed - LSD radix sort of the @n words at @v by bits [lo, lo + bits), 11 bits a
+ * pass, through @tmp (as many words): a chunk's (index << 20 | position) words sort in two
+ * passes for a file of up to 2**22 pages.  Returns where the sorted words are (@v or @tmp).
  */
-[[gnu::noinline]] static void sort_packed(std::vector<uint64_t> &v, unsigned lo, unsigned bits)
+[[gnu::noinline]] static uint64_t *sort_packed(uint64_t *v, uint64_t *tmp, size_t n, unsigned lo,
+                                               unsigned bits)
 {
     constexpr unsigned D = 11;
-    std::vector<uint64_t> tmp(v.size());
-    std::vector<uint32_t> at(size_t(1) << D);
+    uint32_t at[size_t(1) << D];
     for (unsigned shift = lo; shift < lo + bits; shift += D) {
-        std::fill(at.begin(), at.end(), 0);
-        for (uint64_t x : v)
-            at[(x >> shift) & ((1u << D) - 1)]++;
+        std::fill(std::begin(at), std::end(at), 0);
+        for (size_t k = 0; k < n; k++)
+            at[(v[k] >> shift) & ((1u << D) - 1)]++;
         uint32_t sum = 0;
         for (uint32_t &c : at) {
             uint32_t here = c;
             c = sum;
             sum += here;
         }
-        for (uint64_t x : v)
-            tmp[at[(x >> shift) & ((1u << D) - 1)]++] = x;
-        v.swap(tmp);
+        for (size_t k = 0; k < n; k++)
+            tmp[at[(v[k] >> shift) & ((1u << D) - 1)]++] = v[k];
+        std::swap(v, tmp);
     }
+    return v;
 }
 
 /*
  * find_folios - phase 1 of a bulk call over scattered indexes: out[k] is the folio that
  * holds index[k], packed (pfn << 8 | order << 1 | uptodate), or 0 for a hole or an index
  * past the end: 8 bytes, so that the scattered stores of a large batch stay in cache.
- * Found in index order - one pass over the leaves when the indexes are dense enough, else
- * one lookup each, neighbours sharing the cache lines of their leaf - so the misses of a
- * random batch overlap instead of following one another.
+ * Found in index order (FolioCache::lookup_sorted: one pass over the leaves that hold
+ * them), so the misses of a random batch overlap instead of following one another.
+ * @key and @tmp are scratch of @n words each.
  */
-[[gnu::noinline]] void GuestMemfd::find_folios(const uint64_t *index, size_t n,
-                                               uint64_t *out) const
+[[gnu::noinline]] void GuestMemfd::find_folios(const uint64_t *index, size_t n, uint64_t *out,
+                                               uint64_t *key, uint64_t *tmp) const
 {
     static_assert(SCATTER_CHUNK <= (size_t(1) << 20), "a position takes 20 bits");
     auto pack = [](const Folio &f) {
         return f.pfn << 8 | uint64_t(f.order) << 1 | uint64_t(f.uptodate);
     };
-    std::vector<uint64_t> key; // index << 20 | position, for the indexes inside the file
-    key.reserve(n);
-    uint64_t lo = UINT64_MAX, hi = 0;
+    size_t m = 0; // the indexes inside the file, as index << 20 | position
+    uint64_t hi = 0;
     for (size_t k = 0; k < n; k++) {
         out[k] = 0;
         if (index[k] < nr_pages_) {
-            key.push_back(index[k] << 20 | k);
-            lo = std::min(lo, index[k]);
+            key[m++] = index[k] << 20 | k;
             hi = std::max(hi, index[k]);
         }
     }
-    if (key.empty() || hi >= (uint64_t(1) << 44))
+    if (!m || hi >= (uint64_t(1) << 44))
         return; // (files past 2**44 pages fault the usual way)
-    sort_packed(key, 20, 64 - unsigned(__builtin_clzll(hi | 1)));
+    key = sort_packed(key, tmp, m, 20, 64 - unsigned(__builtin_clzll(hi | 1)));
     constexpr uint64_t POS = (uint64_t(1) << 20) - 1;
-    size_t j = 0, m = key.size();
-    if ((hi - lo) / m <= 64) { // one pass over the folios of [lo, hi]
-        cache_.for_each_clamped(lo, hi + 1, [&](const Folio &f, const PfnRange &) {
-            uint64_t first = f.index << 20, end = f.end() << 20;
-            while (j < m && key[j] < first)
-                j++; // a hole
-            for (uint64_t v = pack(f); j < m && key[j] < end; j++)
-                out[key[j] & POS] = v;
-        });
-        return;
-    }
-    Folio f{NO_PFN, 0, 0, false};
-    for (; j < m; j++) {
-        uint64_t i = key[j] >> 20;
-        if (f.index == NO_PFN || i < f.index || i >= f.end())
-            if (!cache_.lookup(i, &f)) {
-                f.index = NO_PFN;
-                continue;
-            }
-        out[key[j] & POS] = pack(f);
-    }
+    cache_.lookup_sorted(key, m, 20,
+                         [&](size_t j, const Folio &f) { out[key[j] & POS] = pack(f); });
 }
 
 /*
- * bulk_faults - bulk() for calls that fault each index in: over a chunk whose indexes are
+ * bulk_faults - bulk() for calls that fault each index in.  Over a chunk whose indexes are
  * scattered (more than one in eight steps back), the folios are found first, in index
  * order (find_folios), then the elements run in their own order as always, each fault
  * starting from its folio found ahead.  That changes no effect: a fault only adds folios
  * in holes and marks folios uptodate, so a folio found present and uptodate stays so,
  * and any other element faults the usual way.
+ *
+ * A run of consecutive indexes (index[k + j] == index[k] + j) goes to @run as one block
+ * of up to RUN_MAX elements (guest_run, host_run): the same faults in the same order, with
+ * the folios walked straight off the leaves and the per-element bookkeeping of this loop
+ * (interrupt check, window, chunk) paid once per block.  So do the elements of a
+ * scattered chunk, with their folios found ahead (guest_run, host_run given @pre), up to
+ * the first whose folio was not found present and uptodate.  Not with a Python arch, whose
+ * hook state is forgotten after each element, nor with poisoned or "hugetlb"-punched
+ * pages about (those elements take the single path).
  */
-template <class Fn>
+template <class Fn, class RunFn>
 void GuestMemfd::bulk_faults(const uint64_t *index, size_t n, BulkCall &call, FaultMemo &m,
-                             Fn &&element)
+                             Fn &&element, RunFn &&run)
 {
-    std::vector<uint64_t> ahead;
+    InterruptCheck interrupted;
+    check_open(); // a closed file refuses even an empty batch, as every call on it
+    const uint64_t *ahead = nullptr; // the chunk's folios found ahead, in scratch_
     size_t chunk = 0, chunk_end = 0;
-    bulk(n, call, [&](size_t k) {
-        if (k == chunk_end) {
+    const bool runs = !call.between;
+    for (call.done = 0; call.done < n;) {
+        size_t k = call.done;
+        if (k && interrupted())
+            throw Interrupted("interrupted after " + std::to_string(k) + " of " +
+                              std::to_string(n) + " elements; those stay applied");
+        if (k >= chunk_end) {
             chunk = k;
             chunk_end = std::min(n, k + SCATTER_CHUNK);
             size_t back = 0;
             for (size_t i = k + 1; i < chunk_end; i++)
                 back += index[i] < index[i - 1];
-            ahead.clear();
-            if (chunk_end - k >= 256 && back * 8 > chunk_end - k) {
-                ahead.resize(chunk_end - k);
-                find_folios(index + k, chunk_end - k, ahead.data());
+            ahead = nullptr;
+            if (size_t c = chunk_end - k; c >= 256 && back * 8 > c) {
+                if (scratch_.size() < 3 * c)
+                    scratch_.resize(3 * c);
+                uint64_t *out = scratch_.data() + 2 * c;
+                find_folios(index + k, c, out, scratch_.data(), scratch_.data() + c);
+                ahead = out;
             }
         }
-        if (!ahead.empty())
+        if (runs && poisoned_.empty() && punched_.empty()) {
+            if (k + 1 < n && index[k + 1] == index[k] + 1) {
+                if (run(k, std::min(n, k + RUN_MAX), nullptr, call.done))
+                    continue; // call.done counts the elements it ran
+            } else if (ahead && run(k, std::min(chunk_end, k + RUN_MAX), &ahead[k - chunk],
+                                    call.done)) {
+                continue;
+            }
+        }
+        if (ahead)
             m.pre = &ahead[k - chunk];
         element(k);
         m.pre = nullptr;
-    });
+        call.done++;
+        if (call.between && call.between(call.arg))
+            return;
+    }
+}
+
+/*
+ * guest_run - elements @k, @k + 1, ... of a bulk call of guest faults, while their indexes
+ * go up by one (index[e] == index[k] + e - k) and e < @limit, as one block: what
+ * fault_guest() does for each (zero its folio on first touch, the arch's guest_mapped
+ * and prepare calls), then op(e, index, pfn, order), in order, with the attribute run
+ * looked up once and the folios walked off the leaves.  Stops at the end of the attribute
+ * run and before a hole (a fault there allocates: the single path).  @done counts the
+ * elements run, also when one raises; false when it ran none.
+ */
+template <class Op>
+bool GuestMemfd::guest_run(const uint64_t *index, size_t k, size_t limit, const uint64_t *pre,
+                           FaultMemo &m, size_t &done, Op &&op)
+{
+    if (pre)
+        return guest_scattered(index, k, limit, pre, m, done, op);
+    const uint64_t i = index[k];
+    if (i >= nr_pages_)
+        return false;
+    const Run run = attr_run(i, m);
+    const bool priv = run.value & ATTR_PRIVATE;
+    const bool prep = priv && (config_ & CONFIG_PREPARE);
+    const bool hooks = hears_mapped_ || prep;
+    const uint64_t end = std::min(run.end, i + std::min<uint64_t>(limit - k, nr_pages_ - i));
+    size_t e = k; // the next element
+    try {
+        cache_.for_each_present(i, end, [&](const Folio &found) {
+            uint64_t at = i + (e - k);
+            if (index[e] != at)
+                return false;
+            Folio f = found;
+            if (GMEM_UNLIKELY(!f.uptodate)) {
+                zero_folio(f);
+                m.n = 0; // the window may hold a copy that still says not uptodate
+            }
+            if (f.order == 0 && !hooks) { // one page, nothing to call
+                op(e++, at, f.pfn, 0u);
+                return true;
+            }
+            for (const uint64_t stop = std::min(f.end(), end); at < stop; at++, e++) {
+                if (index[e] != at)
+                    return false;
+                uint64_t block = at;
+                unsigned order = f.order ? max_order(f, at, run, &block) : 0;
+                if (hooks) {
+                    uint64_t block_pfn = f.file_pfn(block);
+                    if (hears_mapped_)
+                        arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
+                    if (prep) {
+                        stats_.prepare_calls++;
+                        arch_->prepare(*this, block, block_pfn, pages(order));
+                    }
+                }
+                op(e, at, f.file_pfn(at), order);
+            }
+            return true;
+        });
+    } catch (...) {
+        done = e;
+        throw;
+    }
+    done = e;
+    return e > k;
+}
+
+/*
+ * host_run - guest_run() for host faults: each element as fault_host() does it.  Private
+ * pages, and a file without FLAG_MMAP, take the single path (which raises).
+ */
+template <class Op>
+bool GuestMemfd::host_run(const uint64_t *index, size_t k, size_t limit, const uint64_t *pre,
+                          FaultMemo &m, size_t &done, Op &&op)
+{
+    if (pre)
+        return host_scattered(index, k, limit, pre, m, done, op);
+    const uint64_t i = index[k];
+    if (i >= nr_pages_ || !(flags_ & FLAG_MMAP))
+        return false;
+    const Run run = attr_run(i, m);
+    if (run.value & ATTR_PRIVATE)
+        return false;
+    const uint64_t end = std::min(run.end, i + std::min<uint64_t>(limit - k, nr_pages_ - i));
+    const bool mapped = mapped_.holds(i, end, m.mapped); // then map_host() would do nothing
+    size_t e = k;
+    try {
+        cache_.for_each_present(i, end, [&](const Folio &found) {
+            uint64_t at = i + (e - k);
+            if (index[e] != at)
+                return false;
+            Folio f = found;
+            if (GMEM_UNLIKELY(!f.uptodate)) {
+                zero_folio(f);
+                m.n = 0;
+            }
+            if (f.order == 0 && mapped) {
+                op(e++, at, f.pfn);
+                return true;
+            }
+            for (const uint64_t stop = std::min(f.end(), end); at < stop; at++, e++) {
+                if (index[e] != at)
+                    return false;
+                if (!mapped)
+                    map_host(at, m);
+                op(e, at, f.file_pfn(at));
+            }
+            return true;
+        });
+    } catch (...) {
+        done = e;
+        throw;
+    }
+    done = e;
+    return e > k;
+}
+
+/*
+ * guest_scattered - guest_run() over elements @k, @k + 1, ... < @limit of a scattered
+ * chunk, pre[e - k] the folio of index[e] found ahead (find_folios), up to the first
+ * element whose folio was not found present and uptodate: that one takes the single path
+ * (which allocates, zeroes or raises).
+ */
+template <class Op>
+bool GuestMemfd::guest_scattered(const uint64_t *index, size_t k, size_t limit,
+                                 const uint64_t *pre, FaultMemo &m, size_t &done, Op &&op)
+{
+    size_t e = k;
+    try {
+        for (; e < limit; e++) {
+            const uint64_t i = index[e], v = pre[e - k];
+            if (!(v & 1))
+                break;
+            const Run &run = attr_run(i, m);
+            const bool priv = run.value & ATTR_PRIVATE;
+            const unsigned fo = unsigned(v >> 1) & 31;
+            const Folio f{i & ~(pages(fo) - 1), v >> 8, fo, true};
+            uint64_t block = i;
+            unsigned order = fo ? max_order(f, i, run, &block) : 0;
+            if (GMEM_UNLIKELY(hears_mapped_ || (priv && (config_ & CONFIG_PREPARE)))) {
+                uint64_t block_pfn = f.file_pfn(block);
+                if (hears_mapped_)
+                    arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
+                if (priv && (config_ & CONFIG_PREPARE)) {
+                    stats_.prepare_calls++;
+                    arch_->prepare(*this, block, block_pfn, pages(order));
+                }
+            }
+            op(e, i, f.file_pfn(i), order);
+        }
+    } catch (...) {
+        done = e;
+        throw;
+    }
+    done = e;
+    return e > k;
+}
+
+/* host_scattered - guest_scattered() for host faults; a private page takes the single path. */
+template <class Op>
+bool GuestMemfd::host_scattered(const uint64_t *index, size_t k, size_t limit,
+                                const uint64_t *pre, FaultMemo &m, size_t &done, Op &&op)
+{
+    if (!(flags_ & FLAG_MMAP))
+        return false;
+    size_t e = k;
+    try {
+        for (; e < limit; e++) {
+            const uint64_t i = index[e], v = pre[e - k];
+            if (!(v & 1) || (attr_run(i, m).value & ATTR_PRIVATE))
+                break;
+            const unsigned fo = unsigned(v >> 1) & 31;
+            map_host(i, m);
+            op(e, i, (v >> 8) + (i & (pages(fo) - 1)));
+        }
+    } catch (...) {
+        done = e;
+        throw;
+    }
+    done = e;
+    return e > k;
 }
 
 void GuestMemfd::get_pfns(const uint64_t *index, size_t n, uint64_t *pfn, uint8_t *order,
                           BulkCall &call)
 {
     FaultMemo m;
-    bulk_faults(index, n, call, m, [&](size_t k) {
-        auto r = fault_guest(index[k], m);
-        pfn[k] = r.first;
-        order[k] = uint8_t(r.second);
-    });
+    auto op = [&](size_t e, uint64_t, uint64_t p, unsigned o) {
+        pfn[e] = p;
+        order[e] = uint8_t(o);
+    };
+    bulk_faults(
+        index, n, call, m,
+        [&](size_t k) {
+            auto r = fault_guest(index[k], m);
+            op(k, index[k], r.first, r.second);
+        },
+        [&](size_t k, size_t limit, const uint64_t *pre, size_t &done) {
+            return guest_run(index, k, limit, pre, m, done, op);
+        });
 }
 
 void GuestMemfd::guest_read_many(const uint64_t *index, size_t n, uint64_t *token,
@@ -1599,8 +1800,12 @@ void GuestMemfd::guest_read_many(const uint64_t *index, size_t n, uint64_t *toke
 {
     FaultMemo m;
     ContentMap::Cursor pc;
-    bulk_faults(index, n, call, m,
-                [&](size_t k) { token[k] = pm_->read(fault_guest(index[k], m).first, pc); });
+    auto op = [&](size_t e, uint64_t, uint64_t p, unsigned) { token[e] = pm_->read(p, pc); };
+    bulk_faults(
+        index, n, call, m, [&](size_t k) { op(k, index[k], fault_guest(index[k], m).first, 0); },
+        [&](size_t k, size_t limit, const uint64_t *pre, size_t &done) {
+            return guest_run(index, k, limit, pre, m, done, op);
+        });
 }
 
 void GuestMemfd::guest_write_many(const uint64_t *index, const uint64_t *token, size_t n,
@@ -1608,10 +1813,15 @@ void GuestMemfd::guest_write_many(const uint64_t *index, const uint64_t *token, 
 {
     FaultMemo m;
     ContentMap::Cursor pc, ec;
-    bulk_faults(index, n, call, m, [&](size_t k) {
-        pm_->write(fault_guest(index[k], m).first, token[k], pc);
-        expected_.store_one(index[k], token[k], ec);
-    });
+    auto op = [&](size_t e, uint64_t at, uint64_t p, unsigned) {
+        pm_->write(p, token[e], pc);
+        expected_.store_one(at, token[e], ec);
+    };
+    bulk_faults(
+        index, n, call, m, [&](size_t k) { op(k, index[k], fault_guest(index[k], m).first, 0); },
+        [&](size_t k, size_t limit, const uint64_t *pre, size_t &done) {
+            return guest_run(index, k, limit, pre, m, done, op);
+        });
 }
 
 void GuestMemfd::host_read_many(const uint64_t *index, size_t n, uint64_t *token,
@@ -1619,8 +1829,12 @@ void GuestMemfd::host_read_many(const uint64_t *index, size_t n, uint64_t *token
 {
     FaultMemo m;
     ContentMap::Cursor pc;
-    bulk_faults(index, n, call, m,
-                [&](size_t k) { token[k] = pm_->read(fault_host(index[k], m), pc); });
+    auto op = [&](size_t e, uint64_t, uint64_t p) { token[e] = pm_->read(p, pc); };
+    bulk_faults(
+        index, n, call, m, [&](size_t k) { op(k, index[k], fault_host(index[k], m)); },
+        [&](size_t k, size_t limit, const uint64_t *pre, size_t &done) {
+            return host_run(index, k, limit, pre, m, done, op);
+        });
 }
 
 void GuestMemfd::host_write_many(const uint64_t *index, const uint64_t *token, size_t n,
@@ -1628,10 +1842,15 @@ void GuestMemfd::host_write_many(const uint64_t *index, const uint64_t *token, s
 {
     FaultMemo m;
     ContentMap::Cursor pc, ec;
-    bulk_faults(index, n, call, m, [&](size_t k) {
-        pm_->write(fault_host(index[k], m), token[k], pc);
-        expected_.store_one(index[k], token[k], ec);
-    });
+    auto op = [&](size_t e, uint64_t at, uint64_t p) {
+        pm_->write(p, token[e], pc);
+        expected_.store_one(at, token[e], ec);
+    };
+    bulk_faults(
+        index, n, call, m, [&](size_t k) { op(k, index[k], fault_host(index[k], m)); },
+        [&](size_t k, size_t limit, const uint64_t *pre, size_t &done) {
+            return host_run(index, k, limit, pre, m, done, op);
+        });
 }
 
 void GuestMemfd::set_attributes_many(const uint64_t *start, const uint64_t *end,

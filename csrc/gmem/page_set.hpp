@@ -49,6 +49,17 @@ public:
         }
         h.gen = gen_;
     }
+    /// Does the set hold every index of [start, end)?  Asks the map only when @h's run
+    /// does not hold @start (and leaves it there): a loop of inserts that it answers
+    /// true for would change nothing.
+    bool holds(uint64_t start, uint64_t end, Hint &h) const
+    {
+        if (h.gen != gen_ || start < h.run.start || start >= h.run.end) {
+            h.run = map_.run_at(start);
+            h.gen = gen_;
+        }
+        return h.run.value && end <= h.run.end;
+    }
     /// Positions are indexes, so that erase(lower_bound(a), lower_bound(b)) erases [a, b)
     /// as with a std::set.
     uint64_t lower_bound(uint64_t index) const { return index; }
