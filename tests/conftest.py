@@ -22,6 +22,11 @@ settings.register_profile(
 settings.register_profile(
     "long", deadline=None, max_examples=3000, suppress_health_check=[HealthCheck.too_slow]
 )
+# Under ASan+UBSan each example costs several times more; the sanitizers look for memory
+# errors on every path the tests take, and the example counts above run on the plain build.
+settings.register_profile(
+    "sanitizer", deadline=None, max_examples=50, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("GMEM_HYPOTHESIS_PROFILE", "default"))
 
 IMPLS = pytest.mark.parametrize("impl", [gmem, ref], ids=["engine", "reference"])

@@ -350,6 +350,18 @@ void GuestMemfd::check_poison(uint64_t index) const
  * present, uptodate folio of the window, no poison, the attribute run remembered) is a
  * few compares and the arch's guest_mapped call; the rest is out of line.
  */
+/* What a guest fault tells the arch about the block it maps: guest_mapped, and prepare. */
+inline void GuestMemfd::guest_fault_hooks(uint64_t block, uint64_t block_pfn, unsigned order,
+                                          bool priv)
+{
+    if (hears_mapped_)
+        arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
+    if (priv && (config_ & CONFIG_PREPARE)) {
+        stats_.prepare_calls++;
+        arch_->prepare(*this, block, block_pfn, pages(order));
+    }
+}
+
 inline std::pair<uint64_t, unsigned> GuestMemfd::fault_guest(uint64_t index, FaultMemo &m)
 {
     if (GMEM_UNLIKELY(closed_ || index >= nr_pages_)) {
@@ -367,13 +379,7 @@ inline std::pair<uint64_t, unsigned> GuestMemfd::fault_guest(uint64_t index, Fau
     uint64_t block = index;
     unsigned order = f.order ? max_order(f, index, run, &block) : 0;
     bool priv = run.value & ATTR_PRIVATE;
-    uint64_t block_pfn = f.file_pfn(block);
-    if (hears_mapped_)
-        arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
-    if (priv && (config_ & CONFIG_PREPARE)) {
-        stats_.prepare_calls++;
-        arch_->prepare(*this, block, block_pfn, pages(order));
-    }
+    guest_fault_hooks(block, f.file_pfn(block), order, priv);
     return {f.file_pfn(index), order};
 }
 
@@ -1639,15 +1645,8 @@ bool GuestMemfd::guest_run(const uint64_t *index, size_t k, size_t limit, const 
                     return false;
                 uint64_t block = at;
                 unsigned order = f.order ? max_order(f, at, run, &block) : 0;
-                if (hooks) {
-                    uint64_t block_pfn = f.file_pfn(block);
-                    if (hears_mapped_)
-                        arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
-                    if (prep) {
-                        stats_.prepare_calls++;
-                        arch_->prepare(*this, block, block_pfn, pages(order));
-                    }
-                }
+                if (hooks)
+                    guest_fault_hooks(block, f.file_pfn(block), order, priv);
                 op(e, at, f.file_pfn(at), order);
             }
             return true;
@@ -1732,15 +1731,8 @@ bool GuestMemfd::guest_scattered(const uint64_t *index, size_t k, size_t limit,
             const Folio f{i & ~(pages(fo) - 1), v >> 8, fo, true};
             uint64_t block = i;
             unsigned order = fo ? max_order(f, i, run, &block) : 0;
-            if (GMEM_UNLIKELY(hears_mapped_ || (priv && (config_ & CONFIG_PREPARE)))) {
-                uint64_t block_pfn = f.file_pfn(block);
-                if (hears_mapped_)
-                    arch_->guest_mapped(*this, block, block_pfn, pages(order), priv);
-                if (priv && (config_ & CONFIG_PREPARE)) {
-                    stats_.prepare_calls++;
-                    arch_->prepare(*this, block, block_pfn, pages(order));
-                }
-            }
+            if (GMEM_UNLIKELY(hears_mapped_ || (priv && (config_ & CONFIG_PREPARE))))
+                guest_fault_hooks(block, f.file_pfn(block), order, priv);
             op(e, i, f.file_pfn(i), order);
         }
     } catch (...) {

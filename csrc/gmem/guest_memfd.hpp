@@ -255,6 +255,7 @@ private:
     Folio &refill(uint64_t index, FaultMemo &m);
     const Run &attr_run(uint64_t index, FaultMemo &m) const;
     std::pair<uint64_t, unsigned> fault_guest(uint64_t index, FaultMemo &m);
+    void guest_fault_hooks(uint64_t block, uint64_t block_pfn, unsigned order, bool priv);
     uint64_t fault_host(uint64_t index, FaultMemo &m);
     void map_host(uint64_t index, FaultMemo &m);
     template <class Fn>
