@@ -127,7 +127,10 @@ public:
         uint64_t want = owed_ + extra;
         if (nodes_.size() >= want)
             return;
-        nodes_.reserve(size_t(want + SLACK));
+        // Grown geometrically: one reserve per new block of a fallocate, sized exactly,
+        // moved every handle each time (64 TiB of 1 GiB folios: 13.6 s, quadratic).
+        if (nodes_.capacity() < want + SLACK)
+            nodes_.reserve(size_t(std::max<uint64_t>(want + SLACK, 2 * nodes_.capacity())));
         while (nodes_.size() < want)
             nodes_.push_back(make(0, 0));
     }
